@@ -1,0 +1,32 @@
+//! The contract with the cluster: every label, annotation and taint key spot-rebalancer reads or
+//! writes lives here and nowhere else.
+
+/// Prefix of every key this project owns.
+pub const PREFIX: &str = "spot-rebalancer.io/";
+
+/// Opt-in label: only nodes carrying `spot-rebalancer.io/enabled=true` are acted on.
+pub const ENABLED_LABEL: &str = "spot-rebalancer.io/enabled";
+/// Default node-group label (EKS managed node groups set it).
+pub const DEFAULT_NODEGROUP_LABEL: &str = "eks.amazonaws.com/nodegroup";
+/// Capacity type label EKS sets on managed node group nodes: `SPOT` or `ON_DEMAND`.
+pub const CAPACITY_TYPE_LABEL: &str = "eks.amazonaws.com/capacityType";
+
+/// Written by the agent: when IMDS first showed a rebalance recommendation (RFC 3339).
+pub const REBALANCE_NOTICE_TIME: &str = "spot-rebalancer.io/rebalance-notice-time";
+/// Written by the agent: when the spot instance will be interrupted (RFC 3339).
+pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
+/// Written by the agent: the EC2 instance id of the node.
+pub const INSTANCE_ID: &str = "spot-rebalancer.io/instance-id";
+
+/// Written by the controller: the node's phase in the replacement state machine.
+pub const PHASE: &str = "spot-rebalancer.io/phase";
+/// Written by the controller: the replacement record (JSON).
+pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
+
+/// Default termination taint, `spot-instance-terminating=true:NoSchedule`.
+pub const DEFAULT_TAINT_KEY: &str = "spot-instance-terminating";
+pub const DEFAULT_TAINT_VALUE: &str = "true";
+pub const DEFAULT_TAINT_EFFECT: &str = "NoSchedule";
+
+/// Tag on a spot ASG naming its on-demand fallback ASG.
+pub const FALLBACK_ASG_TAG: &str = "spot-rebalancer.io/fallback-asg";

@@ -1,0 +1,34 @@
+//! spot-rebalancer replaces at-risk EC2 spot nodes before it taints them: scale the node group first,
+//! wait for the replacement to be Ready, fall back to on-demand when spot capacity is gone, then taint.
+//!
+//! One binary, three roles (see `cli::Role`): the node `agent`, the replacement `controller` and the
+//! admission `webhook`. Each role serves `/healthz`, `/readyz` and `/metrics` (see [`admin`]) and stops
+//! cleanly on SIGTERM (see [`shutdown`]).
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod controller;
+pub mod keys;
+pub mod shutdown;
+pub mod telemetry;
+pub mod webhook;
+
+/// Why a role stopped before it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("admin server: {0}")]
+    Admin(#[from] admin::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs one role until SIGTERM or SIGINT, then shuts it down gracefully.
+pub async fn run(role: cli::Role) -> Result<()> {
+    let shutdown = shutdown::on_signal();
+    match role {
+        cli::Role::Agent(args) => agent::run(args, shutdown).await,
+        cli::Role::Controller(args) => controller::run(args, shutdown).await,
+        cli::Role::Webhook(args) => webhook::run(args, shutdown).await,
+    }
+}

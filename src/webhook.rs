@@ -1,0 +1,26 @@
+//! The admission webhook: keeps taint-driven eviction PDB-safe and the termination taint after the
+//! replacement is Ready.
+use clap::Args as ClapArgs;
+use tokio_util::sync::CancellationToken;
+
+use crate::{admin, cli::AdminArgs};
+
+#[derive(Debug, Clone, ClapArgs)]
+pub struct Args {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Runs the webhook until `shutdown` is cancelled.
+pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
+    let Args { admin } = args;
+    let readiness = admin::Readiness::default();
+    readiness.set(true);
+    admin::serve(
+        admin.admin_addr,
+        admin::router(admin::registry(), readiness),
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
