@@ -31,7 +31,7 @@ build_wrapped() {
   (
     cd "$src"
     for pkg in "$@"; do go get "$pkg@$key"; done
-    go build -ldflags='-s -w' -o "$out/bin/" "$@"
+    go build -ldflags="-s -w ${EXTRA_LDFLAGS:-}" -o "$out/bin/" "$@"
   )
   touch "$out/.complete"
   log "built $name $key in $((SECONDS - started)) s"
@@ -85,7 +85,14 @@ if [[ $target == all || $target == imds ]]; then
     github.com/aws/amazon-ec2-metadata-mock/cmd/ec2-metadata-mock
 fi
 if [[ $target == all || $target == kubernetes ]]; then
-  build_wrapped kubernetes "$KUBERNETES_VERSION" "$(kubernetes_gomod)" \
+  # Stamp the version the way Kubernetes' own build does, so `kubectl version` and clients see it.
+  minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  EXTRA_LDFLAGS=""
+  for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+    EXTRA_LDFLAGS+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    EXTRA_LDFLAGS+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  EXTRA_LDFLAGS=$EXTRA_LDFLAGS build_wrapped kubernetes "$KUBERNETES_VERSION" "$(kubernetes_gomod)" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
 fi

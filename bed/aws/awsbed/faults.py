@@ -35,7 +35,10 @@ class CapacityFaults:
     def disarm(self, asg_name: str) -> bool:
         """Clear the fault; False if it was not armed."""
         with self._lock:
-            return self._armed.pop(asg_name, False) is not False
+            if asg_name not in self._armed:
+                return False
+            del self._armed[asg_name]
+            return True
 
     def is_armed(self, asg_name: str) -> bool:
         with self._lock:

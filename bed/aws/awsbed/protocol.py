@@ -153,7 +153,7 @@ class ErrorReply:
             content_type = "application/x-amz-json-1.1"
         elif request.service == "ec2":
             body = (
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>"
+                '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
                 f"{xml_element('Code', self.ec2_code)}{xml_element('Message', self.message)}"
                 f"</Error></Errors>{xml_element('RequestID', request_id)}</Response>"
             ).encode()

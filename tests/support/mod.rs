@@ -1,0 +1,282 @@
+//! The test bed as the e2e tests see it: a real Kubernetes API server (kwok nodes), moto's Auto
+//! Scaling API behind the bed launcher (faults, recorded activities, call log) and the node bridge.
+//! `bed/up.sh` starts it and writes `.bed/env`; these helpers read that file.
+#![allow(dead_code)] // Each test binary uses its own subset of the helpers.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aws_sdk_autoscaling::{
+    config::{BehaviorVersion, Credentials, Region},
+    types::{LaunchTemplateSpecification, Tag},
+};
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    api::ListParams,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Cluster-autoscaler's convention for node labels carried as ASG tags; the node bridge honours it.
+pub const NODE_LABEL_TAG_PREFIX: &str = "k8s.io/cluster-autoscaler/node-template/label/";
+
+/// Where the bed's env file is: `$BED_ENV_FILE`, else `.bed/env` in the repository.
+fn env_file() -> PathBuf {
+    std::env::var_os("BED_ENV_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".bed/env"))
+}
+
+#[derive(Clone)]
+pub struct Bed {
+    pub vars: HashMap<String, String>,
+    pub kube: Client,
+    pub autoscaling: aws_sdk_autoscaling::Client,
+    pub aws_endpoint: String,
+    http: reqwest::Client,
+}
+
+impl Bed {
+    /// Connects to the running bed, or fails with what to do about it.
+    pub async fn connect() -> Bed {
+        let path = env_file();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|error| {
+            panic!(
+                "the test bed is not up ({}: {error}). Run `make test`, or `bed/up.sh` then `cargo test`.",
+                path.display()
+            )
+        });
+        let vars: HashMap<String, String> = text
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+            .collect();
+        let kubeconfig = Kubeconfig::read_from(&vars["BED_KUBECONFIG"]).expect("read the bed's kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("a usable kubeconfig");
+        let kube = Client::try_from(config).expect("a Kubernetes client");
+        let aws_endpoint = vars["BED_AWS_ENDPOINT"].clone();
+        Bed {
+            autoscaling: autoscaling_client(&aws_endpoint),
+            kube,
+            aws_endpoint,
+            http: reqwest::Client::new(),
+            vars,
+        }
+    }
+
+    pub fn nodes(&self) -> Api<Node> {
+        Api::all(self.kube.clone())
+    }
+
+    async fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}/_bed/{path}", self.aws_endpoint);
+        let mut request = self.http.request(method.clone(), &url);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(status.is_success(), "{method} {url} answered {status}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Creates an EC2 launch template in moto; `spot` asks for spot instances.
+    pub async fn create_launch_template(&self, name: &str, spot: bool) {
+        self.control(
+            reqwest::Method::POST,
+            "launch-templates",
+            Some(json!({"name": name, "instance_type": "m5.large", "spot": spot})),
+        )
+        .await;
+    }
+
+    /// Spot capacity failure on `asg`: desired capacity is accepted, nothing launches, and a Failed
+    /// scaling activity names InsufficientInstanceCapacity.
+    pub async fn arm_capacity_fault(&self, asg: &str) {
+        self.control(
+            reqwest::Method::POST,
+            "faults/capacity",
+            Some(json!({"asg": asg})),
+        )
+        .await;
+    }
+
+    pub async fn clear_capacity_fault(&self, asg: &str) {
+        self.control(reqwest::Method::DELETE, &format!("faults/capacity/{asg}"), None)
+            .await;
+    }
+
+    /// The next `count` AWS calls named in `actions` fail with `kind` (`throttling` or `server`).
+    pub async fn arm_errors(&self, kind: &str, count: u32, actions: &[&str]) {
+        let body = json!({"kind": kind, "rate": 1.0, "count": count, "actions": actions});
+        self.control(reqwest::Method::POST, "faults/errors", Some(body))
+            .await;
+    }
+
+    pub async fn clear_errors(&self) {
+        self.control(reqwest::Method::DELETE, "faults/errors", None).await;
+    }
+
+    /// AWS calls the launcher saw, filtered by action and ASG.
+    pub async fn calls(&self, action: &str, asg: &str) -> Vec<Call> {
+        let value = self
+            .control(
+                reqwest::Method::GET,
+                &format!("calls?action={action}&asg={asg}"),
+                None,
+            )
+            .await;
+        serde_json::from_value(value).expect("the call log is a list of calls")
+    }
+
+    /// Creates an ASG from a fresh launch template, with node labels carried as tags.
+    pub async fn create_asg(&self, spec: AsgSpec<'_>) {
+        let template = format!("{}-lt", spec.name);
+        self.create_launch_template(&template, spec.spot).await;
+        let tags = spec.labels.iter().map(|(key, value)| {
+            Tag::builder()
+                .key(format!("{NODE_LABEL_TAG_PREFIX}{key}"))
+                .value(*value)
+                .propagate_at_launch(true)
+                .resource_id(spec.name)
+                .resource_type("auto-scaling-group")
+                .build()
+        });
+        self.autoscaling
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(spec.name)
+            .launch_template(
+                LaunchTemplateSpecification::builder()
+                    .launch_template_name(&template)
+                    .version("$Latest")
+                    .build(),
+            )
+            .availability_zones("us-east-1a")
+            .min_size(0)
+            .max_size(spec.max)
+            .desired_capacity(spec.desired)
+            .set_tags(Some(tags.collect()))
+            .send()
+            .await
+            .expect("CreateAutoScalingGroup");
+    }
+
+    /// Instance ids in `asg` that are InService.
+    pub async fn in_service_instances(&self, asg: &str) -> Vec<String> {
+        let groups = self
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(asg)
+            .send()
+            .await
+            .expect("DescribeAutoScalingGroups");
+        let group = groups.auto_scaling_groups().first().expect("the ASG exists");
+        group
+            .instances()
+            .iter()
+            .filter(|i| i.lifecycle_state().map(|s| s.as_str()) == Some("InService"))
+            .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect()
+    }
+
+    /// Nodes carrying `label=value`.
+    pub async fn nodes_labelled(&self, label: &str, value: &str) -> Vec<Node> {
+        let params = ListParams::default().labels(&format!("{label}={value}"));
+        self.nodes().list(&params).await.expect("list nodes").items
+    }
+}
+
+pub struct AsgSpec<'a> {
+    pub name: &'a str,
+    pub spot: bool,
+    pub desired: i32,
+    pub max: i32,
+    pub labels: &'a [(&'a str, &'a str)],
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Call {
+    pub action: String,
+    pub status: u16,
+    #[serde(default)]
+    pub desired_capacity: Option<i64>,
+}
+
+/// An Auto Scaling client for the bed's moto, as the controller will build one: endpoint override,
+/// static test credentials, the SDK's standard retry configuration.
+pub fn autoscaling_client(endpoint: &str) -> aws_sdk_autoscaling::Client {
+    let config = aws_sdk_autoscaling::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "bed"))
+        .build();
+    aws_sdk_autoscaling::Client::from_conf(config)
+}
+
+/// A name unique to this test run, so tests share the bed without stepping on each other.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}-{}-{nanos:x}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Polls `check` until it returns `Some`, or fails the test saying what never happened.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn is_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// The instance id at the end of a node's `aws:///<az>/<instance-id>` provider id.
+pub fn instance_id(node: &Node) -> Option<String> {
+    let provider_id = node.spec.as_ref()?.provider_id.as_deref()?;
+    provider_id
+        .strip_prefix("aws:///")?
+        .split('/')
+        .nth(1)
+        .map(str::to_owned)
+}
