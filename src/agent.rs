@@ -1,26 +1,274 @@
 //! The node agent: watches this node's instance metadata (IMDS) for rebalance and interruption
 //! notices and records them on its own Node.
-use clap::Args as ClapArgs;
-use tokio_util::sync::CancellationToken;
+//!
+//! Two tasks share one `watch` channel: the [`poller`] reads IMDS and publishes what it has seen;
+//! the [`writer`] compares that with what the Node says and server-side applies the difference.
+//! Each retries on its own with backoff, so a slow API server never delays reading IMDS, and a
+//! notice seen while the API server is away is written when it comes back.
+//!
+//! Ready (`/readyz`) once the instance id is known from IMDS and the Node's annotations were read
+//! from the API server; later trouble with either shows in the metrics and logs, not in readiness.
+pub mod annotations;
+pub mod backoff;
+pub mod metrics;
+pub mod node;
+pub mod poller;
+pub mod writer;
 
-use crate::{admin, cli::AdminArgs};
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args as ClapArgs;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{admin, cli::AdminArgs, imds};
+
+/// The shortest poll interval: IMDS is rate limited per instance, and notices come minutes ahead.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Kubernetes API timeouts: the agent's calls are small; a hung connection must not hold a notice.
+const API_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const API_READ_TIMEOUT: Duration = Duration::from_secs(15);
+const API_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, ClapArgs)]
 pub struct Args {
     #[command(flatten)]
     pub admin: AdminArgs,
+
+    /// Name of the Node this agent runs on (from the downward API, `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", value_parser = parse_node_name)]
+    pub node_name: String,
+
+    /// How often to read the notices from IMDS (e.g. `5s`, `1500ms`; at least 1s).
+    #[arg(long, env = "POLL_INTERVAL", default_value = "5s", value_parser = parse_poll_interval)]
+    pub poll_interval: Duration,
+
+    /// Longest wait between attempts while IMDS or the API server keeps failing (never below the
+    /// poll interval).
+    #[arg(long, env = "BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+
+    /// Base URL of the instance metadata service.
+    #[arg(
+        long,
+        env = "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+        default_value = "http://169.254.169.254",
+        value_parser = imds::validate_endpoint
+    )]
+    pub imds_endpoint: String,
+
+    /// Kubeconfig file; without it, the in-cluster service account (or `~/.kube/config`).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading the kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes configuration (neither in-cluster nor a kubeconfig): {0}")]
+    InferConfig(#[source] kube::config::InferConfigError),
+    #[error("--imds-endpoint: {reason}")]
+    ImdsEndpoint { reason: String },
+    #[error("building the Kubernetes client: {0}")]
+    KubeClient(#[source] kube::Error),
+    #[error("reading Node {node}: {source}")]
+    ReadNode {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("annotating Node {node}: {source}")]
+    AnnotateNode {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
-    let Args { admin } = args;
+    let Args {
+        admin,
+        node_name,
+        poll_interval,
+        backoff_max,
+        imds_endpoint,
+        kubeconfig,
+    } = args;
+    let registry = admin::registry();
+    let metrics = metrics::Metrics::register(&registry);
     let readiness = admin::Readiness::default();
-    readiness.set(true);
-    admin::serve(
-        admin.admin_addr,
-        admin::router(admin::registry(), readiness),
-        shutdown,
-    )
-    .await?;
+    let client = kube_client(kubeconfig).await?;
+    let imds = imds::Imds::new(&imds_endpoint).map_err(|reason| Error::ImdsEndpoint { reason })?;
+    tracing::info!(
+        node = %node_name,
+        poll_interval = %humantime::format_duration(poll_interval),
+        imds = %imds_endpoint,
+        "agent starting"
+    );
+
+    let (seen, seen_by_writer) = watch::channel(None);
+    let work = shutdown.child_token();
+    let poller = poller::Poller {
+        imds,
+        interval: poll_interval,
+        backoff_max,
+        metrics: metrics.clone(),
+        seen,
+    };
+    let writer = writer::Writer {
+        node: node::OwnNode::new(client, node_name),
+        interval: poll_interval,
+        backoff_max,
+        metrics,
+        readiness: readiness.clone(),
+    };
+    let served = async {
+        let served = admin::serve(
+            admin.admin_addr,
+            admin::router(registry, readiness),
+            shutdown.clone(),
+        )
+        .await;
+        // The admin server ends on shutdown, or because it could not start: either way, stop.
+        work.cancel();
+        served
+    };
+    // Every line the agent logs names its node.
+    let span = tracing::info_span!("agent", node = %writer.node.name());
+    let (served, (), ()) = tokio::join!(
+        served,
+        poller.run(work.clone()).instrument(span.clone()),
+        writer.run(seen_by_writer, work.clone()).instrument(span)
+    );
+    served?;
     Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Error> {
+    let mut config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(&path).map_err(|source| Error::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig { path, source })?
+        }
+        None => kube::Config::infer().await.map_err(Error::InferConfig)?,
+    };
+    config.connect_timeout = Some(API_CONNECT_TIMEOUT);
+    config.read_timeout = Some(API_READ_TIMEOUT);
+    config.write_timeout = Some(API_WRITE_TIMEOUT);
+    config.reset_reader_on_write = true;
+    kube::Client::try_from(config).map_err(Error::KubeClient)
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|error| format!("{value:?} is not a duration like 5s: {error}"))
+}
+
+fn parse_poll_interval(value: &str) -> Result<Duration, String> {
+    let interval = parse_duration(value)?;
+    if interval < MIN_POLL_INTERVAL {
+        return Err(format!(
+            "{value} is below the minimum of {}",
+            humantime::format_duration(MIN_POLL_INTERVAL)
+        ));
+    }
+    Ok(interval)
+}
+
+/// A Node name is a DNS subdomain (RFC 1123): lower-case letters, digits, `-` and `.`.
+fn parse_node_name(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not a Node name (a lower-case DNS subdomain)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Role};
+
+    fn parse(args: &[&str]) -> Result<super::Args, clap::Error> {
+        let argv = ["spot-rebalancer", "agent"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| match cli.role {
+            Role::Agent(args) => args,
+            other => panic!("parsed as another role: {other:?}"),
+        })
+    }
+
+    #[test]
+    fn defaults_poll_every_five_seconds_at_the_link_local_imds() {
+        let args = parse(&["--node-name", "ip-10-0-0-1.ec2.internal"]).unwrap();
+        assert_eq!(args.node_name, "ip-10-0-0-1.ec2.internal");
+        assert_eq!(args.poll_interval, std::time::Duration::from_secs(5));
+        assert_eq!(args.backoff_max, std::time::Duration::from_secs(30));
+        assert_eq!(args.imds_endpoint, "http://169.254.169.254");
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let args = parse(&[
+            "--node-name",
+            "n1",
+            "--poll-interval",
+            "1500ms",
+            "--backoff-max",
+            "2m",
+        ])
+        .unwrap();
+        assert_eq!(args.poll_interval, std::time::Duration::from_millis(1500));
+        assert_eq!(args.backoff_max, std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn bad_values_fail_naming_the_flag() {
+        for (args, flag) in [
+            (
+                &["--node-name", "n1", "--poll-interval", "500ms"][..],
+                "--poll-interval",
+            ),
+            (
+                &["--node-name", "n1", "--poll-interval", "often"][..],
+                "--poll-interval",
+            ),
+            (
+                &["--node-name", "n1", "--backoff-max", "soon"][..],
+                "--backoff-max",
+            ),
+            (&["--node-name", "Node_1"][..], "--node-name"),
+            (
+                &["--node-name", "n1", "--imds-endpoint", "169.254.169.254"][..],
+                "--imds-endpoint",
+            ),
+            (&[][..], "--node-name"),
+        ] {
+            let error = parse(args).expect_err("must be refused");
+            assert!(error.to_string().contains(flag), "{args:?}: {error}");
+        }
+    }
 }

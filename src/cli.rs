@@ -24,6 +24,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // Parsed once at start-up; boxing would only add noise.
 pub enum Role {
     /// Watch this node's instance metadata for rebalance and interruption notices.
     Agent(agent::Args),

@@ -1,26 +1,317 @@
 //! The replacement controller: for each noticed, opted-in node, scales the node group up first, waits
 //! for the replacement to be Ready, falls back to on-demand capacity, and only then taints.
-use clap::Args as ClapArgs;
-use tokio_util::sync::CancellationToken;
+//!
+//! Two replicas run; the one holding the Lease acts (the other waits, ready to take over). State
+//! lives on the Nodes ([`record`]), decisions are pure functions ([`decide`]), and the reconciler
+//! ([`reconcile`]) fetches, acts and records.
+pub mod decide;
+pub mod metrics;
+pub mod reconcile;
+pub mod record;
 
-use crate::{admin, cli::AdminArgs};
+use std::{sync::Arc, time::Duration};
+
+use clap::Args as ClapArgs;
+use futures::{StreamExt, TryStreamExt};
+use jiff::SignedDuration;
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::{
+    Api, Client,
+    runtime::{
+        Controller, WatchStreamExt,
+        events::{Recorder, Reporter},
+        reflector, watcher,
+    },
+};
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{admin, aws::AutoScaling, cli::AdminArgs, keys, node::OptInLabel};
+use reconcile::{Context, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to the Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("reading the kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("no Kubernetes configuration (neither in-cluster nor a kubeconfig): {0}")]
+    InferConfig(#[from] kube::config::InferConfigError),
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("lost the leader lease {0}; exiting so a fresh process can compete for it")]
+    LostLease(String),
+}
 
 #[derive(Debug, Clone, ClapArgs)]
 pub struct Args {
     #[command(flatten)]
     pub admin: AdminArgs,
+
+    /// Kubeconfig file; without it, the in-cluster service account (or `~/.kube/config`).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
+    /// Spot ASG to scale for every noticed node (default: the node's own ASG).
+    #[arg(long, env = "SPOT_ASG_NAME")]
+    pub spot_asg_name: Option<String>,
+
+    /// On-demand fallback ASG (overridden per node group by the spot ASG's tag
+    /// `spot-rebalancer.io/fallback-asg`).
+    #[arg(long, env = "ON_DEMAND_ASG_NAME")]
+    pub on_demand_asg_name: Option<String>,
+
+    /// Time limit of each Auto Scaling call, per attempt (e.g. `30s`).
+    #[arg(long, env = "SCALE_UP_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub scale_up_timeout: Duration,
+
+    /// No new InService instance within this long means spot capacity is gone.
+    #[arg(long, env = "CAPACITY_TIMEOUT", default_value = "2m", value_parser = positive_duration)]
+    pub capacity_timeout: Duration,
+
+    /// Attempts per Auto Scaling call (the SDK's standard retry: exponential backoff, jitter).
+    #[arg(long, env = "RETRY_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub retry_attempts: u32,
+
+    /// How often to look at a scaling ASG's instances and activities.
+    #[arg(long, env = "ASG_POLL_INTERVAL", default_value = "2s", value_parser = positive_duration)]
+    pub asg_poll_interval: Duration,
+
+    /// Longest wait for a scaling activity this controller did not start before acting anyway.
+    #[arg(long, env = "FOREIGN_ACTIVITY_TIMEOUT", default_value = "2m", value_parser = positive_duration)]
+    pub foreign_activity_timeout: Duration,
+
+    /// Quiet time (no new notice on the ASG) before a scale-up call, so concurrent notices share it.
+    #[arg(long, env = "COALESCE_WINDOW", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub coalesce_window: Duration,
+
+    /// Raise desired capacity above the ASG's MaxSize when needed (off: capped at MaxSize).
+    #[arg(long, env = "SURGE_ABOVE_MAX", default_value_t = false)]
+    pub surge_above_max: bool,
+
+    /// Key of the termination taint.
+    #[arg(long, env = "TAINT_KEY", default_value = keys::DEFAULT_TAINT_KEY)]
+    pub taint_key: String,
+
+    /// Value of the termination taint.
+    #[arg(long, env = "TAINT_VALUE", default_value = keys::DEFAULT_TAINT_VALUE)]
+    pub taint_value: String,
+
+    /// Effect of the termination taint.
+    #[arg(long, env = "TAINT_EFFECT", default_value = keys::DEFAULT_TAINT_EFFECT,
+          value_parser = ["NoSchedule", "PreferNoSchedule", "NoExecute"])]
+    pub taint_effect: String,
+
+    /// Nodes carrying this `KEY=VALUE` label are acted on; others only serve as replacements.
+    #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
+    pub opt_in_label: OptInLabel,
+
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "LEASE_NAME", default_value = "spot-rebalancer-controller")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease (the controller's own, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+
+    /// This replica's identity in the Lease (the pod name, from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
-/// Runs the controller until `shutdown` is cancelled.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(duration)
+}
+
+impl Args {
+    fn settings(&self) -> Settings {
+        let signed = |d: Duration| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+        Settings {
+            spot_asg: self.spot_asg_name.clone(),
+            on_demand_asg: self.on_demand_asg_name.clone(),
+            capacity_timeout: signed(self.capacity_timeout),
+            foreign_activity_timeout: signed(self.foreign_activity_timeout),
+            asg_poll_interval: self.asg_poll_interval,
+            coalesce_window: self.coalesce_window,
+            surge_above_max: self.surge_above_max,
+            taint: Taint {
+                key: self.taint_key.clone(),
+                value: Some(self.taint_value.clone()),
+                effect: self.taint_effect.clone(),
+                time_added: None,
+            },
+            opt_in: self.opt_in_label.clone(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` is cancelled (or the lease is lost).
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
-    let Args { admin } = args;
+    let settings = args.settings();
+    let registry = admin::registry();
+    let metrics = metrics::Metrics::register(&registry).map_err(Error::from)?;
     let readiness = admin::Readiness::default();
+    let admin_server = tokio::spawn(admin::serve(
+        args.admin.admin_addr,
+        admin::router(registry, readiness.clone()),
+        shutdown.clone(),
+    ));
+    let result = lead_and_reconcile(args, settings, metrics, readiness, shutdown.clone()).await;
+    shutdown.cancel();
+    match admin_server.await {
+        Ok(served) => served?,
+        Err(join) => warn!(%join, "admin server task ended abnormally"),
+    }
+    result
+}
+
+async fn lead_and_reconcile(
+    args: Args,
+    settings: Settings,
+    metrics: metrics::Metrics,
+    readiness: admin::Readiness,
+    shutdown: CancellationToken,
+) -> crate::Result<()> {
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let lease = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(Error::from)?;
+    let (mut leader, lease_task) = lease.watch().await;
     readiness.set(true);
-    admin::serve(
-        admin.admin_addr,
-        admin::router(admin::registry(), readiness),
-        shutdown,
-    )
-    .await?;
+    info!(lease = %args.lease_name, %identity, "waiting for the leader lease");
+    loop {
+        if *leader.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return release(leader, lease_task).await,
+            changed = leader.changed() => if changed.is_err() { return Err(Error::LostLease(args.lease_name).into()) },
+        }
+    }
+    info!(lease = %args.lease_name, "leading");
+
+    // Stop reconciling on SIGTERM or when the lease is lost, whichever comes first. The task owns
+    // the lease receiver and hands it back, so nothing keeps the lease task alive after a stop.
+    let stop = shutdown.child_token();
+    let lost = CancellationToken::new();
+    let lease_watch = {
+        let (stop, lost) = (stop.clone(), lost.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = async {
+                    while leader.changed().await.is_ok() && *leader.borrow() {}
+                } => {
+                    lost.cancel();
+                    stop.cancel();
+                }
+            }
+            leader
+        })
+    };
+
+    let aws = AutoScaling::from_env(args.retry_attempts, args.scale_up_timeout).await;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: reconcile::FIELD_MANAGER.into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    // One watch of every Node: the cache finds replacements in any node group (rule 11) and the
+    // opted-in ones drive the controller.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let (all_nodes, writer) = reflector::store();
+    let ctx = Arc::new(Context::new(
+        client,
+        aws,
+        settings,
+        recorder,
+        metrics,
+        all_nodes.clone(),
+    ));
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    let waker_ctx = ctx.clone();
+    let opt_in = ctx.settings.opt_in.clone();
+    let opted_in_nodes = watcher(nodes, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .inspect_ok(move |node| {
+            // Wake a waiting node the moment its claimed replacement turns Ready.
+            if crate::node::is_ready(node)
+                && let Some(instance) = crate::node::instance_id(node)
+                && let Some(claimant) = waker_ctx.claimant_of(instance)
+            {
+                let _ = wake.unbounded_send(claimant);
+            }
+        })
+        .try_filter(move |node| futures::future::ready(opt_in.matches(node)));
+    info!(selector = %ctx.settings.opt_in.selector(), "reconciling opted-in nodes");
+
+    Controller::for_stream(opted_in_nodes, all_nodes)
+        .reconcile_on(woken)
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile");
+            }
+            futures::future::ready(())
+        })
+        .await;
+    stop.cancel();
+    let leader = lease_watch
+        .await
+        .map_err(|_| Error::LostLease(args.lease_name.clone()))?;
+    if lost.is_cancelled() {
+        return Err(Error::LostLease(args.lease_name).into());
+    }
+    release(leader, lease_task).await
+}
+
+/// Hands the lease back on a clean stop, so the standby takes over at once.
+async fn release(
+    leader: tokio::sync::watch::Receiver<bool>,
+    lease_task: tokio::task::JoinHandle<
+        Result<kube_lease_manager::LeaseManager, kube_lease_manager::LeaseManagerError>,
+    >,
+) -> crate::Result<()> {
+    drop(leader);
+    if let Ok(Ok(manager)) = lease_task.await
+        && let Err(error) = manager.release().await
+    {
+        warn!(%error, "releasing the lease failed; the standby takes over when it expires");
+    }
     Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Client::try_from(config).map_err(Error::Kube)
+}
+
+fn default_identity() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| format!("spot-rebalancer-{}", std::process::id()))
 }

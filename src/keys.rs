@@ -23,6 +23,10 @@ pub const PHASE: &str = "spot-rebalancer.io/phase";
 /// Written by the controller: the replacement record (JSON).
 pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
 
+/// Written by the webhook: a NoExecute taint on this node was made NoSchedule because evicting its pods
+/// at once would exceed a PodDisruptionBudget; drain it at the PDBs' pace (JSON: time, taints, reason).
+pub const DRAIN_REQUESTED: &str = "spot-rebalancer.io/drain-requested";
+
 /// Default termination taint, `spot-instance-terminating=true:NoSchedule`.
 pub const DEFAULT_TAINT_KEY: &str = "spot-instance-terminating";
 pub const DEFAULT_TAINT_VALUE: &str = "true";
@@ -30,3 +34,6 @@ pub const DEFAULT_TAINT_EFFECT: &str = "NoSchedule";
 
 /// Tag on a spot ASG naming its on-demand fallback ASG.
 pub const FALLBACK_ASG_TAG: &str = "spot-rebalancer.io/fallback-asg";
+
+/// Field manager of the agent's server-side applies to its own Node.
+pub const AGENT_FIELD_MANAGER: &str = "spot-rebalancer-agent";

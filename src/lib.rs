@@ -7,9 +7,12 @@
 
 pub mod admin;
 pub mod agent;
+pub mod aws;
 pub mod cli;
 pub mod controller;
+pub mod imds;
 pub mod keys;
+pub mod node;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;
@@ -19,6 +22,12 @@ pub mod webhook;
 pub enum Error {
     #[error("admin server: {0}")]
     Admin(#[from] admin::Error),
+    #[error("agent: {0}")]
+    Agent(#[from] agent::Error),
+    #[error("controller: {0}")]
+    Controller(#[from] controller::Error),
+    #[error("webhook: {0}")]
+    Webhook(#[from] webhook::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

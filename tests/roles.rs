@@ -1,5 +1,7 @@
 //! Every role starts, serves `/healthz`, `/readyz` and `/metrics` on its admin port, and stops cleanly
 //! and promptly on SIGTERM — tested on the real binary over a loopback socket.
+mod support;
+
 use std::{
     net::TcpListener,
     process::{Child, Command, Stdio},
@@ -73,9 +75,9 @@ fn wait_for_exit(process: &mut RoleProcess) -> std::process::ExitStatus {
     }
 }
 
-async fn serves_admin_endpoints_and_stops_on_sigterm(role: &str) {
+async fn serves_admin_endpoints_and_stops_on_sigterm(role: &str, extra: &[&str]) {
     let port = free_loopback_port();
-    let mut process = start(role, port, &[]);
+    let mut process = start(role, port, extra);
     let base = format!("http://127.0.0.1:{port}");
 
     assert_eq!(wait_for_ok(&format!("{base}/healthz")).await, "ok");
@@ -97,17 +99,61 @@ async fn serves_admin_endpoints_and_stops_on_sigterm(role: &str) {
 
 #[tokio::test]
 async fn agent_serves_admin_endpoints_and_stops_on_sigterm() {
-    serves_admin_endpoints_and_stops_on_sigterm("agent").await;
+    // The agent is ready once it knows its instance id (from IMDS) and has read its own Node (from
+    // the API server), so it gets both: AWS's IMDS mock and a Node on the bed.
+    let bed = support::Bed::connect().await;
+    let node = support::agent::TestNode::create(&bed, "roles-agent").await;
+    let imds = support::agent::ImdsMock::start(
+        &bed,
+        &["spot", "-I", "-d", "86400", "--rebalance-delay-sec", "86400"],
+    )
+    .await;
+    let kubeconfig = &bed.vars["BED_KUBECONFIG"];
+    let endpoint = imds.endpoint();
+    let args = [
+        "--node-name",
+        &node.name,
+        "--imds-endpoint",
+        &endpoint,
+        "--kubeconfig",
+        kubeconfig,
+    ];
+    serves_admin_endpoints_and_stops_on_sigterm("agent", &args).await;
 }
 
 #[tokio::test]
 async fn controller_serves_admin_endpoints_and_stops_on_sigterm() {
-    serves_admin_endpoints_and_stops_on_sigterm("controller").await;
+    // The controller is ready once it reaches the API server and takes part in leader election.
+    let bed = support::Bed::connect().await;
+    let lease = support::unique("roles-controller");
+    let args = [
+        "--kubeconfig",
+        &bed.vars["BED_KUBECONFIG"],
+        "--lease-name",
+        &lease,
+    ];
+    serves_admin_endpoints_and_stops_on_sigterm("controller", &args).await;
 }
 
 #[tokio::test]
 async fn webhook_serves_admin_endpoints_and_stops_on_sigterm() {
-    serves_admin_endpoints_and_stops_on_sigterm("webhook").await;
+    // The webhook is ready once its caches of the cluster are synced and it serves HTTPS, so it gets
+    // the bed's API server and a test certificate.
+    let bed = support::Bed::connect().await;
+    let certs = support::webhook::TestCerts::new();
+    let listen = format!("127.0.0.1:{}", free_loopback_port());
+    let (cert, key) = (certs.cert_path(), certs.key_path());
+    let args = [
+        "--listen-addr",
+        &listen,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--kubeconfig",
+        &bed.vars["BED_KUBECONFIG"],
+    ];
+    serves_admin_endpoints_and_stops_on_sigterm("webhook", &args).await;
 }
 
 #[test]

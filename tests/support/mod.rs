@@ -280,3 +280,15 @@ pub fn instance_id(node: &Node) -> Option<String> {
         .nth(1)
         .map(str::to_owned)
 }
+
+// ----- the node agent (issue 3) ----------------------------------------------------------------
+// The agent's own test parts live in their own file so these helpers stay the lead's.
+pub mod agent;
+
+// ----- the controller (issue 4) ------------------------------------------------------------------
+// The controller's e2e parts: its process, scenarios on the bed, the Node contract, the order watch.
+pub mod controller;
+
+// ----- the admission webhook (issue 5) -----------------------------------------------------------
+// The webhook's e2e parts: test certificates, its process, its registration, kwok nodes with pods and PDBs.
+pub mod webhook;

@@ -1,0 +1,232 @@
+//! The AWS Auto Scaling boundary: the few calls the controller makes, turned into plain data.
+//!
+//! Retries (exponential backoff with jitter) and per-call timeouts come from the SDK's own retry and
+//! timeout configuration, set once in [`AutoScaling::from_env`]; nothing here loops.
+use std::{collections::BTreeMap, time::Duration};
+
+use aws_config::{BehaviorVersion, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_autoscaling::{Client, error::DisplayErrorContext};
+use jiff::Timestamp;
+
+/// Why an Auto Scaling call failed, after the SDK's retries.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("DescribeAutoScalingInstances for {instance}: {message}")]
+    DescribeInstance { instance: String, message: String },
+    #[error("DescribeAutoScalingGroups for {asg}: {message}")]
+    DescribeGroup { asg: String, message: String },
+    #[error("Auto Scaling group {0} does not exist")]
+    NoSuchGroup(String),
+    #[error("SetDesiredCapacity of {asg} to {desired}: {message}")]
+    SetDesired {
+        asg: String,
+        desired: i32,
+        message: String,
+    },
+    #[error("DescribeScalingActivities for {asg}: {message}")]
+    Activities { asg: String, message: String },
+    #[error("TerminateInstanceInAutoScalingGroup for {instance}: {message}")]
+    Terminate { instance: String, message: String },
+}
+
+impl Error {
+    /// A short, bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::DescribeInstance { .. } => "describe_instance",
+            Error::DescribeGroup { .. } => "describe_group",
+            Error::NoSuchGroup(_) => "no_such_group",
+            Error::SetDesired { .. } => "set_desired",
+            Error::Activities { .. } => "activities",
+            Error::Terminate { .. } => "terminate",
+        }
+    }
+}
+
+fn describe(error: impl std::error::Error) -> String {
+    DisplayErrorContext(error).to_string()
+}
+
+/// An Auto Scaling group as the controller needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub name: String,
+    pub desired: i32,
+    pub min: i32,
+    pub max: i32,
+    pub instances: Vec<GroupInstance>,
+    pub tags: BTreeMap<String, String>,
+    /// EC2 Auto Scaling Capacity Rebalancing: the ASG launches its own replacement on a notice.
+    pub capacity_rebalance: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupInstance {
+    pub id: String,
+    /// `Pending`, `InService`, `Terminating`, …
+    pub lifecycle_state: String,
+}
+
+impl GroupInstance {
+    pub fn in_service(&self) -> bool {
+        self.lifecycle_state == "InService"
+    }
+}
+
+/// A scaling activity of a group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activity {
+    pub id: String,
+    /// `InProgress`, `Successful`, `Failed`, `Cancelled`, …
+    pub status: String,
+    pub description: String,
+    pub status_message: String,
+    pub start_time: Option<Timestamp>,
+}
+
+/// The Auto Scaling API, through the SDK.
+#[derive(Clone)]
+pub struct AutoScaling {
+    client: Client,
+}
+
+impl AutoScaling {
+    /// Credentials and region from the default chain (IRSA, EKS Pod Identity, environment), the
+    /// endpoint from `AWS_ENDPOINT_URL` when set; `attempts` tries per call with the SDK's standard
+    /// backoff and jitter, each attempt bounded by `attempt_timeout`.
+    pub async fn from_env(attempts: u32, attempt_timeout: Duration) -> Self {
+        let config = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(attempts))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(attempt_timeout)
+                    .operation_timeout(attempt_timeout * attempts)
+                    .build(),
+            )
+            .load()
+            .await;
+        AutoScaling {
+            client: Client::new(&config),
+        }
+    }
+
+    /// The ASG an instance belongs to, or `None` when it is in none.
+    pub async fn group_of_instance(&self, instance: &str) -> Result<Option<String>, Error> {
+        let response = self
+            .client
+            .describe_auto_scaling_instances()
+            .instance_ids(instance)
+            .send()
+            .await
+            .map_err(|e| Error::DescribeInstance {
+                instance: instance.to_owned(),
+                message: describe(e),
+            })?;
+        Ok(response
+            .auto_scaling_instances()
+            .first()
+            .and_then(|i| i.auto_scaling_group_name())
+            .map(str::to_owned))
+    }
+
+    pub async fn group(&self, asg: &str) -> Result<Group, Error> {
+        let response = self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(asg)
+            .send()
+            .await
+            .map_err(|e| Error::DescribeGroup {
+                asg: asg.to_owned(),
+                message: describe(e),
+            })?;
+        let group = response
+            .auto_scaling_groups()
+            .first()
+            .ok_or_else(|| Error::NoSuchGroup(asg.to_owned()))?;
+        Ok(Group {
+            name: asg.to_owned(),
+            desired: group.desired_capacity().unwrap_or_default(),
+            min: group.min_size().unwrap_or_default(),
+            max: group.max_size().unwrap_or_default(),
+            instances: group
+                .instances()
+                .iter()
+                .map(|i| GroupInstance {
+                    id: i.instance_id().unwrap_or_default().to_owned(),
+                    lifecycle_state: i
+                        .lifecycle_state()
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            tags: group
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_owned(), t.value().unwrap_or_default().to_owned())))
+                .collect(),
+            capacity_rebalance: group.capacity_rebalance().unwrap_or(false),
+        })
+    }
+
+    /// Sets the desired capacity to exactly `desired`: idempotent, safe to repeat after a crash.
+    pub async fn set_desired(&self, asg: &str, desired: i32) -> Result<(), Error> {
+        self.client
+            .set_desired_capacity()
+            .auto_scaling_group_name(asg)
+            .desired_capacity(desired)
+            .honor_cooldown(false)
+            .send()
+            .await
+            .map_err(|e| Error::SetDesired {
+                asg: asg.to_owned(),
+                desired,
+                message: describe(e),
+            })?;
+        Ok(())
+    }
+
+    /// The group's most recent scaling activities, newest first.
+    pub async fn activities(&self, asg: &str) -> Result<Vec<Activity>, Error> {
+        let response = self
+            .client
+            .describe_scaling_activities()
+            .auto_scaling_group_name(asg)
+            .max_records(50)
+            .send()
+            .await
+            .map_err(|e| Error::Activities {
+                asg: asg.to_owned(),
+                message: describe(e),
+            })?;
+        Ok(response
+            .activities()
+            .iter()
+            .map(|a| Activity {
+                id: a.activity_id().unwrap_or_default().to_owned(),
+                status: a.status_code().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+                description: a.description().unwrap_or_default().to_owned(),
+                status_message: a.status_message().unwrap_or_default().to_owned(),
+                start_time: a
+                    .start_time()
+                    .and_then(|t| Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok()),
+            })
+            .collect())
+    }
+
+    /// Removes one specific instance and lowers desired capacity with it, so the ASG never picks a
+    /// busy instance to terminate.
+    pub async fn terminate_and_decrement(&self, instance: &str) -> Result<(), Error> {
+        self.client
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(instance)
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await
+            .map_err(|e| Error::Terminate {
+                instance: instance.to_owned(),
+                message: describe(e),
+            })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,475 @@
+//! The controller's decisions as plain functions of plain data: which scale-up a notice joins and
+//! what it aims for, whether spot capacity is gone, which new instance is whose replacement, and how
+//! an abandoned scale-up is taken back. No I/O here; the reconciler acts on what these return.
+use std::collections::HashSet;
+
+use jiff::{SignedDuration, Timestamp};
+
+use super::record::{CapacityType, Phase, ScaleIntent, Undo};
+use crate::aws::{Activity, Group};
+
+/// What a Failed activity says when EC2 had no capacity for the request.
+const CAPACITY_MARKERS: &[&str] = &[
+    "InsufficientInstanceCapacity",
+    "UnfulfillableCapacity",
+    "MaxSpotInstanceCountExceeded",
+    "Could not launch Spot Instances",
+];
+
+/// Activities started this long before the scale-up was asked for still count: clocks differ.
+const CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(5);
+
+/// A node's scale-up as others see it when coalescing: its phase and its intent.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    pub node: &'a str,
+    pub phase: Phase,
+    pub scale: &'a ScaleIntent,
+}
+
+/// The scale-up a new notice makes on `group`: it joins the group of scale-ups still waiting for
+/// instances (same baseline, one more member), or starts a new one from the current desired
+/// capacity. Ten notices at once are one group: baseline + 10, not ten read-add-write cycles.
+pub fn coalesced_intent(
+    me: &str,
+    members: &[Member<'_>],
+    group: &Group,
+    capacity_type: CapacityType,
+    now: Timestamp,
+) -> ScaleIntent {
+    let on_this_group = || {
+        members
+            .iter()
+            .filter(|m| m.node != me && m.scale.asg == group.name)
+    };
+    let in_flight = on_this_group()
+        .filter(|m| m.phase.is_scaling())
+        .max_by_key(|m| m.scale.baseline);
+    match in_flight {
+        Some(joined) => {
+            let baseline = joined.scale.baseline;
+            let others = on_this_group().filter(|m| m.scale.baseline == baseline).count() as i32;
+            ScaleIntent {
+                asg: group.name.clone(),
+                capacity_type,
+                baseline,
+                target_desired: baseline + others + 1,
+                pre_scale_instances: joined.scale.pre_scale_instances.clone(),
+                scale_requested_at: now,
+            }
+        }
+        None => ScaleIntent {
+            asg: group.name.clone(),
+            capacity_type,
+            baseline: group.desired,
+            target_desired: group.desired + 1,
+            pre_scale_instances: group.instances.iter().map(|i| i.id.clone()).collect(),
+            scale_requested_at: now,
+        },
+    }
+}
+
+/// The desired capacity a group of coalesced scale-ups needs now: its baseline plus its members
+/// (abandoned scale-ups are no longer members). Capped at the ASG's MaxSize unless surging is allowed.
+pub fn group_target(intent: &ScaleIntent, members: &[Member<'_>], max: i32, surge_above_max: bool) -> i32 {
+    let count = members
+        .iter()
+        .filter(|m| m.scale.asg == intent.asg && m.scale.baseline == intent.baseline)
+        .count()
+        .max(1) as i32;
+    let target = intent.baseline + count;
+    if surge_above_max { target } else { target.min(max) }
+}
+
+/// Why spot capacity counts as gone for a scale-up asked at `requested_at`, if it does: a Failed
+/// activity since then that names capacity, or no replacement within `capacity_timeout`.
+pub fn capacity_unavailable(
+    activities: &[Activity],
+    requested_at: Timestamp,
+    now: Timestamp,
+    capacity_timeout: SignedDuration,
+) -> Option<String> {
+    let since = requested_at - CLOCK_SLACK;
+    let failed = activities.iter().find(|a| {
+        a.status == "Failed"
+            && a.start_time.is_none_or(|t| t >= since)
+            && CAPACITY_MARKERS
+                .iter()
+                .any(|m| a.status_message.contains(m) || a.description.contains(m))
+    });
+    if let Some(activity) = failed {
+        return Some(format!(
+            "scaling activity {} failed: {}",
+            activity.id, activity.status_message
+        ));
+    }
+    let waited = now.duration_since(requested_at);
+    (waited >= capacity_timeout).then(|| {
+        format!(
+            "no new InService instance within {}",
+            humantime::format_duration(unsigned(waited))
+        )
+    })
+}
+
+fn unsigned(duration: SignedDuration) -> std::time::Duration {
+    std::time::Duration::try_from(duration.abs()).unwrap_or_default()
+}
+
+/// A scaling activity in progress before this controller starts a scale-up is not its own (rule 7):
+/// wait for it.
+pub fn foreign_activity_in_progress(activities: &[Activity]) -> Option<&Activity> {
+    activities.iter().find(|a| a.status == "InProgress")
+}
+
+/// The new instance this node claims: InService, not in the pre-scale set, not claimed by another
+/// node. Instances whose Node is already Ready go first; ties break by id, so the choice is stable.
+pub fn pick_replacement<'a>(
+    intent: &ScaleIntent,
+    group: &'a Group,
+    claimed: &HashSet<String>,
+    node_ready: impl Fn(&str) -> Option<bool>,
+) -> Option<&'a str> {
+    let mut candidates: Vec<(&str, bool)> = group
+        .instances
+        .iter()
+        .filter(|i| i.in_service() && !intent.pre_scale_instances.contains(&i.id) && !claimed.contains(&i.id))
+        .map(|i| (i.id.as_str(), node_ready(&i.id).unwrap_or(false)))
+        .collect();
+    candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    candidates.first().map(|(id, _)| *id)
+}
+
+/// How to take back one abandoned +1 on `group` (rule 10), given the desired capacity the other
+/// scale-ups on it still need (`needed_by_others`). Lower desired capacity only while no instance beyond
+/// the new value exists, so the ASG never chooses a victim; otherwise remove a specific new,
+/// unclaimed instance; never lower below what others raised.
+pub fn plan_undo(
+    intent: &ScaleIntent,
+    group: &Group,
+    needed_by_others: i32,
+    claimed: &HashSet<String>,
+) -> Undo {
+    let ours_included = needed_by_others + 1;
+    if group.desired < ours_included {
+        return Undo::Leave {
+            reason: format!(
+                "desired capacity of {} is {} already, below the {} this controller set; left as it is",
+                group.name, group.desired, ours_included
+            ),
+        };
+    }
+    let lowered = group.desired - 1;
+    if group.instances.len() as i32 <= lowered {
+        return Undo::Lower {
+            from: group.desired,
+            to: lowered,
+        };
+    }
+    let late = group
+        .instances
+        .iter()
+        .filter(|i| !intent.pre_scale_instances.contains(&i.id) && !claimed.contains(&i.id))
+        .map(|i| i.id.clone())
+        .min();
+    match late {
+        Some(instance) => Undo::Terminate { instance },
+        None => Undo::Leave {
+            reason: format!(
+                "{} has more instances than {lowered} and none of them is a new, unclaimed one",
+                group.name
+            ),
+        },
+    }
+}
+
+/// Whether an undo still has to be carried out against the group as it is now.
+pub fn undo_pending(undo: &Undo, group: &Group) -> bool {
+    match undo {
+        Undo::Lower { from, .. } => group.desired == *from,
+        Undo::Terminate { instance } => group.instances.iter().any(|i| &i.id == instance),
+        Undo::Leave { .. } => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::GroupInstance;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn group(name: &str, desired: i32, max: i32, instances: &[(&str, &str)]) -> Group {
+        Group {
+            name: name.into(),
+            desired,
+            min: 0,
+            max,
+            instances: instances
+                .iter()
+                .map(|(id, state)| GroupInstance {
+                    id: (*id).into(),
+                    lifecycle_state: (*state).into(),
+                })
+                .collect(),
+            tags: Default::default(),
+            capacity_rebalance: false,
+        }
+    }
+
+    fn intent(asg: &str, baseline: i32, target: i32, pre: &[&str]) -> ScaleIntent {
+        ScaleIntent {
+            asg: asg.into(),
+            capacity_type: CapacityType::Spot,
+            baseline,
+            target_desired: target,
+            pre_scale_instances: pre.iter().map(|s| (*s).into()).collect(),
+            scale_requested_at: at(0),
+        }
+    }
+
+    fn activity(status: &str, message: &str, start: i64) -> Activity {
+        Activity {
+            id: format!("act-{start}"),
+            status: status.into(),
+            description: "Launching a new EC2 instance".into(),
+            status_message: message.into(),
+            start_time: Some(at(start)),
+        }
+    }
+
+    #[test]
+    fn first_notice_starts_a_group_from_the_current_desired_capacity() {
+        let asg = group(
+            "spot",
+            3,
+            10,
+            &[("i-1", "InService"), ("i-2", "InService"), ("i-3", "InService")],
+        );
+        let mine = coalesced_intent("n1", &[], &asg, CapacityType::Spot, at(0));
+        assert_eq!((mine.baseline, mine.target_desired), (3, 4));
+        assert_eq!(mine.pre_scale_instances, vec!["i-1", "i-2", "i-3"]);
+    }
+
+    #[test]
+    fn concurrent_notices_coalesce_into_one_target() {
+        let asg = group("spot", 4, 20, &[("i-1", "InService")]);
+        let first = intent("spot", 3, 4, &["i-1"]);
+        let second = intent("spot", 3, 5, &["i-1"]);
+        let members = [
+            Member {
+                node: "n1",
+                phase: Phase::ScalingSpot,
+                scale: &first,
+            },
+            Member {
+                node: "n2",
+                phase: Phase::ScalingSpot,
+                scale: &second,
+            },
+        ];
+        let third = coalesced_intent("n3", &members, &asg, CapacityType::Spot, at(1));
+        assert_eq!(
+            (third.baseline, third.target_desired),
+            (3, 6),
+            "joins the in-flight group"
+        );
+        assert_eq!(
+            third.pre_scale_instances,
+            vec!["i-1"],
+            "and shares its pre-scale set"
+        );
+        let with_third = [
+            members[0],
+            members[1],
+            Member {
+                node: "n3",
+                phase: Phase::ScalingSpot,
+                scale: &third,
+            },
+        ];
+        assert_eq!(group_target(&third, &with_third, 20, false), 6);
+    }
+
+    #[test]
+    fn a_finished_group_is_not_joined() {
+        let asg = group("spot", 4, 20, &[("i-1", "InService"), ("i-9", "InService")]);
+        let done = intent("spot", 3, 4, &["i-1"]);
+        let members = [Member {
+            node: "n1",
+            phase: Phase::Tainted,
+            scale: &done,
+        }];
+        let next = coalesced_intent("n2", &members, &asg, CapacityType::Spot, at(9));
+        assert_eq!((next.baseline, next.target_desired), (4, 5));
+    }
+
+    #[test]
+    fn the_group_target_is_capped_at_max_size_unless_surging() {
+        let mine = intent("spot", 5, 6, &[]);
+        let members = [Member {
+            node: "n1",
+            phase: Phase::ScalingSpot,
+            scale: &mine,
+        }];
+        assert_eq!(group_target(&mine, &members, 5, false), 5);
+        assert_eq!(group_target(&mine, &members, 5, true), 6);
+    }
+
+    #[test]
+    fn a_failed_capacity_activity_means_capacity_is_gone() {
+        let activities = [
+            activity("Successful", "", -100),
+            activity(
+                "Failed",
+                "Could not launch Spot Instances. InsufficientInstanceCapacity - none",
+                1,
+            ),
+        ];
+        let reason = capacity_unavailable(&activities, at(0), at(2), SignedDuration::from_secs(120));
+        assert!(reason.unwrap().contains("InsufficientInstanceCapacity"));
+    }
+
+    #[test]
+    fn old_or_unrelated_failures_do_not_count() {
+        let activities = [
+            activity("Failed", "InsufficientInstanceCapacity", -600),
+            activity("Failed", "Access denied to the launch template", 3),
+        ];
+        assert_eq!(
+            capacity_unavailable(&activities, at(0), at(10), SignedDuration::from_secs(120)),
+            None
+        );
+    }
+
+    #[test]
+    fn no_instance_within_the_capacity_timeout_means_capacity_is_gone() {
+        let reason = capacity_unavailable(&[], at(0), at(121), SignedDuration::from_secs(120)).unwrap();
+        assert!(reason.contains("no new InService instance within 2m"), "{reason}");
+    }
+
+    #[test]
+    fn only_activities_in_progress_hold_a_scale_up_back() {
+        let activities = [activity("InProgress", "", 5), activity("Successful", "", 1)];
+        assert_eq!(
+            foreign_activity_in_progress(&activities).map(|a| a.id.as_str()),
+            Some("act-5")
+        );
+        assert!(foreign_activity_in_progress(&activities[1..]).is_none());
+    }
+
+    #[test]
+    fn the_replacement_is_new_in_service_unclaimed_and_ready_first() {
+        let asg = group(
+            "spot",
+            5,
+            10,
+            &[
+                ("i-old", "InService"),
+                ("i-a", "InService"),
+                ("i-b", "InService"),
+                ("i-c", "Pending"),
+                ("i-d", "InService"),
+            ],
+        );
+        let mine = intent("spot", 2, 3, &["i-old"]);
+        let claimed: HashSet<String> = ["i-a".to_owned()].into();
+        let ready = |id: &str| Some(id == "i-d");
+        assert_eq!(
+            pick_replacement(&mine, &asg, &claimed, ready),
+            Some("i-d"),
+            "Ready beats lower id"
+        );
+        let not_ready = |_: &str| None;
+        assert_eq!(pick_replacement(&mine, &asg, &claimed, not_ready), Some("i-b"));
+        let all: HashSet<String> = ["i-a", "i-b", "i-d"].map(String::from).into();
+        assert_eq!(
+            pick_replacement(&mine, &asg, &all, not_ready),
+            None,
+            "Pending never counts"
+        );
+    }
+
+    #[test]
+    fn an_abandoned_scale_up_is_lowered_while_nothing_launched_for_it() {
+        let asg = group(
+            "spot",
+            4,
+            10,
+            &[("i-1", "InService"), ("i-2", "InService"), ("i-3", "InService")],
+        );
+        let mine = intent("spot", 3, 4, &["i-1", "i-2", "i-3"]);
+        assert_eq!(
+            plan_undo(&mine, &asg, 0, &HashSet::new()),
+            Undo::Lower { from: 4, to: 3 }
+        );
+    }
+
+    #[test]
+    fn a_late_instance_is_removed_by_id_never_by_lowering() {
+        let asg = group(
+            "spot",
+            4,
+            10,
+            &[
+                ("i-1", "InService"),
+                ("i-2", "InService"),
+                ("i-3", "InService"),
+                ("i-late", "Pending"),
+            ],
+        );
+        let mine = intent("spot", 3, 4, &["i-1", "i-2", "i-3"]);
+        assert_eq!(
+            plan_undo(&mine, &asg, 0, &HashSet::new()),
+            Undo::Terminate {
+                instance: "i-late".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_capacity_another_actor_lowered_is_left_alone() {
+        let asg = group(
+            "spot",
+            3,
+            10,
+            &[("i-1", "InService"), ("i-2", "InService"), ("i-3", "InService")],
+        );
+        let mine = intent("spot", 3, 5, &["i-1", "i-2", "i-3"]);
+        assert!(matches!(
+            plan_undo(&mine, &asg, 1, &HashSet::new()),
+            Undo::Leave { .. }
+        ));
+    }
+
+    #[test]
+    fn another_actors_raise_is_kept_when_undoing() {
+        let asg = group("spot", 7, 10, &[("i-1", "InService")]);
+        let mine = intent("spot", 3, 4, &["i-1"]);
+        assert_eq!(
+            plan_undo(&mine, &asg, 0, &HashSet::new()),
+            Undo::Lower { from: 7, to: 6 }
+        );
+    }
+
+    #[test]
+    fn an_undo_is_pending_until_the_group_shows_it() {
+        let asg = group("spot", 3, 10, &[("i-1", "InService")]);
+        assert!(!undo_pending(&Undo::Lower { from: 4, to: 3 }, &asg));
+        assert!(undo_pending(&Undo::Lower { from: 3, to: 2 }, &asg));
+        assert!(undo_pending(
+            &Undo::Terminate {
+                instance: "i-1".into()
+            },
+            &asg
+        ));
+        assert!(!undo_pending(
+            &Undo::Terminate {
+                instance: "i-9".into()
+            },
+            &asg
+        ));
+    }
+}

@@ -1,0 +1,68 @@
+//! The controller's metrics, prefix `spot_rebalancer_` (from the admin registry).
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub notices: IntCounter,
+    pub scale_ups: IntCounterVec,
+    pub fallbacks: IntCounter,
+    pub replacement_ready_seconds: Histogram,
+    pub taints: IntCounterVec,
+    pub failed: IntCounter,
+    pub skipped: IntCounter,
+    pub reconcile_errors: IntCounterVec,
+    pub aws_calls: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Metrics {
+            notices: IntCounter::new("notices_total", "Rebalance or interruption notices acted on")?,
+            scale_ups: IntCounterVec::new(
+                Opts::new(
+                    "scale_ups_total",
+                    "SetDesiredCapacity calls by capacity type and result",
+                ),
+                &["capacity_type", "result"],
+            )?,
+            fallbacks: IntCounter::new("fallbacks_total", "Replacements moved to the on-demand ASG")?,
+            replacement_ready_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "replacement_ready_seconds",
+                    "From notice to replacement Node Ready",
+                )
+                .buckets(vec![5.0, 15.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0]),
+            )?,
+            taints: IntCounterVec::new(
+                Opts::new("taints_total", "Termination taints applied"),
+                &["reason"],
+            )?,
+            failed: IntCounter::new(
+                "replacements_failed_total",
+                "Nodes for which no replacement could be had",
+            )?,
+            skipped: IntCounter::new(
+                "replacements_skipped_total",
+                "Noticed nodes in no Auto Scaling group",
+            )?,
+            reconcile_errors: IntCounterVec::new(
+                Opts::new("reconcile_errors_total", "Reconcile errors by kind"),
+                &["kind"],
+            )?,
+            aws_calls: IntCounterVec::new(
+                Opts::new("aws_calls_total", "Auto Scaling API operations by name"),
+                &["operation"],
+            )?,
+        };
+        registry.register(Box::new(metrics.notices.clone()))?;
+        registry.register(Box::new(metrics.scale_ups.clone()))?;
+        registry.register(Box::new(metrics.fallbacks.clone()))?;
+        registry.register(Box::new(metrics.replacement_ready_seconds.clone()))?;
+        registry.register(Box::new(metrics.taints.clone()))?;
+        registry.register(Box::new(metrics.failed.clone()))?;
+        registry.register(Box::new(metrics.skipped.clone()))?;
+        registry.register(Box::new(metrics.reconcile_errors.clone()))?;
+        registry.register(Box::new(metrics.aws_calls.clone()))?;
+        Ok(metrics)
+    }
+}

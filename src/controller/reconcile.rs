@@ -1,0 +1,916 @@
+//! The reconciler: reads a noticed node's record, takes the next step of the state machine against
+//! AWS and the API server, and writes the record back (intent before action). The decisions come
+//! from [`super::decide`]; this file only fetches, acts and records.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
+    },
+};
+use serde_json::json;
+use tracing::{info, instrument, warn};
+
+use super::{
+    decide::{self, Member},
+    metrics::Metrics,
+    record::{Abandoned, CapacityType, Phase, Replacement, ScaleIntent, Undo},
+};
+use crate::{
+    aws::{self, Activity, AutoScaling, Group},
+    keys,
+    node::{self, OptInLabel},
+};
+
+/// Field manager of everything the controller writes.
+pub const FIELD_MANAGER: &str = "spot-rebalancer-controller";
+/// cluster-autoscaler leaves a node with this annotation alone (the claimed replacement).
+pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
+/// How long a describe answer is reused by concurrent reconciles of one ASG.
+const AWS_CACHE_TTL: Duration = Duration::from_millis(500);
+/// How often to look at the claimed replacement's readiness (from the cache, no API call).
+const READY_POLL: Duration = Duration::from_millis(200);
+/// The longest a scale-up call waits for concurrent notices to write their intents.
+const MAX_COALESCE_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Aws(#[from] aws::Error),
+    #[error("{action} on node {node}: {source}")]
+    Kube {
+        action: &'static str,
+        node: String,
+        source: kube::Error,
+    },
+    #[error("the replacement record on node {node} cannot be read ({source}); fix or remove the annotation")]
+    BadRecord { node: String, source: serde_json::Error },
+    #[error("the phase {value:?} on node {node} is unknown; fix or remove the annotation")]
+    BadPhase { node: String, value: String },
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Aws(error) => error.metric_label(),
+            Error::Kube { .. } => "kube",
+            Error::BadRecord { .. } => "bad_record",
+            Error::BadPhase { .. } => "bad_phase",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The controller's settings, validated at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub spot_asg: Option<String>,
+    pub on_demand_asg: Option<String>,
+    pub capacity_timeout: SignedDuration,
+    pub foreign_activity_timeout: SignedDuration,
+    pub asg_poll_interval: Duration,
+    /// How long a scale-up waits for concurrent notices on its ASG before the call (rule 2).
+    pub coalesce_window: Duration,
+    pub surge_above_max: bool,
+    pub taint: Taint,
+    pub opt_in: OptInLabel,
+}
+
+/// What a reconcile shares with every other: clients, caches, the records this process wrote.
+pub struct Context {
+    pub client: Client,
+    pub aws: AutoScaling,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Every Node (opted in or not): replacements may come from a node group that is not opted in.
+    pub all_nodes: Store<Node>,
+    ledger: Mutex<HashMap<String, (Phase, Replacement)>>,
+    asgs: Mutex<HashMap<String, Arc<AsgState>>>,
+    /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
+    detecting: AtomicUsize,
+    warned_rebalancing: Mutex<HashSet<String>>,
+}
+
+/// Per-ASG state. `decide` serialises the decisions on the group's records (joining a scale-up,
+/// claiming an instance, planning an undo); `send` serialises the Auto Scaling calls, so that
+/// intents written meanwhile ride on the next call; short-lived caches let concurrent reconciles
+/// share one describe.
+#[derive(Default)]
+struct AsgState {
+    decide: tokio::sync::Mutex<()>,
+    send: tokio::sync::Mutex<()>,
+    /// Scale-ups on the way to writing their intent, and when the last one was written: the call
+    /// waits until they are in (rule 2).
+    pending: AtomicUsize,
+    last_intent: Mutex<Option<Instant>>,
+    /// The desired capacity this process last set or saw; `None` until it knows.
+    known_desired: Mutex<Option<i32>>,
+    group: Mutex<Option<(Instant, Group)>>,
+    activities: Mutex<Option<(Instant, Vec<Activity>)>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        aws: AutoScaling,
+        settings: Settings,
+        recorder: Recorder,
+        metrics: Metrics,
+        all_nodes: Store<Node>,
+    ) -> Self {
+        Context {
+            client,
+            aws,
+            settings,
+            recorder,
+            metrics,
+            all_nodes,
+            ledger: Mutex::default(),
+            asgs: Mutex::default(),
+            detecting: AtomicUsize::new(0),
+            warned_rebalancing: Mutex::default(),
+        }
+    }
+
+    fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    fn asg(&self, name: &str) -> Arc<AsgState> {
+        lock(&self.asgs).entry(name.to_owned()).or_default().clone()
+    }
+
+    /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
+    pub fn claimant_of(&self, instance: &str) -> Option<ObjectRef<Node>> {
+        lock(&self.ledger)
+            .iter()
+            .find(|(_, (phase, record))| {
+                *phase == Phase::AwaitingReady && record.instance_id.as_deref() == Some(instance)
+            })
+            .map(|(name, _)| ObjectRef::new(name))
+    }
+
+    /// Every noticed node's phase and record: the cache, overridden by what this process wrote
+    /// (always newer, since only the leader writes records).
+    fn records(&self) -> HashMap<String, (Phase, Replacement)> {
+        let mut records: HashMap<String, (Phase, Replacement)> = self
+            .all_nodes
+            .state()
+            .iter()
+            .filter_map(|node| Some((node.name_any(), read_record(node).ok()??)))
+            .collect();
+        records.extend(lock(&self.ledger).iter().map(|(k, v)| (k.clone(), v.clone())));
+        records
+    }
+
+    async fn group(&self, asg: &str, fresh: bool) -> Result<Group> {
+        let state = self.asg(asg);
+        if !fresh
+            && let Some((at, group)) = lock(&state.group).as_ref()
+            && at.elapsed() < AWS_CACHE_TTL
+        {
+            return Ok(group.clone());
+        }
+        self.metrics
+            .aws_calls
+            .with_label_values(&["DescribeAutoScalingGroups"])
+            .inc();
+        let group = self.aws.group(asg).await?;
+        *lock(&state.group) = Some((Instant::now(), group.clone()));
+        Ok(group)
+    }
+
+    async fn activities(&self, asg: &str) -> Result<Vec<Activity>> {
+        let state = self.asg(asg);
+        if let Some((at, activities)) = lock(&state.activities).as_ref()
+            && at.elapsed() < AWS_CACHE_TTL
+        {
+            return Ok(activities.clone());
+        }
+        self.metrics
+            .aws_calls
+            .with_label_values(&["DescribeScalingActivities"])
+            .inc();
+        let activities = self.aws.activities(asg).await?;
+        *lock(&state.activities) = Some((Instant::now(), activities.clone()));
+        Ok(activities)
+    }
+
+    /// Readiness of the Node of `instance`, from the cache of all Nodes; `None` when it has none.
+    fn node_of_instance(&self, instance: &str) -> Option<Arc<Node>> {
+        self.all_nodes.find(|n| node::instance_id(n) == Some(instance))
+    }
+
+    async fn event(&self, node: &Node, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &node.object_ref(&())).await {
+            warn!(%error, reason, "publishing an event failed");
+        }
+    }
+}
+
+/// Counts a piece of work in flight for as long as it lives.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The node's phase and record, if it has them.
+pub fn read_record(node: &Node) -> Result<Option<(Phase, Replacement)>> {
+    let annotations = node::annotations(node);
+    let (Some(phase), Some(record)) = (annotations.get(keys::PHASE), annotations.get(keys::REPLACEMENT))
+    else {
+        return Ok(None);
+    };
+    let name = node.name_any();
+    let phase = phase.parse().map_err(|_| Error::BadPhase {
+        node: name.clone(),
+        value: phase.clone(),
+    })?;
+    let record = serde_json::from_str(record).map_err(|source| Error::BadRecord { node: name, source })?;
+    Ok(Some((phase, record)))
+}
+
+/// Members of coalesced scale-ups: every record with a scale-up in flight or done.
+fn members<'a>(records: &'a HashMap<String, (Phase, Replacement)>) -> Vec<Member<'a>> {
+    records
+        .iter()
+        .filter_map(|(node, (phase, record))| {
+            Some(Member {
+                node: node.as_str(),
+                phase: *phase,
+                scale: record.scale.as_ref()?,
+            })
+        })
+        .collect()
+}
+
+/// What the next step of one reconcile is.
+enum Step {
+    /// The record moved on; take the next step now.
+    Continue(Phase, Replacement),
+    /// Spot capacity is gone (the abandoned scale-up is in the record): scale the on-demand ASG.
+    FallBack(Replacement),
+    /// Nothing to do until then (or until the node changes).
+    Wait(Duration),
+    /// Nothing more to do for this node.
+    Done,
+}
+
+#[instrument(skip_all, fields(node = %node.name_any()))]
+pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
+    let name = node.name_any();
+    let annotations = node::annotations(&node);
+    let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME);
+    let interrupted = annotations.contains_key(keys::INTERRUPTION_TIME);
+    let stored = lock(&ctx.ledger).get(&name).cloned();
+    let mut state = match stored {
+        Some(state) => Some(state),
+        None => read_record(&node)?,
+    };
+    if state.is_none() && !noticed && !interrupted {
+        return Ok(Action::await_change());
+    }
+    let mut fallback = None;
+    loop {
+        let step = match (state.take(), fallback.take()) {
+            (_, Some(record)) => {
+                let step = start_scale(&node, &ctx, record, CapacityType::OnDemand).await?;
+                match step {
+                    Step::Continue(phase, mut record) => {
+                        finish_undos(&node, &ctx, phase, &mut record).await?;
+                        Step::Continue(phase, record)
+                    }
+                    other => other,
+                }
+            }
+            (None, None) => {
+                let _detecting = Counted::new(&ctx.detecting);
+                detect(&node, &ctx).await?
+            }
+            (Some((phase, mut record)), None) => {
+                finish_undos(&node, &ctx, phase, &mut record).await?;
+                // Rule 5's exception: an interrupted node dies anyway, replacement or not.
+                if interrupted && record.tainted_at.is_none() && phase != Phase::Tainted {
+                    taint(&node, &ctx, "interruption notice").await?;
+                    record.tainted_at = Some(Timestamp::now());
+                    write_record(&node, &ctx, phase, &record).await?;
+                    let note = format!(
+                        "interruption notice: tainted at once, {}",
+                        taint_text(&ctx.settings.taint)
+                    );
+                    ctx.event(&node, EventType::Warning, "TaintedOnInterruption", note)
+                        .await;
+                }
+                match phase {
+                    Phase::Detected => start_scale(&node, &ctx, record, CapacityType::Spot).await?,
+                    Phase::ScalingSpot | Phase::ScalingOnDemand => {
+                        await_instance(&node, &ctx, record).await?
+                    }
+                    Phase::AwaitingReady => await_ready(&node, &ctx, record).await?,
+                    Phase::Tainted | Phase::Failed | Phase::Skipped => Step::Done,
+                }
+            }
+        };
+        match step {
+            Step::Continue(phase, record) => state = Some((phase, record)),
+            Step::FallBack(record) => fallback = Some(record),
+            Step::Wait(after) => return Ok(Action::requeue(after)),
+            Step::Done => return Ok(Action::await_change()),
+        }
+    }
+}
+
+pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(node = %node.name_any(), %error, "reconcile failed; retrying");
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.metric_label()])
+        .inc();
+    let jitter = Duration::from_millis(u64::from(
+        Timestamp::now().subsec_nanosecond().unsigned_abs() % 1000,
+    ));
+    Action::requeue(Duration::from_secs(2) + jitter)
+}
+
+/// A notice arrived: find the node's ASGs and record them (or skip a node in no ASG).
+async fn detect(node: &Node, ctx: &Context) -> Result<Step> {
+    let now = Timestamp::now();
+    ctx.metrics.notices.inc();
+    let annotations = node::annotations(node);
+    let instance = annotations
+        .get(keys::INSTANCE_ID)
+        .map(String::as_str)
+        .or_else(|| node::instance_id(node));
+    let Some(instance) = instance else {
+        return skip(
+            node,
+            ctx,
+            "the node has no EC2 instance id (annotation or aws:/// provider id)".into(),
+        )
+        .await;
+    };
+    ctx.metrics
+        .aws_calls
+        .with_label_values(&["DescribeAutoScalingInstances"])
+        .inc();
+    let Some(own_asg) = ctx.aws.group_of_instance(instance).await? else {
+        return skip(
+            node,
+            ctx,
+            format!("instance {instance} is not in any Auto Scaling group"),
+        )
+        .await;
+    };
+    let spot_asg = ctx.settings.spot_asg.clone().unwrap_or(own_asg);
+    let group = ctx.group(&spot_asg, false).await?;
+    warn_capacity_rebalancing(node, ctx, &group).await;
+    let on_demand_asg = group
+        .tags
+        .get(keys::FALLBACK_ASG_TAG)
+        .cloned()
+        .or_else(|| ctx.settings.on_demand_asg.clone());
+    let record = Replacement::new(spot_asg.clone(), on_demand_asg.clone(), now);
+    write_record(node, ctx, Phase::Detected, &record).await?;
+    let fallback = on_demand_asg.map_or("no on-demand fallback".to_owned(), |asg| {
+        format!("fallback {asg}")
+    });
+    let note = format!("notice on instance {instance}: replacing from spot ASG {spot_asg} ({fallback})");
+    info!(%note, "detected");
+    ctx.event(node, EventType::Normal, "RebalanceNoticed", note).await;
+    Ok(Step::Continue(Phase::Detected, record))
+}
+
+async fn skip(node: &Node, ctx: &Context, reason: String) -> Result<Step> {
+    let mut record = Replacement::new(String::new(), None, Timestamp::now());
+    record.reason = Some(reason.clone());
+    write_record(node, ctx, Phase::Skipped, &record).await?;
+    ctx.metrics.skipped.inc();
+    warn!(%reason, "skipped");
+    ctx.event(
+        node,
+        EventType::Warning,
+        "ReplacementSkipped",
+        format!("{reason}; the node is not tainted"),
+    )
+    .await;
+    Ok(Step::Done)
+}
+
+async fn warn_capacity_rebalancing(node: &Node, ctx: &Context, group: &Group) {
+    if group.capacity_rebalance && lock(&ctx.warned_rebalancing).insert(group.name.clone()) {
+        let note = format!(
+            "ASG {} has EC2 Capacity Rebalancing on: it launches its own replacement too, so a notice may \
+             cost two instances; switch one of them off",
+            group.name
+        );
+        ctx.event(node, EventType::Warning, "CapacityRebalancingEnabled", note)
+            .await;
+    }
+}
+
+/// Ask `capacity_type`'s ASG for one more instance: join or start a coalesced scale-up, write the
+/// intent, then make the (idempotent) call.
+async fn start_scale(
+    node: &Node,
+    ctx: &Context,
+    mut record: Replacement,
+    capacity_type: CapacityType,
+) -> Result<Step> {
+    let asg = match capacity_type {
+        CapacityType::Spot => record.spot_asg.clone(),
+        CapacityType::OnDemand => match record.on_demand_asg.clone() {
+            Some(asg) => asg,
+            None => {
+                return fail(
+                    node,
+                    ctx,
+                    record,
+                    "spot capacity is gone and no on-demand fallback ASG is set",
+                )
+                .await;
+            }
+        },
+    };
+    let phase = match capacity_type {
+        CapacityType::Spot => Phase::ScalingSpot,
+        CapacityType::OnDemand => Phase::ScalingOnDemand,
+    };
+    let name = node.name_any();
+    let state = ctx.asg(&asg);
+    let pending = Counted::new(&state.pending);
+    let mut group = ctx.group(&asg, false).await?;
+    let decision = state.decide.lock().await;
+    let now = Timestamp::now();
+    // A cached describe may predate this process's own last call.
+    group.desired = group.desired.max(lock(&state.known_desired).unwrap_or(0));
+
+    let records = ctx.records();
+    let others = members(&records);
+    // Rule 7 (a foreign activity in progress: wait, bounded) holds back a first spot scale-up only;
+    // joining our own in-flight scale-up, or falling back, must not wait.
+    let joining = others
+        .iter()
+        .any(|m| m.node != name && m.scale.asg == asg && m.phase.is_scaling());
+    if !joining && capacity_type == CapacityType::Spot {
+        let activities = ctx.activities(&asg).await?;
+        if let Some(activity) = decide::foreign_activity_in_progress(&activities) {
+            let since = *record.waiting_since.get_or_insert(now);
+            if now.duration_since(since) < ctx.settings.foreign_activity_timeout {
+                if since == now {
+                    let note = format!(
+                        "waiting for scaling activity {} on {asg}: {}",
+                        activity.id, activity.description
+                    );
+                    write_record(node, ctx, Phase::Detected, &record).await?;
+                    ctx.event(node, EventType::Normal, "WaitingForScalingActivity", note)
+                        .await;
+                }
+                return Ok(Step::Wait(ctx.settings.asg_poll_interval));
+            }
+            warn!(asg, activity = %activity.id, "foreign scaling activity still in progress; acting anyway");
+        }
+    }
+    let intent = decide::coalesced_intent(&name, &others, &group, capacity_type, now);
+    if intent.target_desired > group.max && !ctx.settings.surge_above_max {
+        drop(decision);
+        let reason = format!("{asg} is at its MaxSize of {}", group.max);
+        return give_up_on(node, ctx, record, capacity_type, reason).await;
+    }
+    record.scale = Some(intent.clone());
+    record.waiting_since = None;
+    write_record(node, ctx, phase, &record).await?;
+    *lock(&state.last_intent) = Some(Instant::now());
+    drop(pending);
+    drop(decision);
+
+    wait_for_concurrent_intents(ctx, &state).await;
+    if let Some(target) = ensure_desired(ctx, &intent).await? {
+        let note = format!("asked {asg} ({capacity_type:?}) for desired capacity {target}");
+        info!(%note, "scaling");
+        ctx.event(node, EventType::Normal, "ScalingUp", note).await;
+    }
+    Ok(Step::Continue(phase, record))
+}
+
+/// Rule 2: before a call, let concurrent notices on the ASG write their intents (none still
+/// detecting or deciding, none written for a coalesce window), so one call covers them all.
+async fn wait_for_concurrent_intents(ctx: &Context, state: &AsgState) {
+    let deadline = Instant::now() + MAX_COALESCE_WAIT;
+    loop {
+        let busy = ctx.detecting.load(Ordering::SeqCst) > 0 || state.pending.load(Ordering::SeqCst) > 0;
+        let quiet = lock(&state.last_intent).is_none_or(|at| at.elapsed() >= ctx.settings.coalesce_window);
+        if (!busy && quiet) || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn set_desired(ctx: &Context, asg: &str, capacity_type: CapacityType, target: i32) -> Result<()> {
+    let label = match capacity_type {
+        CapacityType::Spot => "spot",
+        CapacityType::OnDemand => "on-demand",
+    };
+    ctx.metrics
+        .aws_calls
+        .with_label_values(&["SetDesiredCapacity"])
+        .inc();
+    match ctx.aws.set_desired(asg, target).await {
+        Ok(()) => {
+            ctx.metrics.scale_ups.with_label_values(&[label, "ok"]).inc();
+            Ok(())
+        }
+        Err(error) => {
+            ctx.metrics.scale_ups.with_label_values(&[label, "error"]).inc();
+            Err(error.into())
+        }
+    }
+}
+
+/// Makes the group's desired capacity cover every member's intent (also after a crash between
+/// intent and call). Only ever raises; reads the ASG fresh before a call so a capacity another
+/// actor raised is never lowered. Returns the target it set, if it made a call.
+async fn ensure_desired(ctx: &Context, intent: &ScaleIntent) -> Result<Option<i32>> {
+    let state = ctx.asg(&intent.asg);
+    let _sending = state.send.lock().await;
+    let records = ctx.records();
+    let members = members(&records);
+    let known = *lock(&state.known_desired);
+    let max = lock(&state.group)
+        .as_ref()
+        .map_or(i32::MAX, |(_, group)| group.max);
+    let target = decide::group_target(intent, &members, max, ctx.settings.surge_above_max);
+    if known.is_some_and(|known| known >= target) {
+        return Ok(None);
+    }
+    let group = ctx.group(&intent.asg, true).await?;
+    let target = decide::group_target(intent, &members, group.max, ctx.settings.surge_above_max);
+    if group.desired >= target {
+        *lock(&state.known_desired) = Some(group.desired);
+        return Ok(None);
+    }
+    set_desired(ctx, &intent.asg, intent.capacity_type, target).await?;
+    *lock(&state.known_desired) = Some(target);
+    Ok(Some(target))
+}
+
+/// Waiting for a new instance: claim one, or detect that capacity is gone.
+async fn await_instance(node: &Node, ctx: &Context, mut record: Replacement) -> Result<Step> {
+    let Some(intent) = record.scale.clone() else {
+        return Ok(Step::Continue(Phase::Detected, record));
+    };
+    let name = node.name_any();
+    ensure_desired(ctx, &intent).await?;
+    let group = ctx.group(&intent.asg, false).await?;
+
+    let state = ctx.asg(&intent.asg);
+    let guard = state.decide.lock().await;
+    let records = ctx.records();
+    let claimed: HashSet<String> = records
+        .iter()
+        .filter(|(other, _)| **other != name)
+        .filter_map(|(_, (_, r))| r.instance_id.clone())
+        .collect();
+    let ready = |id: &str| ctx.node_of_instance(id).map(|n| node::is_ready(&n));
+    if let Some(instance) = decide::pick_replacement(&intent, &group, &claimed, ready) {
+        record.instance_id = Some(instance.to_owned());
+        record.node = ctx.node_of_instance(instance).map(|n| n.name_any());
+        record.claimed_at = Some(Timestamp::now());
+        write_record(node, ctx, Phase::AwaitingReady, &record).await?;
+        drop(guard);
+        let note = format!(
+            "claimed new instance {instance} of {} as the replacement",
+            intent.asg
+        );
+        info!(%note, "claimed");
+        ctx.event(node, EventType::Normal, "ReplacementClaimed", note)
+            .await;
+        return Ok(Step::Continue(Phase::AwaitingReady, record));
+    }
+    drop(guard);
+
+    let activities = ctx.activities(&intent.asg).await?;
+    let now = Timestamp::now();
+    match decide::capacity_unavailable(
+        &activities,
+        intent.scale_requested_at,
+        now,
+        ctx.settings.capacity_timeout,
+    ) {
+        Some(reason) => give_up_on(node, ctx, record, intent.capacity_type, reason).await,
+        None => Ok(Step::Wait(ctx.settings.asg_poll_interval)),
+    }
+}
+
+/// Capacity of `capacity_type` is gone: take this node's +1 back (planned and recorded first), then
+/// fall back to on-demand, or fail.
+async fn give_up_on(
+    node: &Node,
+    ctx: &Context,
+    mut record: Replacement,
+    capacity_type: CapacityType,
+    reason: String,
+) -> Result<Step> {
+    let name = node.name_any();
+    if let Some(intent) = record.scale.take() {
+        let group = ctx.group(&intent.asg, true).await?;
+        let state = ctx.asg(&intent.asg);
+        let _deciding = state.decide.lock().await;
+        let records = ctx.records();
+        let others: Vec<Member<'_>> = members(&records).into_iter().filter(|m| m.node != name).collect();
+        let still_needed = others
+            .iter()
+            .filter(|m| m.scale.asg == intent.asg && m.scale.baseline == intent.baseline)
+            .count() as i32;
+        let claimed: HashSet<String> = records
+            .values()
+            .filter_map(|(_, r)| r.instance_id.clone())
+            .collect();
+        let undo = decide::plan_undo(&intent, &group, intent.baseline + still_needed, &claimed);
+        record.abandoned.push(Abandoned {
+            scale: intent,
+            undo,
+            undone: false,
+        });
+    }
+    let fallback = capacity_type == CapacityType::Spot && record.on_demand_asg.is_some();
+    if fallback {
+        ctx.metrics.fallbacks.inc();
+        let on_demand = record.on_demand_asg.clone().unwrap_or_default();
+        let note = format!("spot capacity unavailable ({reason}); falling back to on-demand ASG {on_demand}");
+        warn!(%note, "falling back");
+        ctx.event(node, EventType::Warning, "SpotCapacityUnavailable", note)
+            .await;
+        // The abandoned intent is written together with the on-demand intent; the undo follows.
+        return Ok(Step::FallBack(record));
+    }
+    fail(node, ctx, record, &reason).await
+}
+
+async fn fail(node: &Node, ctx: &Context, mut record: Replacement, reason: &str) -> Result<Step> {
+    record.reason = Some(reason.to_owned());
+    ctx.metrics.failed.inc();
+    write_record(node, ctx, Phase::Failed, &record).await?;
+    warn!(reason, "replacement failed");
+    let note = format!("no replacement capacity: {reason}; the node is not tainted");
+    ctx.event(node, EventType::Warning, "ReplacementFailed", note)
+        .await;
+    finish_undos(node, ctx, Phase::Failed, &mut record).await?;
+    Ok(Step::Done)
+}
+
+/// Carries out recorded undos that are not done yet (also after a restart), then marks them done.
+/// Right before a `Lower`, the ASG is read again: if an instance beyond the lowered value has
+/// appeared since the plan (spot capacity came back late), lowering would let the ASG pick a
+/// victim, so the plan becomes removing that late instance by id.
+async fn finish_undos(node: &Node, ctx: &Context, phase: Phase, record: &mut Replacement) -> Result<()> {
+    let name = node.name_any();
+    let mut changed = false;
+    for index in 0..record.abandoned.len() {
+        if record.abandoned[index].undone {
+            continue;
+        }
+        let asg = record.abandoned[index].scale.asg.clone();
+        let state = ctx.asg(&asg);
+        let _sending = state.send.lock().await;
+        let group = ctx.group(&asg, true).await?;
+        let records = ctx.records();
+        let claimed: HashSet<String> = records
+            .iter()
+            .filter(|(other, _)| **other != name)
+            .filter_map(|(_, (_, r))| r.instance_id.clone())
+            .collect();
+        let stale = match &record.abandoned[index].undo {
+            Undo::Lower { to, .. } => group.desired > *to && group.instances.len() as i32 > *to,
+            Undo::Terminate { instance } => claimed.contains(instance),
+            Undo::Leave { .. } => false,
+        };
+        if stale {
+            let needed_by_others = group.desired - 1;
+            let replanned =
+                decide::plan_undo(&record.abandoned[index].scale, &group, needed_by_others, &claimed);
+            info!(
+                asg,
+                ?replanned,
+                "the group changed since the undo was planned; re-planned"
+            );
+            record.abandoned[index].undo = replanned;
+            write_record(node, ctx, phase, record).await?;
+        }
+        let abandoned = &mut record.abandoned[index];
+        if decide::undo_pending(&abandoned.undo, &group) {
+            match &abandoned.undo {
+                Undo::Lower { to, .. } => {
+                    ctx.metrics
+                        .aws_calls
+                        .with_label_values(&["SetDesiredCapacity"])
+                        .inc();
+                    ctx.aws.set_desired(&asg, *to).await?;
+                    *lock(&state.known_desired) = Some(*to);
+                }
+                Undo::Terminate { instance } => {
+                    ctx.metrics
+                        .aws_calls
+                        .with_label_values(&["TerminateInstanceInAutoScalingGroup"])
+                        .inc();
+                    ctx.aws.terminate_and_decrement(instance).await?;
+                    *lock(&state.known_desired) = Some(group.desired - 1);
+                }
+                Undo::Leave { .. } => {}
+            }
+        }
+        abandoned.undone = true;
+        changed = true;
+        let note = match &abandoned.undo {
+            Undo::Lower { from, to } => format!("took back the scale-up on {asg}: desired {from} → {to}"),
+            Undo::Terminate { instance } => {
+                format!("took back the scale-up on {asg}: removed late instance {instance} and decremented")
+            }
+            Undo::Leave { reason } => format!("left {asg} as it is: {reason}"),
+        };
+        info!(%note, "undo");
+        ctx.event(node, EventType::Normal, "ScaleUpWithdrawn", note).await;
+    }
+    if changed {
+        write_record(node, ctx, phase, record).await?;
+    }
+    Ok(())
+}
+
+/// A replacement was claimed: taint once its Node is Ready.
+async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Result<Step> {
+    let Some(instance) = record.instance_id.clone() else {
+        return Ok(Step::Continue(Phase::Detected, record));
+    };
+    let replacement = ctx.node_of_instance(&instance);
+    match replacement {
+        Some(replacement) if node::is_ready(&replacement) => {
+            let now = Timestamp::now();
+            mark_scale_down_disabled(ctx, &replacement.name_any()).await?;
+            if record.tainted_at.is_none() {
+                taint(node, ctx, "replacement Ready").await?;
+                record.tainted_at = Some(now);
+            }
+            record.node = Some(replacement.name_any());
+            record.ready_at = Some(now);
+            write_record(node, ctx, Phase::Tainted, &record).await?;
+            let latency = now.duration_since(record.detected_at).as_secs_f64();
+            ctx.metrics.replacement_ready_seconds.observe(latency);
+            let note = format!(
+                "replacement {} ({instance}) is Ready after {latency:.1} s; tainted {}",
+                replacement.name_any(),
+                taint_text(&ctx.settings.taint)
+            );
+            info!(%note, "tainted");
+            ctx.event(node, EventType::Normal, "Tainted", note).await;
+            Ok(Step::Done)
+        }
+        _ => {
+            let Some(intent) = record.scale.clone() else {
+                return Ok(Step::Wait(READY_POLL));
+            };
+            let group = ctx.group(&intent.asg, false).await?;
+            if group.instances.iter().any(|i| i.id == instance) {
+                return Ok(Step::Wait(READY_POLL));
+            }
+            // The claimed instance went away before it was Ready: claim another.
+            let phase = match intent.capacity_type {
+                CapacityType::Spot => Phase::ScalingSpot,
+                CapacityType::OnDemand => Phase::ScalingOnDemand,
+            };
+            record.instance_id = None;
+            record.node = None;
+            record.claimed_at = None;
+            write_record(node, ctx, phase, &record).await?;
+            let note = format!(
+                "claimed instance {instance} left {} before it was Ready",
+                intent.asg
+            );
+            ctx.event(node, EventType::Warning, "ReplacementLost", note).await;
+            Ok(Step::Continue(phase, record))
+        }
+    }
+}
+
+fn taint_text(taint: &Taint) -> String {
+    format!(
+        "{}={}:{}",
+        taint.key,
+        taint.value.as_deref().unwrap_or_default(),
+        taint.effect
+    )
+}
+
+/// Adds the termination taint, guarded by the node's resourceVersion so no other change is lost.
+async fn taint(node: &Node, ctx: &Context, why: &str) -> Result<()> {
+    let name = node.name_any();
+    let api = ctx.nodes();
+    let kube_error = |source| Error::Kube {
+        action: "tainting",
+        node: name.clone(),
+        source,
+    };
+    let current = api.get(&name).await.map_err(kube_error)?;
+    let wanted = &ctx.settings.taint;
+    if node::has_taint(&current, &wanted.key, &wanted.effect) {
+        return Ok(());
+    }
+    let mut taints = node::taints(&current).to_vec();
+    taints.push(Taint {
+        time_added: None,
+        ..wanted.clone()
+    });
+    let patch = json!({
+        "metadata": {"resourceVersion": current.resource_version()},
+        "spec": {"taints": taints},
+    });
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(kube_error)?;
+    ctx.metrics.taints.with_label_values(&[why]).inc();
+    Ok(())
+}
+
+async fn mark_scale_down_disabled(ctx: &Context, replacement: &str) -> Result<()> {
+    let patch = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": replacement, "annotations": {SCALE_DOWN_DISABLED: "true"}},
+    });
+    ctx.nodes()
+        .patch(
+            replacement,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            action: "annotating the replacement",
+            node: replacement.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+/// Writes phase and record on the node (server-side apply, the controller's own field manager),
+/// and remembers them, since the cache shows them only later.
+async fn write_record(node: &Node, ctx: &Context, phase: Phase, record: &Replacement) -> Result<()> {
+    let name = node.name_any();
+    let record_json = serde_json::to_string(record).map_err(|source| Error::BadRecord {
+        node: name.clone(),
+        source,
+    })?;
+    let patch = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "annotations": {keys::PHASE: phase.to_string(), keys::REPLACEMENT: record_json}},
+    });
+    ctx.nodes()
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Kube {
+            action: "writing the replacement record",
+            node: name.clone(),
+            source,
+        })?;
+    lock(&ctx.ledger).insert(name, (phase, record.clone()));
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! The replacement record the controller keeps on each noticed Node (annotations `phase` and
+//! `replacement`), so a restarted controller resumes exactly where the last one stopped.
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Where a noticed node is in the replacement state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// A notice was seen; the node's ASGs are known.
+    Detected,
+    /// The spot ASG was asked for one more instance.
+    ScalingSpot,
+    /// Spot capacity is gone; the on-demand fallback ASG was asked for one more instance.
+    ScalingOnDemand,
+    /// A new instance was claimed as this node's replacement; waiting for its Node to be Ready.
+    AwaitingReady,
+    /// The replacement is Ready (or an interruption notice came) and the node is tainted.
+    Tainted,
+    /// No replacement could be had; the node is left untainted.
+    Failed,
+    /// The node is not in any ASG; nothing to do.
+    Skipped,
+}
+
+/// Shown by its variant name, as on the Node.
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(serde_json::Value::String(text.to_owned()))
+            .map_err(|_| format!("unknown phase {text:?}"))
+    }
+}
+
+impl Phase {
+    /// Waiting for a new instance of the ASG it scaled.
+    pub fn is_scaling(self) -> bool {
+        matches!(self, Phase::ScalingSpot | Phase::ScalingOnDemand)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CapacityType {
+    Spot,
+    OnDemand,
+}
+
+/// One scale-up this node asked of an ASG: the intent, written before the AWS call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleIntent {
+    pub asg: String,
+    pub capacity_type: CapacityType,
+    /// The ASG's desired capacity before this group of coalesced scale-ups began.
+    pub baseline: i32,
+    /// The desired capacity this node's scale-up aims for (baseline + members of its group).
+    pub target_desired: i32,
+    /// Instances in the ASG before the scale-up: none of them can be the replacement.
+    pub pre_scale_instances: Vec<String>,
+    pub scale_requested_at: Timestamp,
+}
+
+/// A scale-up given up (spot capacity gone, or everything failed) and how its +1 was undone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Abandoned {
+    #[serde(flatten)]
+    pub scale: ScaleIntent,
+    pub undo: Undo,
+    /// Set once the undo was carried out (or found unnecessary).
+    pub undone: bool,
+}
+
+/// How an abandoned +1 is taken back without ever letting the ASG pick a busy instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Undo {
+    /// Lower desired capacity from `from` to `to`: only while no instance beyond `to` exists.
+    Lower { from: i32, to: i32 },
+    /// Remove this specific (new, unclaimed) instance and decrement desired capacity with it.
+    Terminate { instance: String },
+    /// Nothing to take back (another actor changed the ASG since); say so and leave it.
+    Leave { reason: String },
+}
+
+/// Everything the controller knows about one noticed node's replacement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replacement {
+    pub spot_asg: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand_asg: Option<String>,
+    pub detected_at: Timestamp,
+    /// The scale-up in progress (or done), flattened so `asg`, `targetDesired`, … read at the top.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleIntent>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub abandoned: Vec<Abandoned>,
+    /// The claimed replacement instance and its Node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tainted_at: Option<Timestamp>,
+    /// Since when a foreign scaling activity has held this node's scale-up back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Replacement {
+    pub fn new(spot_asg: String, on_demand_asg: Option<String>, now: Timestamp) -> Self {
+        Replacement {
+            spot_asg,
+            on_demand_asg,
+            detected_at: now,
+            scale: None,
+            abandoned: Vec::new(),
+            instance_id: None,
+            node: None,
+            claimed_at: None,
+            ready_at: None,
+            tainted_at: None,
+            waiting_since: None,
+            reason: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn record_reads_flat_with_camel_case_keys() {
+        let mut record = Replacement::new("spot".into(), Some("od".into()), at("2026-11-25T10:00:00Z"));
+        record.scale = Some(ScaleIntent {
+            asg: "spot".into(),
+            capacity_type: CapacityType::Spot,
+            baseline: 3,
+            target_desired: 4,
+            pre_scale_instances: vec!["i-1".into()],
+            scale_requested_at: at("2026-11-25T10:00:01Z"),
+        });
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["asg"], "spot");
+        assert_eq!(json["capacityType"], "spot");
+        assert_eq!(json["targetDesired"], 4);
+        assert_eq!(json["onDemandAsg"], "od");
+        assert_eq!(json["preScaleInstances"][0], "i-1");
+        let back: Replacement = serde_json::from_value(json).unwrap();
+        assert_eq!(back, record);
+    }
+
+    #[test]
+    fn a_record_without_a_scale_up_has_none() {
+        let record = Replacement::new("spot".into(), None, at("2026-11-25T10:00:00Z"));
+        let back: Replacement = serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(back.scale, None);
+    }
+
+    #[test]
+    fn phases_parse_by_name() {
+        assert_eq!("ScalingOnDemand".parse::<Phase>(), Ok(Phase::ScalingOnDemand));
+        assert_eq!(Phase::AwaitingReady.to_string(), "AwaitingReady");
+        assert!("Sleeping".parse::<Phase>().is_err());
+    }
+}

@@ -1,0 +1,392 @@
+//! The node agent against the real parts: AWS's own IMDS mock (amazon-ec2-metadata-mock) and the
+//! bed's Kubernetes API server. Each test runs its own mock, its own Node and a real agent process;
+//! it asserts what a user would check: the annotations on the Node and the agent's metrics.
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use support::{
+    Bed,
+    agent::{
+        AgentConfig, AgentProcess, INSTANCE_ID, INTERRUPTION_TIME, ImdsMock, MOCK_INSTANCE_ID,
+        REBALANCE_NOTICE_TIME, TcpProxy, TestNode, apiserver_addr, kubeconfig_through,
+    },
+    eventually,
+};
+
+/// The rebalance recommendation's notice time, pinned (`-r`) so the annotation can be checked.
+const NOTICE_TIME: &str = "2020-10-27T08:22:00Z";
+/// The interruption time, pinned (`-t`); in the future, as a real notice's is.
+const INTERRUPTION_AT: &str = "2030-01-01T00:00:00Z";
+/// Long enough that the mock never shows that notice during a test.
+const NEVER: &str = "86400";
+/// Generous functional timeout for something that takes a poll or two.
+const SOON: Duration = Duration::from_secs(30);
+
+const NOTICES_REBALANCE: &str = "spot_rebalancer_notices_total{kind=\"rebalance\"}";
+const WRITES_OK: &str = "spot_rebalancer_annotation_writes_total{result=\"ok\"}";
+const WRITES_FAILED: &str = "spot_rebalancer_annotation_writes_total{result=\"error\"}";
+const WRITE_PENDING: &str = "spot_rebalancer_annotation_write_pending";
+const POLLS: &str = "spot_rebalancer_polls_total";
+
+fn start_agent(node: &TestNode, imds: &str, kubeconfig: &Path, extra: &[&str]) -> AgentProcess {
+    AgentProcess::start(AgentConfig {
+        node: &node.name,
+        imds_endpoint: imds,
+        kubeconfig,
+        extra,
+    })
+}
+
+fn bed_kubeconfig(bed: &Bed) -> &Path {
+    Path::new(&bed.vars["BED_KUBECONFIG"])
+}
+
+fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// When the agent's field manager last wrote to the Node (from `managedFields`).
+async fn last_agent_write(node: &TestNode) -> Option<String> {
+    node.get()
+        .await
+        .metadata
+        .managed_fields?
+        .into_iter()
+        .find(|entry| entry.manager.as_deref() == Some("spot-rebalancer-agent"))
+        .and_then(|entry| entry.time)
+        .map(|time| format!("{:?}", time.0))
+}
+
+#[tokio::test]
+async fn a_rebalance_notice_is_annotated_on_the_first_poll_that_sees_it() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-rebalance").await;
+    let delay = Duration::from_secs(5);
+    let mock = ImdsMock::start(
+        &bed,
+        &[
+            "spot",
+            "-d",
+            NEVER,
+            "--rebalance-delay-sec",
+            "5",
+            "-r",
+            NOTICE_TIME,
+        ],
+    )
+    .await;
+    let visible_at = Instant::now() + delay;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        bed_kubeconfig(&bed),
+        &["--poll-interval", "1s"],
+    );
+    agent.wait_ready().await;
+    if Instant::now() + Duration::from_secs(1) < visible_at {
+        assert!(
+            node.agent_annotations().await.is_empty(),
+            "nothing is written before the notice"
+        );
+    }
+
+    let written = node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await;
+    eprintln!(
+        "annotation seen {:?} after the mock began to show the notice (poll interval 1 s)",
+        Instant::now().saturating_duration_since(visible_at)
+    );
+    assert_eq!(written, NOTICE_TIME);
+    assert_eq!(
+        node.agent_annotations().await,
+        annotations(&[
+            (REBALANCE_NOTICE_TIME, NOTICE_TIME),
+            (INSTANCE_ID, MOCK_INSTANCE_ID)
+        ])
+    );
+    assert_eq!(agent.metric(NOTICES_REBALANCE).await, 1.0);
+    assert_eq!(agent.metric(WRITES_OK).await, 1.0, "one notice, one write");
+    assert_eq!(
+        agent.metric(WRITES_FAILED).await,
+        0.0,
+        "written straight after the poll that saw it, not on a retry"
+    );
+}
+
+#[tokio::test]
+async fn the_same_notice_seen_again_writes_nothing() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-again").await;
+    let mock = ImdsMock::start(&bed, &["spot", "-d", NEVER, "-r", NOTICE_TIME]).await;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        bed_kubeconfig(&bed),
+        &["--poll-interval", "1s"],
+    );
+    node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await;
+    agent.wait_for_metric(WRITES_OK, 1.0).await;
+    let first_write = last_agent_write(&node)
+        .await
+        .expect("the agent's field manager wrote");
+
+    // Managed-field times have a one-second resolution: wait well past it, over several polls.
+    let polls = agent.metric(POLLS).await;
+    agent.wait_for_metric(POLLS, polls + 4.0).await;
+
+    assert_eq!(agent.metric(WRITES_OK).await, 1.0);
+    assert_eq!(
+        agent.metric(NOTICES_REBALANCE).await,
+        1.0,
+        "the same notice is counted once"
+    );
+    assert_eq!(
+        last_agent_write(&node).await.as_deref(),
+        Some(first_write.as_str()),
+        "the Node was not written again"
+    );
+}
+
+#[tokio::test]
+async fn an_imdsv2_only_imds_is_read_with_session_tokens() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-v2").await;
+    // -I: every metadata request without a valid session token is refused with 401.
+    let mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "-r", NOTICE_TIME]).await;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        bed_kubeconfig(&bed),
+        &["--poll-interval", "1s"],
+    );
+    agent.wait_ready().await;
+
+    assert_eq!(
+        node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await,
+        NOTICE_TIME
+    );
+    assert_eq!(node.annotations().await[INSTANCE_ID], MOCK_INSTANCE_ID);
+    assert_eq!(
+        agent
+            .metric("spot_rebalancer_imds_errors_total{kind=\"token_rejected\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_spot_interruption_notice_is_annotated() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-itn").await;
+    let mock = ImdsMock::start(
+        &bed,
+        &[
+            "spot",
+            "-I",
+            "-a",
+            "terminate",
+            "-t",
+            INTERRUPTION_AT,
+            "-d",
+            "2",
+            "--rebalance-delay-sec",
+            NEVER,
+        ],
+    )
+    .await;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        bed_kubeconfig(&bed),
+        &["--poll-interval", "1s"],
+    );
+
+    assert_eq!(
+        node.wait_for_annotation(INTERRUPTION_TIME, SOON).await,
+        INTERRUPTION_AT
+    );
+    assert_eq!(
+        node.agent_annotations().await,
+        annotations(&[
+            (INTERRUPTION_TIME, INTERRUPTION_AT),
+            (INSTANCE_ID, MOCK_INSTANCE_ID)
+        ]),
+        "no rebalance recommendation was shown, so none is written"
+    );
+    assert_eq!(
+        agent
+            .metric("spot_rebalancer_notices_total{kind=\"interruption\"}")
+            .await,
+        1.0
+    );
+    agent.wait_ready().await;
+}
+
+#[tokio::test]
+async fn the_agent_recovers_when_imds_stops_and_comes_back() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-imds-gone").await;
+    let no_notice = ["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER];
+    let mut mock = ImdsMock::start(&bed, &no_notice).await;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        bed_kubeconfig(&bed),
+        &["--poll-interval", "1s", "--backoff-max", "4s"],
+    );
+    agent.wait_ready().await;
+    let last_good = agent
+        .wait_for_metric("spot_rebalancer_last_successful_poll_timestamp_seconds", 1.0)
+        .await;
+
+    mock.stop();
+    agent
+        .wait_for_metric("spot_rebalancer_imds_errors_total{kind=\"unreachable\"}", 2.0)
+        .await;
+    assert_eq!(
+        agent.healthz().await,
+        Some((200, "ok".to_owned())),
+        "alive while IMDS is gone"
+    );
+    assert!(agent.is_running());
+
+    // The restarted mock has forgotten the old session token; it shows a notice now.
+    mock.restart(&["spot", "-I", "-d", NEVER, "-r", NOTICE_TIME])
+        .await;
+    assert_eq!(
+        node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await,
+        NOTICE_TIME
+    );
+    assert!(
+        agent
+            .metric("spot_rebalancer_last_successful_poll_timestamp_seconds")
+            .await
+            > last_good,
+        "polls succeed again"
+    );
+    assert!(
+        agent
+            .metric("spot_rebalancer_imds_errors_total{kind=\"token_rejected\"}")
+            .await
+            >= 1.0,
+        "the stale session token was rejected, and renewed"
+    );
+    assert!(agent.log().contains("IMDS answers again"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_seen_while_the_api_server_is_unreachable_is_written_once_it_is_back() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-api-gone").await;
+    let proxy = TcpProxy::start(apiserver_addr(&bed)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kubeconfig_through(&bed, proxy.addr, dir.path());
+    let mut mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        &kubeconfig,
+        &["--poll-interval", "1s", "--backoff-max", "2s"],
+    );
+    agent.wait_ready().await;
+
+    proxy.cut();
+    mock.restart(&["spot", "-I", "-d", NEVER, "-r", NOTICE_TIME])
+        .await;
+    agent.wait_for_metric(NOTICES_REBALANCE, 1.0).await;
+    agent.wait_for_metric(WRITES_FAILED, 2.0).await;
+    assert_eq!(
+        agent.metric(WRITE_PENDING).await,
+        1.0,
+        "the notice waits to be written"
+    );
+    assert!(
+        node.agent_annotations().await.is_empty(),
+        "nothing reached the Node while the API server was away"
+    );
+
+    proxy.restore();
+    assert_eq!(
+        node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await,
+        NOTICE_TIME
+    );
+    eventually("the pending flag clears", SOON, || async {
+        (agent.metric(WRITE_PENDING).await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(agent.metric(WRITES_OK).await, 1.0, "written exactly once");
+    assert_eq!(
+        node.agent_annotations().await,
+        annotations(&[
+            (REBALANCE_NOTICE_TIME, NOTICE_TIME),
+            (INSTANCE_ID, MOCK_INSTANCE_ID)
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_agent_reads_what_its_node_says_and_writes_nothing_new() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-restart").await;
+    let mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "-r", NOTICE_TIME]).await;
+    let mut first = start_agent(
+        &node,
+        &mock.endpoint(),
+        bed_kubeconfig(&bed),
+        &["--poll-interval", "1s"],
+    );
+    node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await;
+    first.wait_for_metric(WRITES_OK, 1.0).await;
+    assert!(first.terminate().success());
+
+    let mut second = start_agent(
+        &node,
+        &mock.endpoint(),
+        bed_kubeconfig(&bed),
+        &["--poll-interval", "1s"],
+    );
+    second.wait_ready().await;
+    second.wait_for_metric(NOTICES_REBALANCE, 1.0).await;
+    let polls = second.metric(POLLS).await;
+    second.wait_for_metric(POLLS, polls + 2.0).await;
+    assert_eq!(
+        second.metric(WRITES_OK).await,
+        0.0,
+        "the notice was already on the Node"
+    );
+    assert_eq!(node.annotations().await[REBALANCE_NOTICE_TIME], NOTICE_TIME);
+}
+
+#[tokio::test]
+async fn an_agent_whose_node_does_not_exist_is_alive_but_not_ready() {
+    let bed = Bed::connect().await;
+    let mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
+    let mut agent = AgentProcess::start(AgentConfig {
+        node: &support::unique("no-such-node"),
+        imds_endpoint: &mock.endpoint(),
+        kubeconfig: bed_kubeconfig(&bed),
+        extra: &["--poll-interval", "1s", "--backoff-max", "2s"],
+    });
+    eventually("the agent polls IMDS", SOON, || async {
+        agent
+            .healthz()
+            .await
+            .filter(|(status, _)| *status == 200)
+            .map(|_| ())
+    })
+    .await;
+    agent.wait_for_metric(POLLS, 2.0).await;
+    eventually("the agent says why it is not ready", SOON, || async {
+        agent.log().contains("NODE_NAME").then_some(())
+    })
+    .await;
+    assert_eq!(agent.readyz().await.map(|(status, _)| status), Some(503));
+    assert!(agent.is_running());
+}

@@ -1,0 +1,74 @@
+//! The controller through a flaky AWS: throttling and 5xx on about 30 % of all AWS calls. The bed's
+//! error rules apply to every call it answers, so this scenario has a test binary of its own (cargo
+//! runs test binaries one after another) and must stay the only test in it.
+mod support;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use support::{
+    controller::{Scenario, TaintOrderWatch, name_of, phase, record},
+    instance_id,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completes_through_throttling_and_server_errors_without_doubling() {
+    let t = Scenario::new("flaky").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let on_demand = t.on_demand_asg("od", 0, 5).await;
+    let old_node = t.ready_nodes(&spot, 1).await.remove(0);
+    let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
+    let mut controller =
+        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "60s"]);
+    controller.wait_ready().await;
+    let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
+
+    // The scale-up itself first meets two 5xx (the SDK retries the same target); then throttling
+    // on 15 % of all calls and 5xx on 18 % of the rest: about 30 % fail. Seed 1 makes the very first
+    // call of the random rules a throttle.
+    t.arm_errors_on("server", 1.0, 2, 3, Some(&["SetDesiredCapacity"]))
+        .await;
+    t.arm_errors("throttling", 0.15, 60, 1).await;
+    t.arm_errors("server", 0.18, 60, 2).await;
+    t.notice(&old).await;
+    let tainted = t
+        .wait_for_phase(&old, phase::TAINTED, Duration::from_secs(180))
+        .await;
+    let injected = t.injected_errors().await;
+    t.bed.clear_errors().await;
+    let spot_calls = t.all_calls(&spot).await;
+    eprintln!(
+        "{injected} errors injected in all; calls on {spot}: {:?}",
+        spot_calls
+            .iter()
+            .map(|c| (c.action.as_str(), c.status, c.injected_error.as_deref()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        injected >= 1,
+        "no error was injected: the scenario tested nothing"
+    );
+
+    // Nothing doubled: one target, desired + 1, one new instance, spot (errors are not capacity).
+    let record = record(&tainted);
+    assert_eq!(record.capacity_type.as_deref(), Some("spot"), "{}", record.raw);
+    let targets: Vec<_> = t
+        .set_desired_calls(&spot)
+        .await
+        .iter()
+        .map(|c| c.desired_capacity)
+        .collect();
+    assert!(
+        !targets.is_empty() && targets.iter().all(|desired| *desired == Some(2)),
+        "scale-ups that reached moto: {targets:?}"
+    );
+    t.assert_desired_settles(&spot, 2, "baseline + 1").await;
+    t.assert_desired_settles(&on_demand, 0, "the fallback untouched")
+        .await;
+    let claimed = record.instance_id.clone().expect("a claimed instance");
+    assert_eq!(
+        t.asg(&spot).await.in_service(),
+        BTreeSet::from([old_instance, claimed])
+    );
+    watch.assert_never_tainted_before_replacement_ready();
+    assert!(controller.is_running());
+}

@@ -1,0 +1,1076 @@
+//! The controller's e2e parts: the real `spot-rebalancer controller` process, a scenario (a unique
+//! opt-in label, lease and ASGs of its own on the shared bed, cleaned up afterwards), the node
+//! annotations and taint the controller reads and writes, its Events and metrics, the bed's view of
+//! each ASG, and a watch that checks "no taint before the claimed replacement is Ready" at every
+//! change of every Node.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Taint};
+use k8s_openapi::api::events::v1::Event as EventsEvent;
+use kube::{
+    Api,
+    api::{ListParams, Patch, PatchParams},
+    runtime::watcher,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    AsgSpec, Bed, NODE_LABEL_TAG_PREFIX, autoscaling_client, eventually, instance_id, is_ready, unique,
+};
+
+/// The binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_spot-rebalancer");
+
+// The contract with the cluster, spelled out here on purpose: the tests pin the strings.
+pub const REBALANCE_NOTICE_TIME: &str = "spot-rebalancer.io/rebalance-notice-time";
+pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
+pub const PHASE: &str = "spot-rebalancer.io/phase";
+pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
+pub const FALLBACK_ASG_TAG: &str = "spot-rebalancer.io/fallback-asg";
+pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
+pub const TAINT_KEY: &str = "spot-instance-terminating";
+pub const NODEGROUP_LABEL: &str = "eks.amazonaws.com/nodegroup";
+
+/// Phases of the replacement state machine, as written in the `phase` annotation.
+pub mod phase {
+    pub const DETECTED: &str = "Detected";
+    pub const SCALING_SPOT: &str = "ScalingSpot";
+    pub const SCALING_ON_DEMAND: &str = "ScalingOnDemand";
+    pub const AWAITING_READY: &str = "AwaitingReady";
+    pub const TAINTED: &str = "Tainted";
+    pub const FAILED: &str = "Failed";
+    pub const SKIPPED: &str = "Skipped";
+}
+
+// ----- the controller process -------------------------------------------------------------------
+
+/// A running `spot-rebalancer controller`, SIGKILLed when dropped; its log (stdout and stderr) is
+/// printed when the test is failing.
+pub struct ControllerProcess {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of its admin server.
+    pub admin: String,
+    pub identity: String,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl ControllerProcess {
+    /// Starts the controller with the bed's kubeconfig and AWS endpoint, `--log-format plain`, and
+    /// `args` (the opt-in label, lease, ASG names and timeouts are the caller's).
+    pub fn start(bed: &Bed, identity: &str, args: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("controller.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let admin_port = free_port();
+        let mut command = Command::new(BINARY);
+        command
+            .arg("controller")
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(["--identity", identity])
+            .args(["--log-format", "plain"])
+            .args(args)
+            .env("KUBECONFIG", &bed.vars["BED_KUBECONFIG"])
+            .env("AWS_ENDPOINT_URL", &bed.aws_endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", dir.path().join("no-aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                dir.path().join("no-aws-credentials"),
+            )
+            .env("RUST_LOG", "info,spot_rebalancer=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for inherited in [
+            "ADMIN_ADDR",
+            "LOG_FORMAT",
+            "OPT_IN_LABEL",
+            "LEASE_NAME",
+            "LEASE_NAMESPACE",
+            "IDENTITY",
+            "SPOT_ASG_NAME",
+            "ON_DEMAND_ASG_NAME",
+            "CAPACITY_TIMEOUT",
+            "SCALE_UP_TIMEOUT",
+            "RETRY_ATTEMPTS",
+            "ASG_POLL_INTERVAL",
+            "FOREIGN_ACTIVITY_TIMEOUT",
+            "TAINT_KEY",
+            "TAINT_VALUE",
+            "TAINT_EFFECT",
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "SURGE_ABOVE_MAX",
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+        ] {
+            command.env_remove(inherited);
+        }
+        let child = command.spawn().expect("start the spot-rebalancer controller");
+        ControllerProcess {
+            child,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            identity: identity.to_owned(),
+            log_path,
+            _dir: dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let response = self.http.get(format!("{}{path}", self.admin)).send().await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    /// Waits until `/readyz` answers 200: caches synced, and leader or follower.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, _)) = self.get("/readyz").await {
+                return;
+            }
+            assert!(
+                self.is_running(),
+                "the controller {} exited before it was ready",
+                self.identity
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the controller {} was not ready within 60 s",
+                self.identity
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (status, text) = self
+            .get("/metrics")
+            .await
+            .expect("the controller serves /metrics");
+        assert_eq!(status, 200, "/metrics answered {status}: {text}");
+        text
+    }
+
+    /// The sum of the samples of `name` whose labels include all of `labels` (0 when there is none).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics().await, name, labels)
+    }
+
+    /// SIGKILL: no chance to clean up, as when a node dies under the pod.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (within 10 s).
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller did not exit within 10 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() || std::env::var_os("E2E_SHOW_LOGS").is_some() {
+            eprintln!(
+                "----- controller {} log -----\n{}\n----- end of controller {} log -----",
+                self.identity,
+                self.log(),
+                self.identity
+            );
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The sum of the samples of metric `name` (exact name, so `_bucket`/`_count` are separate names)
+/// whose label set includes every pair in `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (sample_name, sample_labels) = match series.split_once('{') {
+                Some((sample_name, rest)) => (sample_name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if sample_name != name {
+                return None;
+            }
+            let pairs: Vec<(&str, &str)> = sample_labels
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(key, value)| (key.trim(), value.trim().trim_matches('"')))
+                .collect();
+            labels
+                .iter()
+                .all(|wanted| pairs.contains(wanted))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+// ----- a scenario on the shared bed -------------------------------------------------------------
+
+/// One test's own corner of the bed: an opt-in label and a lease nobody else uses, the ASGs and
+/// standalone instances it made (scaled to zero and removed when it is dropped, unless
+/// `E2E_KEEP=1`), and the controller flags every test passes.
+pub struct Scenario {
+    pub bed: Bed,
+    /// Unique name of this scenario; prefixes everything it makes.
+    pub name: String,
+    /// The opt-in label key, `e2e.spot-rebalancer.io/<name>`, with the value `true`.
+    pub opt_in_key: String,
+    pub lease: String,
+    asgs: Mutex<Vec<String>>,
+    instances: Mutex<Vec<String>>,
+    started: Mutex<u32>,
+}
+
+impl Scenario {
+    pub async fn new(prefix: &str) -> Self {
+        let bed = connect_bed().await;
+        let name = unique(prefix);
+        Scenario {
+            bed,
+            opt_in_key: format!("e2e.spot-rebalancer.io/{name}"),
+            lease: format!("{name}-lease"),
+            name,
+            asgs: Mutex::new(Vec::new()),
+            instances: Mutex::new(Vec::new()),
+            started: Mutex::new(0),
+        }
+    }
+
+    /// `--opt-in-label` value.
+    pub fn opt_in_label(&self) -> String {
+        format!("{}=true", self.opt_in_key)
+    }
+
+    /// Creates a spot ASG whose nodes carry this scenario's opt-in label, at `desired`.
+    pub async fn spot_asg(&self, suffix: &str, desired: i32, max: i32) -> String {
+        let label = [(self.opt_in_key.as_str(), "true")];
+        self.create_asg(suffix, true, desired, max, &label).await
+    }
+
+    /// Creates an on-demand ASG whose nodes are not opted in (a fallback), at `desired`.
+    pub async fn on_demand_asg(&self, suffix: &str, desired: i32, max: i32) -> String {
+        self.create_asg(suffix, false, desired, max, &[]).await
+    }
+
+    async fn create_asg(
+        &self,
+        suffix: &str,
+        spot: bool,
+        desired: i32,
+        max: i32,
+        labels: &[(&str, &str)],
+    ) -> String {
+        let name = format!("{}-{suffix}", self.name);
+        assert!(
+            name.len() <= 63,
+            "{name} is too long to be a nodegroup label value"
+        );
+        self.bed
+            .create_asg(AsgSpec {
+                name: &name,
+                spot,
+                desired,
+                max,
+                labels,
+            })
+            .await;
+        self.asgs.lock().unwrap().push(name.clone());
+        name
+    }
+
+    /// Tags `spot_asg` with `spot-rebalancer.io/fallback-asg=<on_demand_asg>` (a plain ASG tag).
+    pub async fn tag_fallback(&self, spot_asg: &str, on_demand_asg: &str) {
+        self.bed
+            .autoscaling
+            .create_or_update_tags()
+            .tags(
+                aws_sdk_autoscaling::types::Tag::builder()
+                    .resource_id(spot_asg)
+                    .resource_type("auto-scaling-group")
+                    .key(FALLBACK_ASG_TAG)
+                    .value(on_demand_asg)
+                    .propagate_at_launch(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("CreateOrUpdateTags");
+    }
+
+    /// A spot instance in no ASG, opted in through its instance tag; returns its Ready Node.
+    pub async fn standalone_instance(&self) -> Node {
+        let tag = format!("{NODE_LABEL_TAG_PREFIX}{}", self.opt_in_key);
+        let body = json!({"name_tag": self.name, "spot": true, "tags": {tag: "true"}});
+        let created = self
+            .bed
+            .control(reqwest::Method::POST, "instances", Some(body))
+            .await;
+        let id = created["id"].as_str().expect("the instance's id").to_owned();
+        self.instances.lock().unwrap().push(id.clone());
+        eventually(
+            &format!("a Ready Node for the standalone instance {id}"),
+            Duration::from_secs(60),
+            || async {
+                let nodes = self.bed.nodes_labelled(&self.opt_in_key, "true").await;
+                nodes
+                    .into_iter()
+                    .find(|node| instance_id(node).as_deref() == Some(id.as_str()) && is_ready(node))
+            },
+        )
+        .await
+    }
+
+    /// Starts a controller for this scenario: its opt-in label, its lease, `--asg-poll-interval 1s`,
+    /// plus `extra`. Each start gets a new identity (`<name>-1`, `<name>-2`, ...).
+    pub fn start_controller(&self, extra: &[&str]) -> ControllerProcess {
+        let number = {
+            let mut started = self.started.lock().unwrap();
+            *started += 1;
+            *started
+        };
+        self.start_controller_as(&format!("{}-{number}", self.name), extra)
+    }
+
+    /// As [`Scenario::start_controller`], with a given identity (a restart of the same pod).
+    pub fn start_controller_as(&self, identity: &str, extra: &[&str]) -> ControllerProcess {
+        let mut args: Vec<String> = vec![
+            "--opt-in-label".into(),
+            self.opt_in_label(),
+            "--lease-name".into(),
+            self.lease.clone(),
+            "--lease-namespace".into(),
+            "default".into(),
+            "--asg-poll-interval".into(),
+            "1s".into(),
+        ];
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        ControllerProcess::start(&self.bed, identity, &args)
+    }
+
+    /// The identity holding this scenario's Lease now (empty when nobody does).
+    pub async fn lease_holder(&self) -> String {
+        let leases: Api<Lease> = Api::namespaced(self.bed.kube.clone(), "default");
+        leases
+            .get_opt(&self.lease)
+            .await
+            .expect("read the Lease")
+            .and_then(|lease| lease.spec?.holder_identity)
+            .unwrap_or_default()
+    }
+
+    // ----- Nodes ------------------------------------------------------------------------------
+
+    /// Waits until `asg` has exactly `count` Nodes, all Ready; returns them sorted by name.
+    pub async fn ready_nodes(&self, asg: &str, count: usize) -> Vec<Node> {
+        eventually(
+            &format!("{count} Ready nodes in {asg}"),
+            Duration::from_secs(90),
+            || async {
+                let mut nodes = self.bed.nodes_labelled(NODEGROUP_LABEL, asg).await;
+                nodes.sort_by_key(name_of);
+                (nodes.len() == count && nodes.iter().all(is_ready)).then_some(nodes)
+            },
+        )
+        .await
+    }
+
+    /// The Nodes of `asg` now.
+    pub async fn nodes_of(&self, asg: &str) -> Vec<Node> {
+        self.bed.nodes_labelled(NODEGROUP_LABEL, asg).await
+    }
+
+    pub async fn node(&self, name: &str) -> Node {
+        self.bed
+            .nodes()
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("read Node {name}: {e}"))
+    }
+
+    async fn annotate(&self, node: &str, annotations: Value) {
+        let patch = json!({"metadata": {"annotations": annotations}});
+        self.bed
+            .nodes()
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("annotate Node {node}: {e}"));
+    }
+
+    /// Writes a rebalance recommendation on `node`, as the agent would; returns the notice time.
+    pub async fn notice(&self, node: &str) -> String {
+        let now = jiff::Timestamp::now().to_string();
+        self.annotate(node, json!({ REBALANCE_NOTICE_TIME: now })).await;
+        now
+    }
+
+    /// Writes a spot interruption notice on `node` (interruption two minutes from now).
+    pub async fn interruption(&self, node: &str) -> String {
+        let at = jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_secs(120))
+            .unwrap()
+            .to_string();
+        self.annotate(node, json!({ INTERRUPTION_TIME: at })).await;
+        at
+    }
+
+    /// Polls `node` (every 100 ms) until its phase is `wanted`; fails at once if it reaches another
+    /// phase that does not move on by itself (Failed, Skipped, Tainted), saying which.
+    pub async fn wait_for_phase(&self, node: &str, wanted: &str, timeout: Duration) -> Node {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let current = self.node(node).await;
+            let now = phase_of(&current);
+            if now.as_deref() == Some(wanted) {
+                return current;
+            }
+            if let Some(now) = now.as_deref()
+                && now != wanted
+                && [phase::FAILED, phase::SKIPPED, phase::TAINTED].contains(&now)
+            {
+                panic!(
+                    "Node {node} reached phase {now} while the test waited for {wanted}; record: {}",
+                    raw_record(&current).unwrap_or("none")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Node {node} did not reach phase {wanted} within {timeout:?}; last phase {now:?}, record: {}",
+                raw_record(&current).unwrap_or("none")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls `node` every 20 ms until its phase is one of `phases`; returns that Node.
+    pub async fn wait_for_any_phase(&self, node: &str, phases: &[&str], timeout: Duration) -> Node {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let current = self.node(node).await;
+            if let Some(now) = phase_of(&current)
+                && phases.contains(&now.as_str())
+            {
+                return current;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Node {node} reached none of {phases:?} within {timeout:?}; phase {:?}, record: {}",
+                phase_of(&current),
+                raw_record(&current).unwrap_or("none")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `node` carries the termination taint; returns the Node.
+    pub async fn wait_for_taint(&self, node: &str, timeout: Duration) -> Node {
+        eventually(&format!("the termination taint on {node}"), timeout, || async {
+            let current = self.node(node).await;
+            termination_taint(&current).is_some().then_some(current)
+        })
+        .await
+    }
+
+    /// Events about `node`, from core/v1 and events.k8s.io/v1 (the same events may show in both).
+    pub async fn events(&self, node: &str) -> Vec<NodeEvent> {
+        let core: Api<CoreEvent> = Api::all(self.bed.kube.clone());
+        let params = ListParams::default().fields(&format!("involvedObject.name={node}"));
+        let mut events: Vec<NodeEvent> = core
+            .list(&params)
+            .await
+            .expect("list core/v1 Events")
+            .items
+            .into_iter()
+            .map(|event| NodeEvent {
+                type_: event.type_.unwrap_or_default(),
+                reason: event.reason.unwrap_or_default(),
+                message: event.message.unwrap_or_default(),
+            })
+            .collect();
+        let modern: Api<EventsEvent> = Api::all(self.bed.kube.clone());
+        let params = ListParams::default().fields(&format!("regarding.name={node}"));
+        events.extend(
+            modern
+                .list(&params)
+                .await
+                .expect("list events.k8s.io/v1 Events")
+                .items
+                .into_iter()
+                .map(|event| NodeEvent {
+                    type_: event.type_.unwrap_or_default(),
+                    reason: event.reason.unwrap_or_default(),
+                    message: event.note.unwrap_or_default(),
+                }),
+        );
+        events
+    }
+
+    /// Waits until some Event about `node` satisfies `matches`; returns all of them.
+    pub async fn wait_for_event(
+        &self,
+        node: &str,
+        what: &str,
+        matches: impl Fn(&NodeEvent) -> bool,
+    ) -> Vec<NodeEvent> {
+        let matches = &matches;
+        eventually(
+            &format!("{what} about Node {node}"),
+            Duration::from_secs(20),
+            || async move {
+                let events = self.events(node).await;
+                events.iter().any(matches).then_some(events)
+            },
+        )
+        .await
+    }
+
+    // ----- the bed's AWS side -----------------------------------------------------------------
+
+    /// The ASG as moto holds it (`GET /_bed/asgs/NAME`; never subject to injected errors).
+    pub async fn asg(&self, name: &str) -> AsgState {
+        let value = self
+            .bed
+            .control(reqwest::Method::GET, &format!("asgs/{name}"), None)
+            .await;
+        serde_json::from_value(value).expect("an ASG description")
+    }
+
+    pub async fn desired(&self, asg: &str) -> i64 {
+        self.asg(asg).await.desired
+    }
+
+    /// Waits until `asg`'s desired capacity is `desired` and then stays there for `stable`.
+    pub async fn assert_desired_settles(&self, asg: &str, desired: i64, why: &str) {
+        let state = eventually(
+            &format!("{asg} at desired {desired} ({why})"),
+            Duration::from_secs(60),
+            || async {
+                let state = self.asg(asg).await;
+                (state.desired == desired).then_some(state)
+            },
+        )
+        .await;
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = self.asg(asg).await;
+            assert_eq!(
+                now.desired, desired,
+                "{asg} left desired {desired} ({why}); it was {state:?}, now {now:?}"
+            );
+        }
+    }
+
+    /// Every AWS call the bed saw for `action` on `asg`, oldest first.
+    pub async fn calls(&self, action: &str, asg: &str) -> Vec<CallRecord> {
+        let value = self
+            .bed
+            .control(
+                reqwest::Method::GET,
+                &format!("calls?action={action}&asg={asg}"),
+                None,
+            )
+            .await;
+        serde_json::from_value(value).expect("the call log is a list of calls")
+    }
+
+    /// SetDesiredCapacity calls that reached moto (HTTP 200), oldest first.
+    pub async fn set_desired_calls(&self, asg: &str) -> Vec<CallRecord> {
+        let mut calls = self.calls("SetDesiredCapacity", asg).await;
+        calls.retain(|call| call.status == 200);
+        calls
+    }
+
+    /// Every call the bed saw on `asg` (any action).
+    pub async fn all_calls(&self, asg: &str) -> Vec<CallRecord> {
+        let value = self
+            .bed
+            .control(reqwest::Method::GET, &format!("calls?asg={asg}"), None)
+            .await;
+        serde_json::from_value(value).expect("the call log is a list of calls")
+    }
+
+    /// Scaling activities the bed recorded for `asg`, newest first.
+    pub async fn activities(&self, asg: &str) -> Vec<ActivityRecord> {
+        let value = self
+            .bed
+            .control(reqwest::Method::GET, &format!("activities?asg={asg}"), None)
+            .await;
+        serde_json::from_value(value).expect("a list of activities")
+    }
+
+    /// Adds an InProgress scaling activity on `asg` that this controller did not start.
+    pub async fn start_foreign_activity(&self, asg: &str) -> String {
+        let body = json!({
+            "asg": asg,
+            "status": "InProgress",
+            "description": "Launching a new EC2 instance",
+            "cause": "At 2026-01-01T00:00:00Z a user request update of AutoScalingGroup constraints.",
+            "progress": 30,
+        });
+        let activity = self
+            .bed
+            .control(reqwest::Method::POST, "activities", Some(body))
+            .await;
+        activity["activity_id"]
+            .as_str()
+            .expect("an activity id")
+            .to_owned()
+    }
+
+    /// Ends a foreign activity with `status` (Successful, Failed, Cancelled).
+    pub async fn finish_foreign_activity(&self, activity_id: &str, status: &str) {
+        self.bed
+            .control(
+                reqwest::Method::PATCH,
+                &format!("activities/{activity_id}"),
+                Some(json!({"status": status})),
+            )
+            .await;
+    }
+
+    /// Arms a launch failure on `asg` whose Failed activity says `message` (instead of the bed's
+    /// capacity wording).
+    pub async fn arm_launch_failure(&self, asg: &str, message: &str) {
+        let body = json!({"asg": asg, "message": message});
+        self.bed
+            .control(reqwest::Method::POST, "faults/capacity", Some(body))
+            .await;
+    }
+
+    /// Clears `asg`'s capacity fault; the answer says which instances launched at once.
+    pub async fn clear_capacity_fault(&self, asg: &str) -> Value {
+        self.bed
+            .control(reqwest::Method::DELETE, &format!("faults/capacity/{asg}"), None)
+            .await
+    }
+
+    /// How many errors the bed's rules injected so far, in all.
+    pub async fn injected_errors(&self) -> u64 {
+        let faults = self.bed.control(reqwest::Method::GET, "faults", None).await;
+        faults["errors"]
+            .as_array()
+            .map(|rules| rules.iter().filter_map(|rule| rule["injected"].as_u64()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Error rules on AWS calls, `rate` each, for every action (the bed's rules are global: only a
+    /// test binary of its own may arm them).
+    pub async fn arm_errors(&self, kind: &str, rate: f64, count: u32, seed: u64) {
+        self.arm_errors_on(kind, rate, count, seed, None).await;
+    }
+
+    /// As [`Scenario::arm_errors`], for the calls named in `actions` only (all when `None`).
+    pub async fn arm_errors_on(
+        &self,
+        kind: &str,
+        rate: f64,
+        count: u32,
+        seed: u64,
+        actions: Option<&[&str]>,
+    ) {
+        let body = json!({"kind": kind, "rate": rate, "count": count, "seed": seed, "actions": actions});
+        self.bed
+            .control(reqwest::Method::POST, "faults/errors", Some(body))
+            .await;
+    }
+}
+
+impl Drop for Scenario {
+    /// Scales this scenario's ASGs to zero and terminates its standalone instances, so their Nodes
+    /// go. Runs on a thread of its own, so it also works while a failed test unwinds.
+    fn drop(&mut self) {
+        if std::env::var_os("E2E_KEEP").is_some() {
+            return;
+        }
+        let asgs = std::mem::take(&mut *self.asgs.lock().unwrap());
+        let instances = std::mem::take(&mut *self.instances.lock().unwrap());
+        let endpoint = self.bed.aws_endpoint.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let autoscaling = autoscaling_client(&endpoint);
+                let http = reqwest::Client::new();
+                for asg in &asgs {
+                    let _ = autoscaling
+                        .update_auto_scaling_group()
+                        .auto_scaling_group_name(asg)
+                        .min_size(0)
+                        .desired_capacity(0)
+                        .send()
+                        .await;
+                    let _ = http
+                        .delete(format!("{endpoint}/_bed/faults/capacity/{asg}"))
+                        .send()
+                        .await;
+                }
+                for instance in &instances {
+                    let _ = http
+                        .delete(format!("{endpoint}/_bed/instances/{instance}"))
+                        .send()
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Connects to the bed, waiting a while if it is being restarted (`.bed/env` briefly missing).
+async fn connect_bed() -> Bed {
+    let env = std::env::var_os("BED_ENV_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".bed/env"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !env.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Bed::connect().await
+}
+
+// ----- what the controller writes on a Node ------------------------------------------------------
+
+pub fn name_of(node: &Node) -> String {
+    node.metadata.name.clone().unwrap_or_default()
+}
+
+pub fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+pub fn phase_of(node: &Node) -> Option<String> {
+    annotation(node, PHASE).map(str::to_owned)
+}
+
+pub fn raw_record(node: &Node) -> Option<&str> {
+    annotation(node, REPLACEMENT)
+}
+
+/// The replacement record, parsed; fails the test if it is there but not the agreed JSON.
+pub fn record_of(node: &Node) -> Option<Replacement> {
+    let raw = raw_record(node)?;
+    let mut record: Replacement = serde_json::from_str(raw).unwrap_or_else(|e| {
+        panic!(
+            "the replacement record on {} is not the agreed JSON ({e}): {raw}",
+            name_of(node)
+        )
+    });
+    record.raw = raw.to_owned();
+    Some(record)
+}
+
+/// The replacement record of a Node that must have one.
+pub fn record(node: &Node) -> Replacement {
+    record_of(node).unwrap_or_else(|| {
+        panic!(
+            "Node {} has no {REPLACEMENT} annotation; phase {:?}",
+            name_of(node),
+            phase_of(node)
+        )
+    })
+}
+
+pub fn termination_taint(node: &Node) -> Option<&Taint> {
+    node.spec
+        .as_ref()?
+        .taints
+        .as_ref()?
+        .iter()
+        .find(|taint| taint.key == TAINT_KEY)
+}
+
+/// The controller's replacement record (`spot-rebalancer.io/replacement`), camelCase JSON.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replacement {
+    pub spot_asg: Option<String>,
+    pub on_demand_asg: Option<String>,
+    pub asg: Option<String>,
+    pub capacity_type: Option<String>,
+    pub baseline: Option<i64>,
+    pub target_desired: Option<i64>,
+    pub pre_scale_instances: Option<Vec<String>>,
+    pub instance_id: Option<String>,
+    pub node: Option<String>,
+    pub detected_at: Option<String>,
+    pub scale_requested_at: Option<String>,
+    pub ready_at: Option<String>,
+    pub tainted_at: Option<String>,
+    pub reason: Option<String>,
+    /// The annotation as written, for failure messages.
+    #[serde(skip)]
+    pub raw: String,
+}
+
+/// One Event about a Node, from either Events API.
+#[derive(Debug, Clone)]
+pub struct NodeEvent {
+    pub type_: String,
+    pub reason: String,
+    pub message: String,
+}
+
+// ----- the bed's AWS side ------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AsgState {
+    pub name: String,
+    pub desired: i64,
+    pub min: i64,
+    pub max: i64,
+    pub capacity_fault: bool,
+    pub tags: BTreeMap<String, String>,
+    pub instances: Vec<AsgInstance>,
+}
+
+impl AsgState {
+    /// Ids of the InService instances.
+    pub fn in_service(&self) -> BTreeSet<String> {
+        self.instances
+            .iter()
+            .filter(|instance| instance.lifecycle_state == "InService")
+            .map(|instance| instance.id.clone())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AsgInstance {
+    pub id: String,
+    pub lifecycle_state: String,
+}
+
+/// One AWS call as the bed logged it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CallRecord {
+    pub seq: u64,
+    pub time: String,
+    pub action: String,
+    pub asg: Option<String>,
+    pub desired_capacity: Option<i64>,
+    pub status: u16,
+    pub injected_error: Option<String>,
+}
+
+/// One scaling activity as the bed recorded it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ActivityRecord {
+    pub activity_id: String,
+    pub start_time: Option<String>,
+    pub description: String,
+    pub status: String,
+    pub status_message: Option<String>,
+}
+
+// ----- the order invariant, checked at every change ----------------------------------------------
+
+/// Watches the Nodes matching a label selector from before the notice on, and checks after every
+/// change it sees (watch events arrive in resourceVersion order, so each check sees the cluster as
+/// it was at that moment): a Node carrying the termination taint without an interruption notice
+/// names a claimed replacement in its record, and that replacement's Node is there and Ready.
+pub struct TaintOrderWatch {
+    state: Arc<Mutex<WatchState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    nodes: BTreeMap<String, Node>,
+    synced: bool,
+    observations: u64,
+    /// Nodes seen tainted, with the observation number of the first time.
+    tainted: BTreeMap<String, u64>,
+    violations: Vec<String>,
+    violators: BTreeSet<String>,
+}
+
+impl TaintOrderWatch {
+    /// Starts watching Nodes labelled `eks.amazonaws.com/nodegroup` in `asgs`; returns once the
+    /// initial list is in.
+    pub async fn start(bed: &Bed, asgs: &[&str]) -> Self {
+        let selector = format!("{NODEGROUP_LABEL} in ({})", asgs.join(","));
+        let state = Arc::new(Mutex::new(WatchState::default()));
+        let api: Api<Node> = bed.nodes();
+        let watched = state.clone();
+        let task = tokio::spawn(async move {
+            let mut events = watcher(api, watcher::Config::default().labels(&selector)).boxed();
+            while let Some(event) = events.next().await {
+                let Ok(event) = event else { continue };
+                let mut state = watched.lock().unwrap();
+                match event {
+                    watcher::Event::Init => state.nodes.clear(),
+                    watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
+                        state.nodes.insert(name_of(&node), node);
+                    }
+                    watcher::Event::Delete(node) => {
+                        state.nodes.remove(&name_of(&node));
+                    }
+                    watcher::Event::InitDone => state.synced = true,
+                }
+                if state.synced {
+                    state.check();
+                }
+            }
+        });
+        let watch = TaintOrderWatch { state, task };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !watch.state.lock().unwrap().synced {
+            assert!(
+                Instant::now() < deadline,
+                "the Node watch did not sync within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        watch
+    }
+
+    /// Every time a Node was seen tainted without its claimed replacement Ready (empty is good).
+    pub fn violations(&self) -> Vec<String> {
+        self.state.lock().unwrap().violations.clone()
+    }
+
+    /// Nodes seen tainted so far.
+    pub fn tainted(&self) -> BTreeSet<String> {
+        self.state.lock().unwrap().tainted.keys().cloned().collect()
+    }
+
+    /// How many states of the watched Nodes were checked.
+    pub fn observations(&self) -> u64 {
+        self.state.lock().unwrap().observations
+    }
+
+    /// Asserts the invariant held at every observation so far.
+    pub fn assert_never_tainted_before_replacement_ready(&self) {
+        let violations = self.violations();
+        assert!(
+            violations.is_empty(),
+            "a Node was tainted before its claimed replacement was Ready:\n{}",
+            violations.join("\n")
+        );
+    }
+}
+
+impl WatchState {
+    fn check(&mut self) {
+        self.observations += 1;
+        let observation = self.observations;
+        let mut found = Vec::new();
+        for (name, node) in &self.nodes {
+            if termination_taint(node).is_none() {
+                continue;
+            }
+            if !self.tainted.contains_key(name) {
+                self.tainted.insert(name.clone(), observation);
+            }
+            if annotation(node, INTERRUPTION_TIME).is_some() || self.violators.contains(name) {
+                continue;
+            }
+            let problem = match record_of(node) {
+                None => Some("no replacement record".to_owned()),
+                Some(record) => {
+                    let claimed = self.nodes.values().find(|candidate| {
+                        record.node.as_deref() == Some(name_of(candidate).as_str())
+                            || (record.instance_id.is_some() && instance_id(candidate) == record.instance_id)
+                    });
+                    match claimed {
+                        _ if record.node.is_none() && record.instance_id.is_none() => {
+                            Some(format!("no claimed replacement in the record {}", record.raw))
+                        }
+                        None => Some(format!(
+                            "its claimed replacement has no Node yet; record {}",
+                            record.raw
+                        )),
+                        Some(replacement) if !is_ready(replacement) => Some(format!(
+                            "its claimed replacement {} is not Ready; record {}",
+                            name_of(replacement),
+                            record.raw
+                        )),
+                        Some(_) => None,
+                    }
+                }
+            };
+            if let Some(problem) = problem {
+                found.push((name.clone(), problem));
+            }
+        }
+        for (name, problem) in found {
+            let version = self.nodes[&name]
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default();
+            self.violations.push(format!(
+                "observation {observation} (Node {name} at resourceVersion {version}): tainted, {problem}"
+            ));
+            self.violators.insert(name);
+        }
+    }
+}
+
+impl Drop for TaintOrderWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,436 @@
+//! The admission webhook e2e on the bed: the real `spot-rebalancer webhook` process, registered at the
+//! real kube-apiserver from `manifests/webhook.yaml` (`clientConfig.url` on 127.0.0.1, scoped to each
+//! test's own opt-in label), driven the way users and other tools drive it: `kubectl taint`.
+//! Also the agent's ValidatingAdmissionPolicy (`manifests/agent-admission-policy.yaml`) under a real
+//! service-account token bound to a Node.
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Node, ServiceAccount},
+};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use spot_rebalancer::{
+    controller::record::Replacement,
+    keys::{self, DEFAULT_TAINT_KEY},
+};
+use support::{
+    Bed, eventually, unique,
+    webhook::{Guarded, KwokNode, TestNamespace, kubectl, kubectl_with_input, manifest_objects},
+};
+
+const NTH_SPOT_ITN: &str = "aws-node-termination-handler/spot-itn";
+
+fn taint_arg(node: &KwokNode, effect: &str) -> Vec<String> {
+    vec![
+        "taint".into(),
+        "nodes".into(),
+        node.name.clone(),
+        format!("{DEFAULT_TAINT_KEY}=true:{effect}"),
+    ]
+}
+
+fn run_kubectl(bed: &Bed, args: &[String]) -> support::webhook::KubectlOutput {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    kubectl(bed, &args)
+}
+
+#[tokio::test]
+async fn a_no_execute_taint_the_pdb_cannot_absorb_ends_as_no_schedule_and_kubectl_shows_why() {
+    let bed = Bed::connect().await;
+    let guarded = Guarded::start(&bed).await;
+    // The spot interruption notice is in: the order guard lets the termination taint through at once.
+    let notice = json!({keys::INTERRUPTION_TIME: "2026-11-25T10:02:00Z"});
+    let node = KwokNode::opted_in(&bed, &guarded, "wh-pdb-tight", notice).await;
+    let namespace = TestNamespace::create(&bed, "wh-pdb-tight").await;
+    namespace.running_pods(&node.name, "web", 2).await;
+    assert_eq!(namespace.pdb("web", 2).await, 0, "the PDB allows no disruption");
+    guarded.wait_until_registered(&bed, &node.name).await;
+
+    let output = run_kubectl(&bed, &taint_arg(&node, "NoExecute"));
+
+    assert!(output.success, "kubectl taint failed: {}", output.stderr);
+    let expected = format!(
+        "PDB {}/web allows 0 disruption(s), 2 pod(s) would be evicted at once",
+        namespace.name
+    );
+    assert!(
+        output.stderr.contains("Warning:") && output.stderr.contains(&expected),
+        "kubectl did not show the warning: {}",
+        output.stderr
+    );
+    assert_eq!(
+        node.taint_effect(&bed, DEFAULT_TAINT_KEY).await.as_deref(),
+        Some("NoSchedule")
+    );
+    let drain = node.get(&bed).await.metadata.annotations.unwrap_or_default()[keys::DRAIN_REQUESTED].clone();
+    assert!(drain.contains(&expected), "drain request: {drain}");
+}
+
+#[tokio::test]
+async fn a_no_execute_taint_the_pdb_allows_stays_no_execute() {
+    let bed = Bed::connect().await;
+    let guarded = Guarded::start(&bed).await;
+    let node = KwokNode::opted_in(&bed, &guarded, "wh-pdb-loose", json!({})).await;
+    let namespace = TestNamespace::create(&bed, "wh-pdb-loose").await;
+    namespace.running_pods(&node.name, "web", 2).await;
+    assert_eq!(namespace.pdb("web", 0).await, 2, "the PDB allows both pods to go");
+    guarded.wait_until_registered(&bed, &node.name).await;
+
+    // AWS Node Termination Handler's taint, as it sets it with `taintEffect: NoExecute`.
+    let output = kubectl(
+        &bed,
+        &[
+            "taint",
+            "nodes",
+            &node.name,
+            &format!("{NTH_SPOT_ITN}=true:NoExecute"),
+        ],
+    );
+
+    assert!(output.success, "kubectl taint failed: {}", output.stderr);
+    assert!(!output.stderr.contains("Warning:"), "{}", output.stderr);
+    assert_eq!(
+        node.taint_effect(&bed, NTH_SPOT_ITN).await.as_deref(),
+        Some("NoExecute")
+    );
+    let annotations = node.get(&bed).await.metadata.annotations.unwrap_or_default();
+    assert!(!annotations.contains_key(keys::DRAIN_REQUESTED));
+}
+
+#[tokio::test]
+async fn the_termination_taint_is_denied_until_the_replacement_is_ready() {
+    let bed = Bed::connect().await;
+    let guarded = Guarded::start(&bed).await;
+    let record = Replacement::new("spot-a".into(), None, jiff::Timestamp::now());
+    let old = KwokNode::opted_in(
+        &bed,
+        &guarded,
+        "wh-order-old",
+        json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: serde_json::to_string(&record).unwrap()}),
+    )
+    .await;
+    guarded.wait_until_registered(&bed, &old.name).await;
+
+    let denied = run_kubectl(&bed, &taint_arg(&old, "NoSchedule"));
+
+    assert!(
+        !denied.success,
+        "the taint went on before the replacement was Ready"
+    );
+    let expected = format!(
+        "node {}: replacement not Ready (phase ScalingSpot); spot-rebalancer taints it once its replacement is Ready",
+        old.name
+    );
+    assert!(denied.stderr.contains(&expected), "{}", denied.stderr);
+    assert_eq!(old.taint_effect(&bed, DEFAULT_TAINT_KEY).await, None);
+
+    // The controller claims a replacement and it turns Ready: now the taint may go on.
+    let replacement = KwokNode::create(&bed, "wh-order-new", Default::default(), json!({})).await;
+    replacement.wait_until_ready(&bed).await;
+    let mut claimed = record.clone();
+    claimed.node = Some(replacement.name.clone());
+    let annotations = json!({"metadata": {"annotations": {
+        keys::PHASE: "AwaitingReady",
+        keys::REPLACEMENT: serde_json::to_string(&claimed).unwrap(),
+    }}});
+    bed.nodes()
+        .patch(&old.name, &PatchParams::default(), &Patch::Merge(&annotations))
+        .await
+        .unwrap();
+    eventually("the taint to be allowed", Duration::from_secs(20), || async {
+        run_kubectl(&bed, &taint_arg(&old, "NoSchedule"))
+            .success
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        old.taint_effect(&bed, DEFAULT_TAINT_KEY).await.as_deref(),
+        Some("NoSchedule")
+    );
+}
+
+#[tokio::test]
+async fn with_the_webhook_stopped_node_updates_still_succeed() {
+    let bed = Bed::connect().await;
+    let mut guarded = Guarded::start(&bed).await;
+    let node = KwokNode::opted_in(&bed, &guarded, "wh-down", json!({})).await;
+    guarded.wait_until_registered(&bed, &node.name).await;
+    let denied = run_kubectl(&bed, &taint_arg(&node, "NoSchedule"));
+    assert!(
+        !denied.success,
+        "the running webhook let an unreplaced node be tainted"
+    );
+
+    guarded.webhook.stop();
+    let started = Instant::now();
+    let output = run_kubectl(&bed, &taint_arg(&node, "NoSchedule"));
+
+    assert!(
+        output.success,
+        "with the webhook down the update failed: {}",
+        output.stderr
+    );
+    assert_eq!(
+        node.taint_effect(&bed, DEFAULT_TAINT_KEY).await.as_deref(),
+        Some("NoSchedule")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the update waited {:?} for the missing webhook",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_while_reviews_keep_being_answered() {
+    let bed = Bed::connect().await;
+    let guarded = Guarded::start(&bed).await;
+    let node = KwokNode::opted_in(&bed, &guarded, "wh-rotate", json!({})).await;
+    guarded.wait_until_registered(&bed, &node.name).await;
+    let nodes: Api<Node> = bed.nodes();
+    let taint =
+        json!({"spec": {"taints": [{"key": DEFAULT_TAINT_KEY, "value": "true", "effect": "NoSchedule"}]}});
+    let (new_cert, new_key) = guarded.certs.serving(&["rotated.webhook.test"]);
+
+    // Node updates the order guard must deny, for 4 s; the certificate is rotated after 1 s, the
+    // certificate file first and its key half a second later (a pair briefly out of step).
+    let started = Instant::now();
+    let mut answered = 0;
+    let mut rotation = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        if rotation == 0 && started.elapsed() > Duration::from_secs(1) {
+            std::fs::write(guarded.certs.cert_path(), &new_cert).unwrap();
+            rotation = 1;
+        } else if rotation == 1 && started.elapsed() > Duration::from_millis(1500) {
+            std::fs::write(guarded.certs.key_path(), &new_key).unwrap();
+            rotation = 2;
+        }
+        match nodes
+            .patch(&node.name, &PatchParams::default(), &Patch::Merge(&taint))
+            .await
+        {
+            Err(kube::Error::Api(status))
+                if status.code == 403 && status.message.contains("replacement not Ready") =>
+            {
+                answered += 1;
+            }
+            other => panic!("update {answered} was not answered by the webhook: {other:?}"),
+        }
+    }
+    assert!(answered > 10, "only {answered} updates in 4 s");
+
+    // New connections get the new certificate (it alone names rotated.webhook.test), trusted by the
+    // same CA bundle.
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(guarded.certs.ca_pem.as_bytes()).unwrap()])
+        .resolve(
+            "rotated.webhook.test",
+            ([127, 0, 0, 1], guarded.webhook.port).into(),
+        )
+        .build()
+        .unwrap();
+    let url = format!("https://rotated.webhook.test:{}/validate", guarded.webhook.port);
+    let status = client
+        .get(&url)
+        .send()
+        .await
+        .expect("TLS with the rotated certificate")
+        .status();
+    assert_eq!(status, reqwest::StatusCode::METHOD_NOT_ALLOWED);
+    assert!(
+        guarded
+            .webhook
+            .metric("spot_rebalancer_webhook_tls_reloads_total{result=\"ok\"}")
+            .await
+            >= 1.0
+    );
+}
+
+/// The agent's service account, RBAC to patch Nodes, and the admission policy (renamed and bound to
+/// this service account); all deleted when dropped.
+struct AgentPolicy {
+    namespace: TestNamespace,
+    cluster_objects: Vec<(String, String)>,
+    bed: Bed,
+}
+
+impl AgentPolicy {
+    async fn install(bed: &Bed) -> Self {
+        let namespace = TestNamespace::create(bed, "wh-agent").await;
+        let username = format!("system:serviceaccount:{}:agent", namespace.name);
+        let name = unique("agent-own-node");
+        let mut cluster_objects = Vec::new();
+        let kinds = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"];
+        for object in manifest_objects(bed, "agent-admission-policy.yaml", &kinds) {
+            let text = serde_json::to_string(&object)
+                .unwrap()
+                .replace("spot-rebalancer-agent-own-node", &name)
+                .replace(
+                    "system:serviceaccount:spot-rebalancer:spot-rebalancer-agent",
+                    &username,
+                );
+            let output = kubectl_with_input(bed, &["create", "-f", "-"], &text);
+            assert!(output.success, "{}", output.stderr);
+            let kind = object["kind"].as_str().unwrap().to_lowercase();
+            cluster_objects.push((kind, name.clone()));
+        }
+        let rbac = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ServiceAccount",
+             "metadata": {"name": "agent", "namespace": namespace.name}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+             "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch", "update"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": namespace.name}]},
+        ]});
+        let output = kubectl_with_input(bed, &["create", "-f", "-"], &rbac.to_string());
+        assert!(output.success, "{}", output.stderr);
+        cluster_objects.push(("clusterrole".into(), name.clone()));
+        cluster_objects.push(("clusterrolebinding".into(), name));
+        AgentPolicy {
+            namespace,
+            cluster_objects,
+            bed: bed.clone(),
+        }
+    }
+
+    /// A token of the agent's service account bound to `node`, as the agent's projected token is
+    /// (through its pod) in a cluster.
+    async fn token_bound_to(&self, node: &KwokNode) -> String {
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.bed.kube.clone(), &self.namespace.name);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: None,
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Node".into()),
+                    name: Some(node.name.clone()),
+                    uid: None,
+                }),
+                expiration_seconds: Some(600),
+            }),
+            ..TokenRequest::default()
+        };
+        accounts
+            .create_token_request("agent", &PostParams::default(), &request)
+            .await
+            .expect("a token bound to the node")
+            .status
+            .and_then(|status| status.token)
+            .expect("the token")
+    }
+}
+
+impl Drop for AgentPolicy {
+    fn drop(&mut self) {
+        for (kind, name) in &self.cluster_objects {
+            let _ = std::process::Command::new(&self.bed.vars["BED_KUBECTL"])
+                .args([
+                    "--kubeconfig",
+                    &self.bed.vars["BED_KUBECONFIG"],
+                    "delete",
+                    kind,
+                    name,
+                    "--wait=false",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// kubectl as the holder of `token` (no client certificate).
+fn kubectl_as(bed: &Bed, token: &str, args: &[&str]) -> support::webhook::KubectlOutput {
+    let kubeconfig = std::fs::read_to_string(&bed.vars["BED_KUBECONFIG"]).unwrap();
+    let server = kubeconfig
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("server: "))
+        .expect("the bed's API server address");
+    let ca = kubeconfig
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("certificate-authority: "))
+        .expect("the bed's CA file");
+    let output = std::process::Command::new(&bed.vars["BED_KUBECTL"])
+        .args([
+            "--kubeconfig",
+            "/dev/null",
+            "--server",
+            server,
+            "--certificate-authority",
+            ca,
+        ])
+        .args(["--token", token])
+        .args(args)
+        .output()
+        .unwrap();
+    support::webhook::KubectlOutput {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn the_agent_may_annotate_only_its_own_node_and_only_with_its_own_keys() {
+    let bed = Bed::connect().await;
+    let policy = AgentPolicy::install(&bed).await;
+    let own = KwokNode::create(&bed, "wh-agent-own", Default::default(), json!({})).await;
+    let other = KwokNode::create(&bed, "wh-agent-other", Default::default(), json!({})).await;
+    let token = policy.token_bound_to(&own).await;
+    let annotate = |node: &KwokNode, key: &str, value: &str| {
+        kubectl_as(
+            &bed,
+            &token,
+            &[
+                "annotate",
+                "--overwrite",
+                "node",
+                &node.name,
+                &format!("{key}={value}"),
+            ],
+        )
+    };
+
+    // Another node, even with the agent's own key: denied (once the policy is in force).
+    let denied = eventually("the policy to be in force", Duration::from_secs(30), || async {
+        let output = annotate(
+            &other,
+            keys::REBALANCE_NOTICE_TIME,
+            &jiff::Timestamp::now().to_string(),
+        );
+        (!output.success).then_some(output.stderr)
+    })
+    .await;
+    assert!(
+        denied.contains(&format!(
+            "the spot-rebalancer agent may annotate only its own node ({}), not {}",
+            own.name, other.name
+        )),
+        "{denied}"
+    );
+
+    // Its own node with its own keys: allowed.
+    for key in [keys::REBALANCE_NOTICE_TIME, keys::INTERRUPTION_TIME] {
+        let output = annotate(&own, key, "2026-11-25T10:00:00Z");
+        assert!(output.success, "{key} on its own node: {}", output.stderr);
+    }
+    let output = annotate(&own, keys::INSTANCE_ID, "i-0abc");
+    assert!(output.success, "instance id on its own node: {}", output.stderr);
+
+    // Its own node, but someone else's annotation, a label or a taint: denied.
+    let foreign = annotate(&own, keys::PHASE, "Tainted");
+    assert!(
+        !foreign.success && foreign.stderr.contains("may change only its own annotations"),
+        "{}",
+        foreign.stderr
+    );
+    let label = kubectl_as(&bed, &token, &["label", "node", &own.name, "team=payments"]);
+    assert!(!label.success, "the agent relabelled its node");
+    let taint = kubectl_as(&bed, &token, &["taint", "node", &own.name, "evil=true:NoExecute"]);
+    assert!(!taint.success, "the agent tainted its node");
+}
