@@ -23,7 +23,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use spot_rebalancer::webhook::{
     DEFAULT_CONTROLLER_USERNAME, Settings,
-    cache::Caches,
+    cache::{Caches, slim_pod},
     metrics::Metrics,
     server::{self, Route, Webhook},
     taints::NTH_TAINT_KEYS,
@@ -120,8 +120,14 @@ fn webhook(pods: usize, pdbs: usize, nodes: usize) -> Webhook {
         vec![NTH_TAINT_KEYS.parse().unwrap()],
         vec![DEFAULT_CONTROLLER_USERNAME.into()],
     );
+    // Slimmed one by one as they are made, as the watch slims each page of its list: the full
+    // objects never all sit in memory at once.
+    let slim = |mut pod: Pod| {
+        slim_pod(&mut pod);
+        pod
+    };
     let caches = Caches::from_objects(
-        (0..pods).map(|i| pod(i, nodes)).collect(),
+        (0..pods).map(|i| slim(pod(i, nodes))).collect(),
         (0..pdbs).map(pdb).collect(),
         (0..nodes).map(node).collect(),
     );

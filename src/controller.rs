@@ -223,7 +223,17 @@ async fn lead_and_reconcile(
         })
     };
 
-    let aws = AutoScaling::from_env(args.retry_attempts, args.scale_up_timeout).await;
+    // Loading AWS configuration may probe IMDS for a region; a SIGTERM meanwhile must not wait.
+    let aws = tokio::select! {
+        aws = AutoScaling::from_env(args.retry_attempts, args.scale_up_timeout) => aws,
+        _ = stop.cancelled() => {
+            let leader = lease_watch.await.map_err(|_| Error::LostLease(args.lease_name.clone()))?;
+            if lost.is_cancelled() {
+                return Err(Error::LostLease(args.lease_name).into());
+            }
+            return release(leader, lease_task).await;
+        }
+    };
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
