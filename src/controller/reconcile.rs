@@ -668,6 +668,15 @@ async fn give_up_on(
             undo,
             undone: false,
         });
+        drop(_deciding);
+        // Take the +1 back (plan recorded first) before asking another ASG: the shorter the time
+        // between the fresh read and the call, the smaller the chance a late launch slips in.
+        let phase = match capacity_type {
+            CapacityType::Spot => Phase::ScalingSpot,
+            CapacityType::OnDemand => Phase::ScalingOnDemand,
+        };
+        write_record(node, ctx, phase, &record).await?;
+        finish_undos(node, ctx, phase, &mut record).await?;
     }
     let fallback = capacity_type == CapacityType::Spot && record.on_demand_asg.is_some();
     if fallback {
