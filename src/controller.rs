@@ -30,6 +30,9 @@ use tracing::{info, warn};
 use crate::{admin, aws::AutoScaling, cli::AdminArgs, keys, node::OptInLabel};
 use reconcile::{Context, Settings};
 
+/// How long a SIGTERM waits for in-flight work and the lease hand-back.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("connecting to the Kubernetes API: {0}")]
@@ -163,7 +166,19 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         admin::router(registry, readiness.clone()),
         shutdown.clone(),
     ));
-    let result = lead_and_reconcile(args, settings, metrics, readiness, shutdown.clone()).await;
+    // A stop is graceful (in-flight reconciles finish, the lease is handed back) but bounded.
+    let work = lead_and_reconcile(args, settings, metrics, readiness, shutdown.clone());
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        result = work => result,
+        _ = deadline => {
+            warn!(grace = ?SHUTDOWN_GRACE, "graceful stop took too long; exiting (the lease expires by itself)");
+            Ok(())
+        }
+    };
     shutdown.cancel();
     match admin_server.await {
         Ok(served) => served?,
