@@ -18,7 +18,6 @@ pub mod writer;
 use std::{path::PathBuf, time::Duration};
 
 use clap::Args as ClapArgs;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -68,14 +67,8 @@ pub struct Args {
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("reading the kubeconfig {}: {source}", path.display())]
-    Kubeconfig {
-        path: PathBuf,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("no Kubernetes configuration (neither in-cluster nor a kubeconfig): {0}")]
-    InferConfig(#[source] kube::config::InferConfigError),
+    #[error(transparent)]
+    KubeConfig(#[from] crate::kube_config::Error),
     #[error("--imds-endpoint: {reason}")]
     ImdsEndpoint { reason: String },
     #[error("building the Kubernetes client: {0}")]
@@ -155,18 +148,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
 }
 
 async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Error> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(&path).map_err(|source| Error::Kubeconfig {
-                path: path.clone(),
-                source,
-            })?;
-            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(|source| Error::Kubeconfig { path, source })?
-        }
-        None => kube::Config::infer().await.map_err(Error::InferConfig)?,
-    };
+    let mut config = crate::kube_config::load(kubeconfig.as_deref()).await?;
     config.connect_timeout = Some(API_CONNECT_TIMEOUT);
     config.read_timeout = Some(API_READ_TIMEOUT);
     config.write_timeout = Some(API_WRITE_TIMEOUT);

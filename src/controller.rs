@@ -37,10 +37,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("connecting to the Kubernetes API: {0}")]
     Kube(#[source] kube::Error),
-    #[error("reading the kubeconfig: {0}")]
-    Kubeconfig(#[from] kube::config::KubeconfigError),
-    #[error("no Kubernetes configuration (neither in-cluster nor a kubeconfig): {0}")]
-    InferConfig(#[from] kube::config::InferConfigError),
+    #[error(transparent)]
+    KubeConfig(#[from] crate::kube_config::Error),
     #[error("leader election: {0}")]
     Lease(#[from] kube_lease_manager::LeaseManagerError),
     #[error("registering metrics: {0}")]
@@ -325,13 +323,7 @@ async fn release(
 }
 
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Error> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default()).await?
-        }
-        None => kube::Config::infer().await?,
-    };
+    let config = crate::kube_config::load(kubeconfig).await?;
     Client::try_from(config).map_err(Error::Kube)
 }
 

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod controller;
 pub mod imds;
 pub mod keys;
+pub mod kube_config;
 pub mod node;
 pub mod shutdown;
 pub mod telemetry;

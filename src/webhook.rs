@@ -17,7 +17,6 @@ pub mod tls;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args as ClapArgs;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -138,14 +137,8 @@ impl Settings {
 pub enum Error {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("--kubeconfig {}: {source}", path.display())]
-    Kubeconfig {
-        path: PathBuf,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error("no Kubernetes configuration (neither in-cluster nor a kubeconfig): {0}")]
-    InferConfig(#[source] kube::config::InferConfigError),
+    #[error(transparent)]
+    KubeConfig(#[from] crate::kube_config::Error),
     #[error("building the Kubernetes client: {0}")]
     KubeClient(#[source] kube::Error),
     #[error("registering metrics: {0}")]
@@ -301,20 +294,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// A Kubernetes client from `--kubeconfig`, or inferred (in-cluster, then `~/.kube/config`).
-/// (The agent has its own copy; one shared helper once both settle.)
 async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Error> {
-    let mut config = match kubeconfig {
-        Some(path) => {
-            let file = Kubeconfig::read_from(&path).map_err(|source| Error::Kubeconfig {
-                path: path.clone(),
-                source,
-            })?;
-            kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-                .await
-                .map_err(|source| Error::Kubeconfig { path, source })?
-        }
-        None => kube::Config::infer().await.map_err(Error::InferConfig)?,
-    };
+    let mut config = crate::kube_config::load(kubeconfig.as_deref()).await?;
     config.connect_timeout = Some(Duration::from_secs(5));
     kube::Client::try_from(config).map_err(Error::KubeClient)
 }
