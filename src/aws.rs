@@ -8,6 +8,9 @@ use aws_config::{BehaviorVersion, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_autoscaling::{Client, error::DisplayErrorContext};
 use jiff::Timestamp;
 
+/// DescribeAutoScalingInstances takes at most this many instance ids a call.
+const DESCRIBE_INSTANCES_BATCH: usize = 50;
+
 /// Why an Auto Scaling call failed, after the SDK's retries.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -127,6 +130,30 @@ impl AutoScaling {
             .first()
             .and_then(|i| i.auto_scaling_group_name())
             .map(str::to_owned))
+    }
+
+    /// The ASGs of many instances in as few calls as the API allows (50 instances a call);
+    /// instances in no ASG are absent from the map.
+    pub async fn groups_of_instances(&self, instances: &[String]) -> Result<BTreeMap<String, String>, Error> {
+        let mut groups = BTreeMap::new();
+        for batch in instances.chunks(DESCRIBE_INSTANCES_BATCH) {
+            let response = self
+                .client
+                .describe_auto_scaling_instances()
+                .set_instance_ids(Some(batch.to_vec()))
+                .send()
+                .await
+                .map_err(|e| Error::DescribeInstance {
+                    instance: batch.join(","),
+                    message: describe(e),
+                })?;
+            for instance in response.auto_scaling_instances() {
+                if let (Some(id), Some(asg)) = (instance.instance_id(), instance.auto_scaling_group_name()) {
+                    groups.insert(id.to_owned(), asg.to_owned());
+                }
+            }
+        }
+        Ok(groups)
     }
 
     pub async fn group(&self, asg: &str) -> Result<Group, Error> {

@@ -4,6 +4,7 @@
 //! Two replicas run; the one holding the Lease acts (the other waits, ready to take over). State
 //! lives on the Nodes ([`record`]), decisions are pure functions ([`decide`]), and the reconciler
 //! ([`reconcile`]) fetches, acts and records.
+pub mod audit;
 pub mod decide;
 pub mod metrics;
 pub mod reconcile;
@@ -266,12 +267,36 @@ async fn lead_and_reconcile(
         metrics,
         all_nodes.clone(),
     ));
+    // Set when the Node cache has its first full list. (`Store::wait_until_ready` is no use here:
+    // the Controller already waits on it, and its one-shot channel wakes only the last waiter.)
+    let synced = CancellationToken::new();
+    // Once the Node cache is filled, warn about ASGs that would double every replacement.
+    let audit = {
+        let (ctx, stop, synced) = (ctx.clone(), stop.clone(), synced.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = async {
+                    synced.cancelled().await;
+                    audit::capacity_rebalancing(ctx).await;
+                } => {}
+            }
+        })
+    };
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let waker_ctx = ctx.clone();
     let opt_in = ctx.settings.opt_in.clone();
     let opted_in_nodes = watcher(nodes, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        .inspect_ok({
+            let synced = synced.clone();
+            move |event| {
+                if matches!(event, watcher::Event::InitDone) {
+                    synced.cancel();
+                }
+            }
+        })
         .applied_objects()
         .inspect_ok(move |node| {
             // Wake a waiting node the moment its claimed replacement turns Ready.
@@ -297,6 +322,7 @@ async fn lead_and_reconcile(
         })
         .await;
     stop.cancel();
+    let _ = audit.await;
     let leader = lease_watch
         .await
         .map_err(|_| Error::LostLease(args.lease_name.clone()))?;

@@ -32,6 +32,7 @@ const FALLBACKS: &str = "spot_rebalancer_fallbacks_total";
 const TAINTS: &str = "spot_rebalancer_taints_total";
 const READY_SECONDS_COUNT: &str = "spot_rebalancer_replacement_ready_seconds_count";
 const FAILED: &str = "spot_rebalancer_replacements_failed_total";
+const CAPACITY_REBALANCING: &str = "spot_rebalancer_asg_capacity_rebalancing";
 
 /// A real spot launch failure that is not about capacity.
 const SPOT_PRICE_TOO_LOW: &str = "Your Spot request price of 0.001 is lower than the minimum required Spot \
@@ -353,6 +354,64 @@ async fn fails_without_tainting_when_neither_spot_nor_on_demand_has_capacity() {
         "a node was tainted: {:?}",
         watch.tainted()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warns_at_start_about_an_asg_with_capacity_rebalancing_on() {
+    let t = Scenario::new("rebalancing").await;
+    let spot = t.spot_asg("spot", 2, 5).await;
+    let on_demand = t.on_demand_asg("od", 0, 5).await;
+    t.bed
+        .autoscaling
+        .update_auto_scaling_group()
+        .auto_scaling_group_name(&spot)
+        .capacity_rebalance(true)
+        .send()
+        .await
+        .expect("switch Capacity Rebalancing on");
+    let nodes: Vec<String> = t.ready_nodes(&spot, 2).await.iter().map(name_of).collect();
+    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand]);
+    controller.wait_ready().await;
+
+    // No notice at all: the Warning comes from the look at the node groups on taking the lead.
+    let warned = eventually_warned(&t, &nodes).await;
+    assert!(warned.message.contains(&spot), "{warned:?}");
+    support::eventually("the gauge shows the ASG", Duration::from_secs(20), || async {
+        let gauge = controller
+            .metric(CAPACITY_REBALANCING, &[("asg", spot.as_str())])
+            .await;
+        (gauge == 1.0).then_some(())
+    })
+    .await;
+    assert!(
+        t.set_desired_calls(&spot).await.is_empty(),
+        "a check scales nothing"
+    );
+    for node in &nodes {
+        assert_eq!(phase_of(&t.node(node).await), None, "a check writes no record");
+    }
+}
+
+/// The first CapacityRebalancingEnabled Warning about any of `nodes`.
+async fn eventually_warned(t: &Scenario, nodes: &[String]) -> support::controller::NodeEvent {
+    support::eventually(
+        "a CapacityRebalancingEnabled Warning",
+        Duration::from_secs(30),
+        || async {
+            for node in nodes {
+                if let Some(event) = t
+                    .events(node)
+                    .await
+                    .into_iter()
+                    .find(|e| e.type_ == "Warning" && e.reason == "CapacityRebalancingEnabled")
+                {
+                    return Some(event);
+                }
+            }
+            None
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,6 +191,14 @@ class AwsSideTest(unittest.TestCase):
         self.assertTrue(all(a["Description"].startswith("Terminating EC2 instance: i-") for a in newest))
         self.assertIn("shrinking the capacity from 3 to 1", newest[0]["Cause"])
 
+    def test_capacity_rebalance_can_be_switched_on_by_update(self) -> None:
+        name = self.create_group(desired=0)
+        self.assertFalse(self.group(name).get("CapacityRebalance", False))
+        self.asg.update_auto_scaling_group(AutoScalingGroupName=name, CapacityRebalance=True)
+        self.assertTrue(self.group(name)["CapacityRebalance"])
+        self.asg.update_auto_scaling_group(AutoScalingGroupName=name, MaxSize=4)
+        self.assertTrue(self.group(name)["CapacityRebalance"], "an update without the flag keeps it")
+
     def test_spot_template_instances_are_marked_spot(self) -> None:
         name = self.create_group(desired=1)
         instance_id = self.instance_ids(name)[0]

@@ -1,5 +1,5 @@
 //! The controller's metrics, prefix `spot_rebalancer_` (from the admin registry).
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -12,6 +12,7 @@ pub struct Metrics {
     pub skipped: IntCounter,
     pub reconcile_errors: IntCounterVec,
     pub aws_calls: IntCounterVec,
+    pub capacity_rebalancing: IntGaugeVec,
 }
 
 impl Metrics {
@@ -53,6 +54,13 @@ impl Metrics {
                 Opts::new("aws_calls_total", "Auto Scaling API operations by name"),
                 &["operation"],
             )?,
+            capacity_rebalancing: IntGaugeVec::new(
+                Opts::new(
+                    "asg_capacity_rebalancing",
+                    "1 when an ASG acted on has EC2 Capacity Rebalancing on (a notice may cost two instances)",
+                ),
+                &["asg"],
+            )?,
         };
         registry.register(Box::new(metrics.notices.clone()))?;
         registry.register(Box::new(metrics.scale_ups.clone()))?;
@@ -63,6 +71,7 @@ impl Metrics {
         registry.register(Box::new(metrics.skipped.clone()))?;
         registry.register(Box::new(metrics.reconcile_errors.clone()))?;
         registry.register(Box::new(metrics.aws_calls.clone()))?;
+        registry.register(Box::new(metrics.capacity_rebalancing.clone()))?;
         Ok(metrics)
     }
 }

@@ -178,7 +178,7 @@ impl Context {
         records
     }
 
-    async fn group(&self, asg: &str, fresh: bool) -> Result<Group> {
+    pub(super) async fn group(&self, asg: &str, fresh: bool) -> Result<Group> {
         let state = self.asg(asg);
         if !fresh
             && let Some((at, group)) = lock(&state.group).as_ref()
@@ -216,7 +216,7 @@ impl Context {
         self.all_nodes.find(|n| node::instance_id(n) == Some(instance))
     }
 
-    async fn event(&self, node: &Node, type_: EventType, reason: &str, note: String) {
+    pub(super) async fn event(&self, node: &Node, type_: EventType, reason: &str, note: String) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -432,13 +432,20 @@ async fn skip(node: &Node, ctx: &Context, reason: String) -> Result<Step> {
     Ok(Step::Done)
 }
 
+pub fn capacity_rebalancing_note(asg: &str) -> String {
+    format!(
+        "ASG {asg} has EC2 Capacity Rebalancing on: it launches its own replacement too, so a notice may \
+         cost two instances; switch one of them off"
+    )
+}
+
 async fn warn_capacity_rebalancing(node: &Node, ctx: &Context, group: &Group) {
+    ctx.metrics
+        .capacity_rebalancing
+        .with_label_values(&[group.name.as_str()])
+        .set(i64::from(group.capacity_rebalance));
     if group.capacity_rebalance && lock(&ctx.warned_rebalancing).insert(group.name.clone()) {
-        let note = format!(
-            "ASG {} has EC2 Capacity Rebalancing on: it launches its own replacement too, so a notice may \
-             cost two instances; switch one of them off",
-            group.name
-        );
+        let note = capacity_rebalancing_note(&group.name);
         ctx.event(node, EventType::Warning, "CapacityRebalancingEnabled", note)
             .await;
     }

@@ -113,9 +113,18 @@ class Gateway:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
+            if request.action == "UpdateAutoScalingGroup" and captured["status"].startswith("200"):
+                self._keep_capacity_rebalance(request)
             if trigger is not None and request.action == "TerminateInstanceInAutoScalingGroup":
                 self._keep_promised_activity_id(trigger, request, captured["status"], b"".join(chunks))
         return captured["status"], captured["headers"], chunks
+
+    def _keep_capacity_rebalance(self, request: AwsRequest) -> None:
+        """moto 5.2.5 takes CapacityRebalance only at creation; AWS also changes it on update."""
+        value = request.params.get("CapacityRebalance")
+        group = self.world.find_group(request.asg_name) if request.asg_name else None
+        if value is not None and group is not None:
+            group.capacity_rebalance = value.lower() == "true"
 
     @staticmethod
     def _keep_promised_activity_id(trigger: Trigger, request: AwsRequest, status: str, body: bytes) -> None:
