@@ -17,9 +17,9 @@ use futures::{StreamExt, TryStreamExt};
 use jiff::SignedDuration;
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     runtime::{
-        Controller, WatchStreamExt,
+        Controller, WatchStreamExt, controller,
         events::{Recorder, Reporter},
         reflector, watcher,
     },
@@ -110,6 +110,12 @@ pub struct Args {
     /// Nodes carrying this `KEY=VALUE` label are acted on; others only serve as replacements.
     #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
     pub opt_in_label: OptInLabel,
+
+    /// Most nodes reconciled at once (each holds an API and maybe an AWS connection while it works);
+    /// more notices queue and still share a scale-up.
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_reconciles: u16,
 
     /// Name of the Lease used for leader election.
     #[arg(long, env = "LEASE_NAME", default_value = "spot-rebalancer-controller")]
@@ -288,6 +294,13 @@ async fn lead_and_reconcile(
     let opt_in = ctx.settings.opt_in.clone();
     let opted_in_nodes = watcher(nodes, watcher::Config::default())
         .default_backoff()
+        // Only labels, annotations, providerID, taints and conditions are read: keep the cache lean.
+        .modify(|node| {
+            node.managed_fields_mut().clear();
+            if let Some(status) = node.status.as_mut() {
+                status.images = None;
+            }
+        })
         .reflect(writer)
         .inspect_ok({
             let synced = synced.clone();
@@ -311,6 +324,7 @@ async fn lead_and_reconcile(
     info!(selector = %ctx.settings.opt_in.selector(), "reconciling opted-in nodes");
 
     Controller::for_stream(opted_in_nodes, all_nodes)
+        .with_config(controller::Config::default().concurrency(args.max_concurrent_reconciles))
         .reconcile_on(woken)
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(reconcile::reconcile, reconcile::error_policy, ctx)

@@ -1,14 +1,20 @@
 //! The `spot-rebalancer` binary: parse the command line, start logging, run the chosen role.
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use spot_rebalancer::{cli::Cli, telemetry};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// After a role has stopped, how long leftover tasks (a blocking DNS lookup, a slow connection) may
+/// hold the exit. Dropping a Tokio runtime waits for blocking tasks without a limit.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    match spot_rebalancer::run(cli.role).await {
+    let runtime = tokio::runtime::Runtime::new().expect("start the Tokio runtime");
+    let result = runtime.block_on(spot_rebalancer::run(cli.role));
+    runtime.shutdown_timeout(EXIT_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = %error, "spot-rebalancer stopped with an error");

@@ -104,6 +104,8 @@ pub struct Context {
     /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
     detecting: AtomicUsize,
     warned_rebalancing: Mutex<HashSet<String>>,
+    /// Claimed instances already warned about for not turning Ready.
+    warned_not_ready: Mutex<HashSet<String>>,
 }
 
 /// Per-ASG state. `decide` serialises the decisions on the group's records (joining a scale-up,
@@ -144,6 +146,7 @@ impl Context {
             asgs: Mutex::default(),
             detecting: AtomicUsize::new(0),
             warned_rebalancing: Mutex::default(),
+            warned_not_ready: Mutex::default(),
         }
     }
 
@@ -823,6 +826,7 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
             };
             let group = ctx.group(&intent.asg, false).await?;
             if group.instances.iter().any(|i| i.id == instance) {
+                warn_if_slow_to_be_ready(node, ctx, &record, &instance).await;
                 return Ok(Step::Wait(READY_POLL));
             }
             // The claimed instance went away before it was Ready: claim another.
@@ -841,6 +845,26 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
             ctx.event(node, EventType::Warning, "ReplacementLost", note).await;
             Ok(Step::Continue(phase, record))
         }
+    }
+}
+
+/// A claimed instance whose Node is still not Ready after `CAPACITY_TIMEOUT` (it failed to join the
+/// cluster, say) is worth a Warning, once: the old node stays untainted and keeps waiting, since
+/// tainting without Ready capacity is what this controller exists to avoid.
+async fn warn_if_slow_to_be_ready(node: &Node, ctx: &Context, record: &Replacement, instance: &str) {
+    let Some(claimed_at) = record.claimed_at else {
+        return;
+    };
+    let waited = Timestamp::now().duration_since(claimed_at);
+    if waited > ctx.settings.capacity_timeout && lock(&ctx.warned_not_ready).insert(instance.to_owned()) {
+        let note = format!(
+            "claimed replacement {instance} has had no Ready Node for {:.0} s; {} stays untainted until it \
+             has one (an interruption notice still taints it at once)",
+            waited.as_secs_f64(),
+            node.name_any()
+        );
+        ctx.event(node, EventType::Warning, "ReplacementNotReady", note)
+            .await;
     }
 }
 
