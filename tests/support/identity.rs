@@ -104,6 +104,26 @@ pub fn apply_chart_identities(bed: &Bed) {
             "applying the chart's RBAC: {}",
             stderr(&output)
         );
+        // The API server's authorizer follows RBAC objects through a watch: wait until it knows the
+        // last binding, so a role started next is not refused for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let webhook = Role::Webhook.username();
+        let args = [
+            "auth",
+            "can-i",
+            "watch",
+            "poddisruptionbudgets.policy",
+            "-A",
+            "--as",
+            &webhook,
+        ];
+        while kubectl(bed, &args, "").stdout != b"yes\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the chart's RBAC is not in force after 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     });
 }
 
