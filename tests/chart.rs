@@ -172,3 +172,53 @@ async fn the_agent_cannot_patch_another_node_nor_delete_its_own() {
     assert!(!delete.status.success(), "the agent deleted its node");
     assert!(stderr.contains("forbidden"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_rendered_chart_is_accepted_by_the_api_server() {
+    let bed = Bed::connect().await;
+    // Every object but cert-manager's (the bed has no cert-manager CRDs), server-side dry run: the
+    // API server's own validation, CEL compilation of the admission policy and webhook conditions.
+    let documents: Vec<String> = support::identity::rendered_documents(&[])
+        .into_iter()
+        .filter(|doc| !doc.contains("\napiVersion: cert-manager.io/"))
+        .collect();
+    assert!(documents.len() >= 20, "{} documents", documents.len());
+    let output = support::webhook::kubectl_with_input(
+        &bed,
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager",
+            "e2e-chart",
+            "-f",
+            "-",
+        ],
+        &documents.join("\n---\n"),
+    );
+    assert!(output.success, "{}", output.stderr);
+    assert!(!output.stderr.contains("Warning"), "{}", output.stderr);
+
+    // The agent policy as applied (support::identity): its CEL type-checks without warnings.
+    support::identity::apply_chart_identities(&bed);
+    let status = eventually("the policy's type check", Duration::from_secs(30), || async {
+        let output = support::webhook::kubectl(
+            &bed,
+            &[
+                "get",
+                "validatingadmissionpolicy",
+                "spot-rebalancer-agent-own-node",
+                "-o",
+                "jsonpath={.status}",
+            ],
+        );
+        let status: serde_json::Value = serde_json::from_str(&output.stdout).ok()?;
+        status.get("typeChecking").is_some().then_some(status)
+    })
+    .await;
+    assert_eq!(
+        status["typeChecking"]["expressionWarnings"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+}

@@ -65,15 +65,17 @@ impl Role<'_> {
     }
 }
 
-/// The documents of the rendered chart whose top-level `kind:` is one of `kinds`, as YAML text.
+/// The documents of the rendered chart whose top-level `kind:` is one of `kinds` (all of them when
+/// `kinds` is empty), as YAML text.
 pub fn rendered_documents(kinds: &[&str]) -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(RENDERED);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.split("\n---\n")
         .filter(|doc| {
-            kinds
-                .iter()
-                .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
+            kinds.is_empty()
+                || kinds
+                    .iter()
+                    .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
         })
         .map(str::to_owned)
         .collect()
