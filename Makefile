@@ -1,5 +1,5 @@
 # Thin entry points; the logic lives in scripts/ and bed/.
-.PHONY: test demo bed-build bed-up bed-down lint
+.PHONY: test demo bed-build bed-up bed-down lint check-chart manifests e2e-kind
 
 test:       ## every check and test, against a real bed it brings up and takes down
 	scripts/test
@@ -19,3 +19,12 @@ bed-down:
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+
+check-chart: ## helm lint, kubeconform -strict, rendered manifests up to date, shellcheck
+	scripts/check-chart
+
+manifests:  ## re-render manifests/rendered/ from the Helm chart
+	scripts/render-manifests
+
+e2e-kind:   ## the chart on a kind cluster (needs Docker and kind; not run in CI)
+	scripts/e2e-kind

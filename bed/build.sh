@@ -3,6 +3,7 @@
 # per pinned version, so a warm machine skips every build. Prints the bin folder of each on success.
 #
 #   bed/build.sh            build whatever is missing
+#   bed/build.sh helm       one of: etcd kwok imds kubernetes helm kubeconform
 #   BED_CACHE=/path bed/build.sh
 set -euo pipefail
 shopt -s inherit_errexit
@@ -95,4 +96,15 @@ if [[ $target == all || $target == kubernetes ]]; then
   EXTRA_LDFLAGS=$EXTRA_LDFLAGS build_wrapped kubernetes "$KUBERNETES_VERSION" "$(kubernetes_gomod)" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+fi
+if [[ $target == all || $target == helm ]]; then
+  # Stamp the version as Helm's own Makefile does (`helm version` shows it).
+  EXTRA_LDFLAGS="-X helm.sh/helm/v4/internal/version.version=$HELM_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean" \
+    build_wrapped helm "$HELM_VERSION" "$(plain_gomod helm helm.sh/helm/v4 "$HELM_VERSION")" \
+    helm.sh/helm/v4/cmd/helm
+fi
+if [[ $target == all || $target == kubeconform ]]; then
+  EXTRA_LDFLAGS="-X main.version=$KUBECONFORM_VERSION" build_wrapped kubeconform "$KUBECONFORM_VERSION" \
+    "$(plain_gomod kubeconform github.com/yannh/kubeconform "$KUBECONFORM_VERSION")" \
+    github.com/yannh/kubeconform/cmd/kubeconform
 fi

@@ -12,10 +12,14 @@ BED_DIR=${BED_DIR:-$repo_root/.bed}
 BED_CLUSTER=${BED_CLUSTER:-spot-bed}
 export BED_CACHE BED_DIR BED_CLUSTER
 
-kubernetes_bin="$BED_CACHE/kubernetes-$KUBERNETES_VERSION/bin"
-etcd_bin="$BED_CACHE/etcd-$ETCD_VERSION/bin"
-kwok_bin="$BED_CACHE/kwok-$KWOK_VERSION/bin"
-imds_bin="$BED_CACHE/ec2-metadata-mock-$EC2_METADATA_MOCK_VERSION/bin"
+# Used by the scripts that source this file.
+# shellcheck disable=SC2034
+{
+  kubernetes_bin="$BED_CACHE/kubernetes-$KUBERNETES_VERSION/bin"
+  etcd_bin="$BED_CACHE/etcd-$ETCD_VERSION/bin"
+  kwok_bin="$BED_CACHE/kwok-$KWOK_VERSION/bin"
+  imds_bin="$BED_CACHE/ec2-metadata-mock-$EC2_METADATA_MOCK_VERSION/bin"
+}
 
 bed_log() { printf '[bed] %s\n' "$*" >&2; }
 

@@ -5,7 +5,7 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -16,6 +16,7 @@ use support::{
         REBALANCE_NOTICE_TIME, TcpProxy, TestNode, apiserver_addr, kubeconfig_through,
     },
     eventually,
+    identity::{Role, role_kubeconfig},
 };
 
 /// The rebalance recommendation's notice time, pinned (`-r`) so the annotation can be checked.
@@ -42,8 +43,9 @@ fn start_agent(node: &TestNode, imds: &str, kubeconfig: &Path, extra: &[&str]) -
     })
 }
 
-fn bed_kubeconfig(bed: &Bed) -> &Path {
-    Path::new(&bed.vars["BED_KUBECONFIG"])
+/// The agent's own identity on `node` (the chart's ServiceAccount, a token bound to the Node).
+fn agent_kubeconfig(bed: &Bed, node: &TestNode) -> PathBuf {
+    role_kubeconfig(bed, Role::Agent { node: &node.name })
 }
 
 fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -87,7 +89,7 @@ async fn a_rebalance_notice_is_annotated_on_the_first_poll_that_sees_it() {
     let mut agent = start_agent(
         &node,
         &mock.endpoint(),
-        bed_kubeconfig(&bed),
+        &agent_kubeconfig(&bed, &node),
         &["--poll-interval", "1s"],
     );
     agent.wait_ready().await;
@@ -128,7 +130,7 @@ async fn the_same_notice_seen_again_writes_nothing() {
     let mut agent = start_agent(
         &node,
         &mock.endpoint(),
-        bed_kubeconfig(&bed),
+        &agent_kubeconfig(&bed, &node),
         &["--poll-interval", "1s"],
     );
     node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await;
@@ -163,7 +165,7 @@ async fn an_imdsv2_only_imds_is_read_with_session_tokens() {
     let mut agent = start_agent(
         &node,
         &mock.endpoint(),
-        bed_kubeconfig(&bed),
+        &agent_kubeconfig(&bed, &node),
         &["--poll-interval", "1s"],
     );
     agent.wait_ready().await;
@@ -204,7 +206,7 @@ async fn a_spot_interruption_notice_is_annotated() {
     let mut agent = start_agent(
         &node,
         &mock.endpoint(),
-        bed_kubeconfig(&bed),
+        &agent_kubeconfig(&bed, &node),
         &["--poll-interval", "1s"],
     );
 
@@ -238,7 +240,7 @@ async fn the_agent_recovers_when_imds_stops_and_comes_back() {
     let mut agent = start_agent(
         &node,
         &mock.endpoint(),
-        bed_kubeconfig(&bed),
+        &agent_kubeconfig(&bed, &node),
         &["--poll-interval", "1s", "--backoff-max", "4s"],
     );
     agent.wait_ready().await;
@@ -287,7 +289,7 @@ async fn a_notice_seen_while_the_api_server_is_unreachable_is_written_once_it_is
     let node = TestNode::create(&bed, "agent-api-gone").await;
     let proxy = TcpProxy::start(apiserver_addr(&bed)).await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kubeconfig_through(&bed, proxy.addr, dir.path());
+    let kubeconfig = kubeconfig_through(&agent_kubeconfig(&bed, &node), proxy.addr, dir.path());
     let mut mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
     let mut agent = start_agent(
         &node,
@@ -339,7 +341,7 @@ async fn a_restarted_agent_reads_what_its_node_says_and_writes_nothing_new() {
     let mut first = start_agent(
         &node,
         &mock.endpoint(),
-        bed_kubeconfig(&bed),
+        &agent_kubeconfig(&bed, &node),
         &["--poll-interval", "1s"],
     );
     node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await;
@@ -349,7 +351,7 @@ async fn a_restarted_agent_reads_what_its_node_says_and_writes_nothing_new() {
     let mut second = start_agent(
         &node,
         &mock.endpoint(),
-        bed_kubeconfig(&bed),
+        &agent_kubeconfig(&bed, &node),
         &["--poll-interval", "1s"],
     );
     second.wait_ready().await;
@@ -371,7 +373,7 @@ async fn an_agent_whose_node_does_not_exist_is_alive_but_not_ready() {
     let mut agent = AgentProcess::start(AgentConfig {
         node: &support::unique("no-such-node"),
         imds_endpoint: &mock.endpoint(),
-        kubeconfig: bed_kubeconfig(&bed),
+        kubeconfig: &role_kubeconfig(&bed, Role::UnboundAgent),
         extra: &["--poll-interval", "1s", "--backoff-max", "2s"],
     });
     eventually("the agent polls IMDS", SOON, || async {

@@ -4,7 +4,7 @@
 //! Node (on the bed's real API server) as soon as IMDS tells it something it can read.
 mod support;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use serde_json::json;
 use support::{
@@ -14,6 +14,7 @@ use support::{
         REBALANCE_NOTICE_TIME, TestNode,
     },
     eventually,
+    identity::{Role, role_kubeconfig},
 };
 
 const NOTICE_TIME: &str = "2026-03-01T10:00:00Z";
@@ -35,7 +36,7 @@ async fn start(bed: &Bed, imds: &FakeImds, node: &TestNode, extra: &[&str]) -> A
     AgentProcess::start(AgentConfig {
         node: &node.name,
         imds_endpoint: &imds.endpoint,
-        kubeconfig: Path::new(&bed.vars["BED_KUBECONFIG"]),
+        kubeconfig: &role_kubeconfig(bed, Role::Agent { node: &node.name }),
         extra: &args,
     })
 }

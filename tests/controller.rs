@@ -9,7 +9,6 @@ mod support;
 
 use std::{
     collections::BTreeSet,
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -20,6 +19,7 @@ use support::{
         REBALANCE_NOTICE_TIME, SCALE_DOWN_DISABLED, Scenario, TaintOrderWatch, annotation, name_of, phase,
         phase_of, record, termination_taint,
     },
+    identity::{Role, role_kubeconfig},
     instance_id, is_ready,
 };
 
@@ -819,7 +819,7 @@ async fn a_notice_from_the_real_agent_drives_the_replacement() {
     let mut agent = AgentProcess::start(AgentConfig {
         node: &old,
         imds_endpoint: &imds.endpoint,
-        kubeconfig: Path::new(&t.bed.vars["BED_KUBECONFIG"]),
+        kubeconfig: &role_kubeconfig(&t.bed, Role::Agent { node: &old }),
         extra: &["--poll-interval", "1s"],
     });
     agent.wait_ready().await;

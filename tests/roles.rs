@@ -1,6 +1,9 @@
 //! Every role starts, serves `/healthz`, `/readyz` and `/metrics` on its admin port, and stops cleanly
-//! and promptly on SIGTERM — tested on the real binary over a loopback socket.
+//! and promptly on SIGTERM — tested on the real binary over a loopback socket, each role as its own
+//! ServiceAccount with the chart's RBAC.
 mod support;
+
+use support::identity::{Role, role_kubeconfig};
 
 use std::{
     net::TcpListener,
@@ -108,7 +111,7 @@ async fn agent_serves_admin_endpoints_and_stops_on_sigterm() {
         &["spot", "-I", "-d", "86400", "--rebalance-delay-sec", "86400"],
     )
     .await;
-    let kubeconfig = &bed.vars["BED_KUBECONFIG"];
+    let kubeconfig = role_kubeconfig(&bed, Role::Agent { node: &node.name });
     let endpoint = imds.endpoint();
     let args = [
         "--node-name",
@@ -116,7 +119,7 @@ async fn agent_serves_admin_endpoints_and_stops_on_sigterm() {
         "--imds-endpoint",
         &endpoint,
         "--kubeconfig",
-        kubeconfig,
+        kubeconfig.to_str().unwrap(),
     ];
     serves_admin_endpoints_and_stops_on_sigterm("agent", &args).await;
 }
@@ -126,11 +129,14 @@ async fn controller_serves_admin_endpoints_and_stops_on_sigterm() {
     // The controller is ready once it reaches the API server and takes part in leader election.
     let bed = support::Bed::connect().await;
     let lease = support::unique("roles-controller");
+    let kubeconfig = role_kubeconfig(&bed, Role::Controller);
     let args = [
         "--kubeconfig",
-        &bed.vars["BED_KUBECONFIG"],
+        kubeconfig.to_str().unwrap(),
         "--lease-name",
         &lease,
+        "--lease-namespace",
+        support::identity::NAMESPACE,
     ];
     serves_admin_endpoints_and_stops_on_sigterm("controller", &args).await;
 }
@@ -143,6 +149,7 @@ async fn webhook_serves_admin_endpoints_and_stops_on_sigterm() {
     let certs = support::webhook::TestCerts::new();
     let listen = format!("127.0.0.1:{}", free_loopback_port());
     let (cert, key) = (certs.cert_path(), certs.key_path());
+    let kubeconfig = role_kubeconfig(&bed, Role::Webhook);
     let args = [
         "--listen-addr",
         &listen,
@@ -151,7 +158,7 @@ async fn webhook_serves_admin_endpoints_and_stops_on_sigterm() {
         "--tls-key-file",
         key.to_str().unwrap(),
         "--kubeconfig",
-        &bed.vars["BED_KUBECONFIG"],
+        kubeconfig.to_str().unwrap(),
     ];
     serves_admin_endpoints_and_stops_on_sigterm("webhook", &args).await;
 }

@@ -1,25 +1,26 @@
-//! The admission webhook e2e on the bed: the real `spot-rebalancer webhook` process, registered at the
-//! real kube-apiserver from `manifests/webhook.yaml` (`clientConfig.url` on 127.0.0.1, scoped to each
-//! test's own opt-in label), driven the way users and other tools drive it: `kubectl taint`.
-//! Also the agent's ValidatingAdmissionPolicy (`manifests/agent-admission-policy.yaml`) under a real
-//! service-account token bound to a Node.
+//! The admission webhook e2e on the bed: the real `spot-rebalancer webhook` process (as its own
+//! ServiceAccount), registered at the real kube-apiserver with the chart's rendered webhook
+//! configurations (`clientConfig.url` on 127.0.0.1, scoped to each test's own opt-in label), driven
+//! the way users and other tools drive it: `kubectl taint`. Also the chart's agent
+//! ValidatingAdmissionPolicy, under the agent ServiceAccount's token bound to a Node.
 mod support;
 
-use std::time::{Duration, Instant};
-
-use k8s_openapi::api::{
-    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
-    core::v1::{Node, ServiceAccount},
+use std::{
+    path::Path,
+    time::{Duration, Instant},
 };
-use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use spot_rebalancer::{
     controller::record::Replacement,
     keys::{self, DEFAULT_TAINT_KEY},
 };
 use support::{
-    Bed, eventually, unique,
-    webhook::{Guarded, KwokNode, TestNamespace, kubectl, kubectl_with_input, manifest_objects},
+    Bed, eventually,
+    identity::{Role, role_kubeconfig},
+    webhook::{Guarded, KwokNode, TestNamespace, kubectl},
 };
 
 const NTH_SPOT_ITN: &str = "aws-node-termination-handler/spot-itn";
@@ -250,122 +251,13 @@ async fn a_rotated_certificate_is_served_while_reviews_keep_being_answered() {
     );
 }
 
-/// The agent's service account, RBAC to patch Nodes, and the admission policy (renamed and bound to
-/// this service account); all deleted when dropped.
-struct AgentPolicy {
-    namespace: TestNamespace,
-    cluster_objects: Vec<(String, String)>,
-    bed: Bed,
-}
-
-impl AgentPolicy {
-    async fn install(bed: &Bed) -> Self {
-        let namespace = TestNamespace::create(bed, "wh-agent").await;
-        let username = format!("system:serviceaccount:{}:agent", namespace.name);
-        let name = unique("agent-own-node");
-        let mut cluster_objects = Vec::new();
-        let kinds = ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"];
-        for object in manifest_objects(bed, "agent-admission-policy.yaml", &kinds) {
-            let text = serde_json::to_string(&object)
-                .unwrap()
-                .replace("spot-rebalancer-agent-own-node", &name)
-                .replace(
-                    "system:serviceaccount:spot-rebalancer:spot-rebalancer-agent",
-                    &username,
-                );
-            let output = kubectl_with_input(bed, &["create", "-f", "-"], &text);
-            assert!(output.success, "{}", output.stderr);
-            let kind = object["kind"].as_str().unwrap().to_lowercase();
-            cluster_objects.push((kind, name.clone()));
-        }
-        let rbac = json!({"apiVersion": "v1", "kind": "List", "items": [
-            {"apiVersion": "v1", "kind": "ServiceAccount",
-             "metadata": {"name": "agent", "namespace": namespace.name}},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
-             "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch", "update"]}]},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-             "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": namespace.name}]},
-        ]});
-        let output = kubectl_with_input(bed, &["create", "-f", "-"], &rbac.to_string());
-        assert!(output.success, "{}", output.stderr);
-        cluster_objects.push(("clusterrole".into(), name.clone()));
-        cluster_objects.push(("clusterrolebinding".into(), name));
-        AgentPolicy {
-            namespace,
-            cluster_objects,
-            bed: bed.clone(),
-        }
-    }
-
-    /// A token of the agent's service account bound to `node`, as the agent's projected token is
-    /// (through its pod) in a cluster.
-    async fn token_bound_to(&self, node: &KwokNode) -> String {
-        let accounts: Api<ServiceAccount> = Api::namespaced(self.bed.kube.clone(), &self.namespace.name);
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: None,
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Node".into()),
-                    name: Some(node.name.clone()),
-                    uid: None,
-                }),
-                expiration_seconds: Some(600),
-            }),
-            ..TokenRequest::default()
-        };
-        accounts
-            .create_token_request("agent", &PostParams::default(), &request)
-            .await
-            .expect("a token bound to the node")
-            .status
-            .and_then(|status| status.token)
-            .expect("the token")
-    }
-}
-
-impl Drop for AgentPolicy {
-    fn drop(&mut self) {
-        for (kind, name) in &self.cluster_objects {
-            let _ = std::process::Command::new(&self.bed.vars["BED_KUBECTL"])
-                .args([
-                    "--kubeconfig",
-                    &self.bed.vars["BED_KUBECONFIG"],
-                    "delete",
-                    kind,
-                    name,
-                    "--wait=false",
-                ])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-}
-
-/// kubectl as the holder of `token` (no client certificate).
-fn kubectl_as(bed: &Bed, token: &str, args: &[&str]) -> support::webhook::KubectlOutput {
-    let kubeconfig = std::fs::read_to_string(&bed.vars["BED_KUBECONFIG"]).unwrap();
-    let server = kubeconfig
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("server: "))
-        .expect("the bed's API server address");
-    let ca = kubeconfig
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("certificate-authority: "))
-        .expect("the bed's CA file");
+/// kubectl with `kubeconfig` (one of a role's own identities) and nothing inherited.
+fn kubectl_with(bed: &Bed, kubeconfig: &Path, args: &[&str]) -> support::webhook::KubectlOutput {
     let output = std::process::Command::new(&bed.vars["BED_KUBECTL"])
-        .args([
-            "--kubeconfig",
-            "/dev/null",
-            "--server",
-            server,
-            "--certificate-authority",
-            ca,
-        ])
-        .args(["--token", token])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
         .args(args)
+        .env_remove("KUBECONFIG")
         .output()
         .unwrap();
     support::webhook::KubectlOutput {
@@ -378,14 +270,14 @@ fn kubectl_as(bed: &Bed, token: &str, args: &[&str]) -> support::webhook::Kubect
 #[tokio::test]
 async fn the_agent_may_annotate_only_its_own_node_and_only_with_its_own_keys() {
     let bed = Bed::connect().await;
-    let policy = AgentPolicy::install(&bed).await;
     let own = KwokNode::create(&bed, "wh-agent-own", Default::default(), json!({})).await;
     let other = KwokNode::create(&bed, "wh-agent-other", Default::default(), json!({})).await;
-    let token = policy.token_bound_to(&own).await;
+    // The chart's agent ServiceAccount, RBAC and admission policy; a token bound to its own Node.
+    let agent = role_kubeconfig(&bed, Role::Agent { node: &own.name });
     let annotate = |node: &KwokNode, key: &str, value: &str| {
-        kubectl_as(
+        kubectl_with(
             &bed,
-            &token,
+            &agent,
             &[
                 "annotate",
                 "--overwrite",
@@ -429,8 +321,8 @@ async fn the_agent_may_annotate_only_its_own_node_and_only_with_its_own_keys() {
         "{}",
         foreign.stderr
     );
-    let label = kubectl_as(&bed, &token, &["label", "node", &own.name, "team=payments"]);
+    let label = kubectl_with(&bed, &agent, &["label", "node", &own.name, "team=payments"]);
     assert!(!label.success, "the agent relabelled its node");
-    let taint = kubectl_as(&bed, &token, &["taint", "node", &own.name, "evil=true:NoExecute"]);
+    let taint = kubectl_with(&bed, &agent, &["taint", "node", &own.name, "evil=true:NoExecute"]);
     assert!(!taint.success, "the agent tainted its node");
 }

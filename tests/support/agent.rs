@@ -464,10 +464,10 @@ fn server_url(kubeconfig: &str) -> String {
         .to_owned()
 }
 
-/// The bed's kubeconfig with its server URL pointed at `addr` (a [`TcpProxy`]), written into `dir`.
-pub fn kubeconfig_through(bed: &Bed, addr: SocketAddr, dir: &Path) -> PathBuf {
-    let original = PathBuf::from(&bed.vars["BED_KUBECONFIG"]);
-    let text = std::fs::read_to_string(&original).unwrap();
+/// `kubeconfig` (one of the bed's) with its server URL pointed at `addr` (a [`TcpProxy`]), written
+/// into `dir`.
+pub fn kubeconfig_through(kubeconfig: &Path, addr: SocketAddr, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(kubeconfig).unwrap();
     let rewritten = text.replace(&server_url(&text), &format!("https://{addr}"));
     for line in rewritten.lines().map(str::trim) {
         if let Some((key, file)) = line.split_once(": ")

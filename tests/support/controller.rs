@@ -24,7 +24,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    AsgSpec, Bed, NODE_LABEL_TAG_PREFIX, autoscaling_client, eventually, instance_id, is_ready, unique,
+    AsgSpec, Bed, NODE_LABEL_TAG_PREFIX, autoscaling_client, eventually, identity, instance_id, is_ready,
+    unique,
 };
 
 /// The binary under test.
@@ -66,8 +67,9 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    /// Starts the controller with the bed's kubeconfig and AWS endpoint, `--log-format plain`, and
-    /// `args` (the opt-in label, lease, ASG names and timeouts are the caller's).
+    /// Starts the controller as its own ServiceAccount (the chart's RBAC, [`identity`]) with the bed's
+    /// AWS endpoint, `--log-format plain`, and `args` (the opt-in label, lease, ASG names and
+    /// timeouts are the caller's).
     pub fn start(bed: &Bed, identity: &str, args: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("controller.log");
@@ -80,7 +82,10 @@ impl ControllerProcess {
             .args(["--identity", identity])
             .args(["--log-format", "plain"])
             .args(args)
-            .env("KUBECONFIG", &bed.vars["BED_KUBECONFIG"])
+            .env(
+                "KUBECONFIG",
+                identity::role_kubeconfig(bed, identity::Role::Controller),
+            )
             .env("AWS_ENDPOINT_URL", &bed.aws_endpoint)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -398,8 +403,9 @@ impl Scenario {
             self.opt_in_label(),
             "--lease-name".into(),
             self.lease.clone(),
+            // The chart lets the controller hold Leases in its own namespace only.
             "--lease-namespace".into(),
-            "default".into(),
+            identity::NAMESPACE.into(),
             "--asg-poll-interval".into(),
             "1s".into(),
         ];
@@ -409,7 +415,7 @@ impl Scenario {
 
     /// The identity holding this scenario's Lease now (empty when nobody does).
     pub async fn lease_holder(&self) -> String {
-        let leases: Api<Lease> = Api::namespaced(self.bed.kube.clone(), "default");
+        let leases: Api<Lease> = Api::namespaced(self.bed.kube.clone(), identity::NAMESPACE);
         leases
             .get_opt(&self.lease)
             .await

@@ -292,3 +292,7 @@ pub mod controller;
 // ----- the admission webhook (issue 5) -----------------------------------------------------------
 // The webhook's e2e parts: test certificates, its process, its registration, kwok nodes with pods and PDBs.
 pub mod webhook;
+
+// ----- the chart's identities (issue 6) -----------------------------------------------------------
+// Each role process runs under a token of its own ServiceAccount, with the chart's rendered RBAC.
+pub mod identity;

@@ -1,6 +1,7 @@
-//! The webhook's e2e parts: test certificates (rcgen), the webhook process, its registration at the
-//! bed's API server (built from `manifests/webhook.yaml`, pointed at 127.0.0.1 and scoped to one
-//! test's opt-in label), kwok Nodes with pods and PDBs, and kubectl.
+//! The webhook's e2e parts: test certificates (rcgen), the webhook process (as its own
+//! ServiceAccount), its registration at the bed's API server (the chart's rendered webhook
+//! configurations, pointed at 127.0.0.1 and scoped to one test's opt-in label), kwok Nodes with pods
+//! and PDBs, and kubectl.
 use std::{
     collections::BTreeMap,
     net::TcpListener,
@@ -25,7 +26,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use super::{Bed, eventually, unique};
+use super::{Bed, eventually, identity, unique};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_spot-rebalancer");
 /// Label key each test opts its own Nodes in with (the value is unique to the test).
@@ -112,7 +113,8 @@ impl WebhookProcess {
             .arg("--tls-key-file")
             .arg(certs.key_path())
             .args(["--tls-reload-interval", "100ms"])
-            .args(["--kubeconfig", &bed.vars["BED_KUBECONFIG"]])
+            .arg("--kubeconfig")
+            .arg(identity::role_kubeconfig(bed, identity::Role::Webhook))
             .args(["--opt-in-label", opt_in])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -173,25 +175,25 @@ impl Drop for WebhookProcess {
 
 // ----- registration at the API server -----------------------------------------------------------
 
-/// The documents of a manifest file whose `kind:` is `kind`, as JSON (kubectl converts them).
-pub fn manifest_objects(bed: &Bed, file: &str, kinds: &[&str]) -> Vec<Value> {
-    let path = format!("{}/manifests/{file}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let documents: Vec<&str> = text
-        .split("\n---\n")
-        .filter(|doc| {
-            kinds
-                .iter()
-                .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
-        })
-        .collect();
-    assert!(!documents.is_empty(), "no {kinds:?} in {path}");
+/// The documents of the rendered chart (`manifests/rendered/`) whose `kind:` is one of `kinds`, as
+/// JSON (kubectl converts them).
+pub fn manifest_objects(bed: &Bed, kinds: &[&str]) -> Vec<Value> {
+    let documents = identity::rendered_documents(kinds);
+    assert!(!documents.is_empty(), "no {kinds:?} in {}", identity::RENDERED);
     documents
         .into_iter()
         .map(|doc| {
-            let output =
-                kubectl_with_input(bed, &["create", "--dry-run=client", "-o", "json", "-f", "-"], doc);
-            assert!(output.success, "kubectl could not read {path}: {}", output.stderr);
+            let output = kubectl_with_input(
+                bed,
+                &["create", "--dry-run=client", "-o", "json", "-f", "-"],
+                &doc,
+            );
+            assert!(
+                output.success,
+                "kubectl could not read {}: {}",
+                identity::RENDERED,
+                output.stderr
+            );
             serde_json::from_str(&output.stdout).unwrap()
         })
         .collect()
@@ -215,7 +217,7 @@ impl Registration {
             kubeconfig: bed.vars["BED_KUBECONFIG"].clone(),
         };
         let kinds = ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"];
-        for mut object in manifest_objects(bed, "webhook.yaml", &kinds) {
+        for mut object in manifest_objects(bed, &kinds) {
             object["metadata"] = json!({"name": name});
             for webhook in object["webhooks"].as_array_mut().unwrap() {
                 let path = webhook["clientConfig"]["service"]["path"]

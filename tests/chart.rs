@@ -1,0 +1,224 @@
+//! The Helm chart's identities on the real API server: each role's ServiceAccount may do exactly what
+//! its code needs (the chart's rendered RBAC, `manifests/rendered/`), and nothing more. The role e2e
+//! tests prove the "needs" side by running every role under its own token; these prove the "nothing
+//! more" side, asking the API server as each role (SelfSubjectAccessReview) and trying the writes
+//! a compromised or buggy role would attempt.
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{
+    Bed, eventually,
+    identity::{NAMESPACE, Role, can_i, kubectl_as},
+    webhook::KwokNode,
+};
+
+/// (verb, resource, namespace (None: cluster-wide), allowed?)
+type Expectation = (&'static str, &'static str, Option<&'static str>, bool);
+
+fn check(bed: &Bed, role: Role<'_>, expectations: &[Expectation]) {
+    let wrong: Vec<String> = expectations
+        .iter()
+        .filter(|(verb, resource, namespace, allowed)| {
+            can_i(bed, role, verb, resource, *namespace) != *allowed
+        })
+        .map(|(verb, resource, namespace, allowed)| {
+            let scope = namespace.unwrap_or("all namespaces");
+            let should = if *allowed { "may" } else { "must not" };
+            format!("{role:?} {should} {verb} {resource} in {scope}")
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "RBAC differs from the code's needs:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn the_agent_may_read_and_patch_nodes_and_nothing_else() {
+    let bed = Bed::connect().await;
+    let node = KwokNode::create(&bed, "chart-agent", Default::default(), json!({})).await;
+    check(
+        &bed,
+        Role::Agent { node: &node.name },
+        &[
+            ("get", "nodes", None, true),
+            ("patch", "nodes", None, true),
+            ("list", "nodes", None, false),
+            ("watch", "nodes", None, false),
+            ("update", "nodes", None, false),
+            ("delete", "nodes", None, false),
+            ("patch", "nodes/status", None, false),
+            ("get", "pods", None, false),
+            ("get", "secrets", Some(NAMESPACE), false),
+            ("create", "events.events.k8s.io", Some("default"), false),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn the_controller_may_do_what_replacing_and_draining_needs_and_nothing_else() {
+    let bed = Bed::connect().await;
+    check(
+        &bed,
+        Role::Controller,
+        &[
+            ("get", "nodes", None, true),
+            ("list", "nodes", None, true),
+            ("watch", "nodes", None, true),
+            ("patch", "nodes", None, true),
+            ("update", "nodes", None, false),
+            ("delete", "nodes", None, false),
+            ("patch", "nodes/status", None, false),
+            // The PDB-paced drain: read pods, evict them through the Eviction API, never delete.
+            ("list", "pods", None, true),
+            ("create", "pods/eviction", None, true),
+            ("delete", "pods", None, false),
+            // Leader election in its own namespace only.
+            ("get", "leases.coordination.k8s.io", Some(NAMESPACE), true),
+            ("create", "leases.coordination.k8s.io", Some(NAMESPACE), true),
+            ("patch", "leases.coordination.k8s.io", Some(NAMESPACE), true),
+            ("delete", "leases.coordination.k8s.io", Some(NAMESPACE), false),
+            ("get", "leases.coordination.k8s.io", Some("kube-system"), false),
+            // Events about Nodes, which go to `default`.
+            ("create", "events.events.k8s.io", Some("default"), true),
+            ("patch", "events.events.k8s.io", Some("default"), true),
+            ("create", "events.events.k8s.io", Some("kube-system"), false),
+            ("get", "secrets", Some(NAMESPACE), false),
+            ("list", "poddisruptionbudgets.policy", None, false),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn the_webhook_may_only_watch_pods_pdbs_and_nodes() {
+    let bed = Bed::connect().await;
+    check(
+        &bed,
+        Role::Webhook,
+        &[
+            ("list", "pods", None, true),
+            ("watch", "pods", None, true),
+            ("list", "poddisruptionbudgets.policy", None, true),
+            ("watch", "poddisruptionbudgets.policy", None, true),
+            ("list", "nodes", None, true),
+            ("watch", "nodes", None, true),
+            ("patch", "nodes", None, false),
+            ("update", "nodes", None, false),
+            ("get", "secrets", Some(NAMESPACE), false),
+            ("create", "pods/eviction", None, false),
+            ("create", "events.events.k8s.io", Some("default"), false),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn the_webhook_cannot_change_a_node() {
+    let bed = Bed::connect().await;
+    let node = KwokNode::create(&bed, "chart-webhook", Default::default(), json!({})).await;
+
+    let output = kubectl_as(
+        &bed,
+        Role::Webhook,
+        &["annotate", "node", &node.name, "spot-rebalancer.io/phase=Tainted"],
+    );
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the webhook annotated a node");
+    assert!(
+        stderr.contains("forbidden") && stderr.contains(&Role::Webhook.username()),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_agent_cannot_patch_another_node_nor_delete_its_own() {
+    let bed = Bed::connect().await;
+    let own = KwokNode::create(&bed, "chart-agent-own", Default::default(), json!({})).await;
+    let other = KwokNode::create(&bed, "chart-agent-other", Default::default(), json!({})).await;
+    let agent = Role::Agent { node: &own.name };
+    let notice = "spot-rebalancer.io/rebalance-notice-time=2026-11-25T10:00:00Z";
+
+    // RBAC lets the agent patch Nodes; the chart's admission policy narrows that to its own.
+    let denied = eventually(
+        "the agent policy to be in force",
+        Duration::from_secs(30),
+        || async {
+            let output = kubectl_as(
+                &bed,
+                agent,
+                &["annotate", "--overwrite", "node", &other.name, notice],
+            );
+            (!output.status.success()).then(|| String::from_utf8_lossy(&output.stderr).into_owned())
+        },
+    )
+    .await;
+    assert!(denied.contains("may annotate only its own node"), "{denied}");
+    let own_node = kubectl_as(
+        &bed,
+        agent,
+        &["annotate", "--overwrite", "node", &own.name, notice],
+    );
+    assert!(
+        own_node.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own_node.stderr)
+    );
+
+    let delete = kubectl_as(&bed, agent, &["delete", "node", &own.name, "--wait=false"]);
+    let stderr = String::from_utf8_lossy(&delete.stderr);
+    assert!(!delete.status.success(), "the agent deleted its node");
+    assert!(stderr.contains("forbidden"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_rendered_chart_is_accepted_by_the_api_server() {
+    let bed = Bed::connect().await;
+    // Every object but cert-manager's (the bed has no cert-manager CRDs), server-side dry run: the
+    // API server's own validation, CEL compilation of the admission policy and webhook conditions.
+    let documents: Vec<String> = support::identity::rendered_documents(&[])
+        .into_iter()
+        .filter(|doc| !doc.contains("\napiVersion: cert-manager.io/"))
+        .collect();
+    assert!(documents.len() >= 20, "{} documents", documents.len());
+    let output = support::webhook::kubectl_with_input(
+        &bed,
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager",
+            "e2e-chart",
+            "-f",
+            "-",
+        ],
+        &documents.join("\n---\n"),
+    );
+    assert!(output.success, "{}", output.stderr);
+    assert!(!output.stderr.contains("Warning"), "{}", output.stderr);
+
+    // The agent policy as applied (support::identity): its CEL type-checks without warnings.
+    support::identity::apply_chart_identities(&bed);
+    let status = eventually("the policy's type check", Duration::from_secs(30), || async {
+        let output = support::webhook::kubectl(
+            &bed,
+            &[
+                "get",
+                "validatingadmissionpolicy",
+                "spot-rebalancer-agent-own-node",
+                "-o",
+                "jsonpath={.status}",
+            ],
+        );
+        let status: serde_json::Value = serde_json::from_str(&output.stdout).ok()?;
+        status.get("typeChecking").is_some().then_some(status)
+    })
+    .await;
+    assert_eq!(
+        status["typeChecking"]["expressionWarnings"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+}

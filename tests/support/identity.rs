@@ -1,0 +1,264 @@
+//! Each role's own identity on the bed, as the Helm chart gives it in a cluster: the chart's rendered
+//! ServiceAccounts, RBAC and agent admission policy (`manifests/rendered/spot-rebalancer.yaml`, kept
+//! up to date with the chart by `scripts/check-chart`) applied to the bed's API server once per test
+//! process, and a kubeconfig holding a token of the role's own ServiceAccount (TokenRequest API).
+//! A role process started with it can do exactly what the chart allows: a permission the code needs
+//! and the chart lacks fails the e2e tests, and so does one the chart grants and should not.
+//!
+//! The rendered file, not `helm template` at test time: the tests need no helm, and they exercise
+//! the very YAML users `kubectl apply`.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Mutex, OnceLock},
+};
+
+use kube::config::Kubeconfig;
+
+use super::{Bed, unique};
+
+/// The chart's release namespace in the rendered manifests.
+pub const NAMESPACE: &str = "spot-rebalancer";
+/// The rendered chart, relative to the repository.
+pub const RENDERED: &str = "manifests/rendered/spot-rebalancer.yaml";
+/// The kinds of the rendered chart that give the roles their identities and limits.
+const IDENTITY_KINDS: [&str; 8] = [
+    "Namespace",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+];
+/// Long enough for any test; a bound agent token also ends when its Node is deleted.
+const TOKEN_SECONDS: &str = "7200s";
+
+/// Whose identity a process runs with.
+#[derive(Debug, Clone, Copy)]
+pub enum Role<'a> {
+    /// The agent on `node`: its token is bound to that Node, as a pod's projected token names the
+    /// pod's node, so the admission policy lets it annotate that Node only.
+    Agent {
+        node: &'a str,
+    },
+    /// The agent's ServiceAccount with a token bound to no Node (an agent whose Node is missing).
+    UnboundAgent,
+    Controller,
+    Webhook,
+}
+
+impl Role<'_> {
+    /// The role's ServiceAccount in [`NAMESPACE`] (the chart's defaults).
+    pub fn service_account(&self) -> &'static str {
+        match self {
+            Role::Agent { .. } | Role::UnboundAgent => "spot-rebalancer-agent",
+            Role::Controller => "spot-rebalancer-controller",
+            Role::Webhook => "spot-rebalancer-webhook",
+        }
+    }
+
+    /// The username the API server sees for this role.
+    pub fn username(&self) -> String {
+        format!("system:serviceaccount:{NAMESPACE}:{}", self.service_account())
+    }
+}
+
+/// The documents of the rendered chart whose top-level `kind:` is one of `kinds` (all of them when
+/// `kinds` is empty), as YAML text.
+pub fn rendered_documents(kinds: &[&str]) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(RENDERED);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.split("\n---\n")
+        .filter(|doc| {
+            kinds.is_empty()
+                || kinds
+                    .iter()
+                    .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Applies the chart's ServiceAccounts, RBAC and agent admission policy to the bed (server-side
+/// apply: idempotent, so every test process may do it; each does it once).
+pub fn apply_chart_identities(bed: &Bed) {
+    static APPLIED: OnceLock<()> = OnceLock::new();
+    APPLIED.get_or_init(|| {
+        let documents = rendered_documents(&IDENTITY_KINDS);
+        assert!(documents.len() >= 15, "too few identity objects in {RENDERED}");
+        let output = kubectl(
+            bed,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager",
+                "e2e-chart",
+                "-f",
+                "-",
+            ],
+            &documents.join("\n---\n"),
+        );
+        assert!(
+            output.status.success(),
+            "applying the chart's RBAC: {}",
+            stderr(&output)
+        );
+        // The API server's authorizer follows RBAC objects through a watch: wait until it knows the
+        // last binding, so a role started next is not refused for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let webhook = Role::Webhook.username();
+        let args = [
+            "auth",
+            "can-i",
+            "watch",
+            "poddisruptionbudgets.policy",
+            "-A",
+            "--as",
+            &webhook,
+        ];
+        while kubectl(bed, &args, "").stdout != b"yes\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the chart's RBAC is not in force after 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+}
+
+/// A token of `role`'s ServiceAccount (applying the chart's identities first).
+pub fn token(bed: &Bed, role: Role<'_>) -> String {
+    apply_chart_identities(bed);
+    let account = role.service_account();
+    let mut args = vec![
+        "create",
+        "token",
+        account,
+        "-n",
+        NAMESPACE,
+        "--duration",
+        TOKEN_SECONDS,
+    ];
+    if let Role::Agent { node } = role {
+        args.extend(["--bound-object-kind", "Node", "--bound-object-name", node]);
+    }
+    let output = kubectl(bed, &args, "");
+    assert!(
+        output.status.success(),
+        "a token for {role:?}: {}",
+        stderr(&output)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// A kubeconfig for the bed's API server that authenticates as `role` (and nothing else: no client
+/// certificate). Controller and webhook share one per test process; each agent gets its own.
+pub fn role_kubeconfig(bed: &Bed, role: Role<'_>) -> PathBuf {
+    static SHARED: Mutex<Vec<(&'static str, PathBuf)>> = Mutex::new(Vec::new());
+    let shared = matches!(role, Role::Controller | Role::Webhook);
+    if shared
+        && let Some((_, path)) = SHARED
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(account, _)| *account == role.service_account())
+    {
+        return path.clone();
+    }
+    let path = write_kubeconfig(bed, role.service_account(), &token(bed, role));
+    if shared {
+        SHARED
+            .lock()
+            .unwrap()
+            .push((role.service_account(), path.clone()));
+    }
+    path
+}
+
+/// Writes a kubeconfig with the bed's server and CA and `token` (in the bed's state folder, which
+/// `bed/down.sh` removes).
+fn write_kubeconfig(bed: &Bed, user: &str, token: &str) -> PathBuf {
+    let admin = Path::new(&bed.vars["BED_KUBECONFIG"]);
+    let config = Kubeconfig::read_from(admin).expect("the bed's kubeconfig");
+    let cluster = config
+        .clusters
+        .first()
+        .and_then(|named| named.cluster.clone())
+        .expect("the bed's kubeconfig names a cluster");
+    let server = cluster.server.expect("the bed's API server URL");
+    let ca = match (
+        &cluster.certificate_authority,
+        &cluster.certificate_authority_data,
+    ) {
+        (Some(file), _) => format!("certificate-authority: {file}"),
+        (None, Some(data)) => format!("certificate-authority-data: {data}"),
+        (None, None) => panic!("the bed's kubeconfig has no CA"),
+    };
+    let dir = admin.parent().unwrap().join("identities");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}.kubeconfig", unique(user)));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: bed\n  cluster:\n    server: {server}\n    {ca}\n\
+         users:\n- name: {user}\n  user:\n    token: {token}\n\
+         contexts:\n- name: {user}\n  context:\n    cluster: bed\n    user: {user}\n\
+         current-context: {user}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// kubectl authenticated as `role` (its own kubeconfig, nothing inherited).
+pub fn kubectl_as(bed: &Bed, role: Role<'_>, args: &[&str]) -> std::process::Output {
+    let kubeconfig = role_kubeconfig(bed, role);
+    Command::new(&bed.vars["BED_KUBECTL"])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run kubectl")
+}
+
+/// `kubectl auth can-i` as `role` (a SelfSubjectAccessReview with its own token); `resource` may
+/// name a subresource (`pods/eviction`).
+pub fn can_i(bed: &Bed, role: Role<'_>, verb: &str, resource: &str, namespace: Option<&str>) -> bool {
+    let mut args = vec!["auth", "can-i", verb];
+    match resource.split_once('/') {
+        Some((resource, subresource)) => args.extend([resource, "--subresource", subresource]),
+        None => args.push(resource),
+    }
+    match namespace {
+        Some(namespace) => args.extend(["-n", namespace]),
+        None => args.push("--all-namespaces"),
+    }
+    let output = kubectl_as(bed, role, &args);
+    match String::from_utf8_lossy(&output.stdout).trim() {
+        "yes" => true,
+        "no" => false,
+        other => panic!(
+            "kubectl auth can-i {verb} {resource} as {role:?}: {other} {}",
+            stderr(&output)
+        ),
+    }
+}
+
+fn kubectl(bed: &Bed, args: &[&str], input: &str) -> std::process::Output {
+    use std::{io::Write, process::Stdio};
+    let mut child = Command::new(&bed.vars["BED_KUBECTL"])
+        .args(["--kubeconfig", &bed.vars["BED_KUBECONFIG"]])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
