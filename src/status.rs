@@ -9,7 +9,11 @@ pub mod row;
 pub mod table;
 pub mod timeline;
 
-use std::{io::Write, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    path::PathBuf,
+};
 
 use clap::{Args as ClapArgs, ValueEnum};
 use futures::StreamExt;
@@ -160,7 +164,9 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
         .default_backoff()
         .boxed();
     let mut watch = Watch::default();
-    let mut current: std::collections::BTreeMap<String, Row> = Default::default();
+    let mut current: BTreeMap<String, Row> = BTreeMap::new();
+    // Names listed since the watch (re)started its list; whatever else is current was deleted meanwhile.
+    let mut listed: Option<BTreeSet<String>> = None;
     let mut synced = false;
     loop {
         let event = tokio::select! {
@@ -178,9 +184,24 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
         let now = Timestamp::now();
         let mut lines = Vec::new();
         match event {
-            watcher::Event::Init => {}
-            watcher::Event::InitDone => synced = true,
+            watcher::Event::Init => listed = Some(BTreeSet::new()),
+            watcher::Event::InitDone => {
+                synced = true;
+                let listed = listed.take().unwrap_or_default();
+                let gone: Vec<String> = current
+                    .keys()
+                    .filter(|name| !listed.contains(*name))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    current.remove(&name);
+                    lines.extend(watch.deleted(&name, now));
+                }
+            }
             watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
+                if let Some(listed) = listed.as_mut() {
+                    listed.insert(node.name_any());
+                }
                 if args.wants(&node.name_any()) {
                     let row = Row::from_node(&node, &keys);
                     lines = watch.update(&row, now);

@@ -321,6 +321,18 @@ mod tests {
     }
 
     #[test]
+    fn a_line_in_json_names_its_fields() {
+        let row = row_of(json!({keys::REBALANCE_NOTICE_TIME: NOTICE}), None);
+        let line = Watch::default().update(&row, at(NOTICE)).remove(0);
+        let value = serde_json::to_value(&line).unwrap();
+        assert_eq!(
+            value,
+            json!({"at": NOTICE, "elapsedMs": 0, "node": "n1", "phase": "Noticed",
+                   "text": "rebalance recommendation for i-0old (agent)"})
+        );
+    }
+
+    #[test]
     fn a_watch_prints_each_step_once_as_the_node_moves_on() {
         let mut watch = Watch::default();
         let noticed = row_of(json!({keys::REBALANCE_NOTICE_TIME: NOTICE}), None);
