@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write,
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::{Args as ClapArgs, ValueEnum};
@@ -29,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{controller::record::Phase, keys, node::OptInLabel};
 use row::{Keys, Row};
 use timeline::Watch;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,9 +99,14 @@ pub struct Args {
 
 /// Prints the table (or JSON) once, or watches until `shutdown` (or `--until`).
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
-    let config = crate::kube_config::load(args.kubeconfig.as_deref())
+    let mut config = crate::kube_config::load(args.kubeconfig.as_deref())
         .await
         .map_err(Error::from)?;
+    // An operator's command answers or says why, soon; a watch keeps kube's long read timeout.
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    if !args.watch {
+        config.read_timeout = Some(READ_TIMEOUT);
+    }
     let client = Client::try_from(config).map_err(Error::Client)?;
     let nodes: Api<Node> = Api::all(client);
     if args.watch {
@@ -227,5 +236,45 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
         if synced && !args.until.is_empty() && timeline::settled(current.values(), &args.until) {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::row::tests::{node, record_json};
+    use serde_json::json;
+
+    #[test]
+    fn rows_are_the_noticed_nodes_by_name_unless_all_are_asked_for() {
+        let nodes = [
+            node("b-quiet", json!({}), None, true),
+            node(
+                "c-failed",
+                json!({keys::PHASE: "Failed", keys::REPLACEMENT: record_json(json!({}))}),
+                None,
+                true,
+            ),
+            node(
+                "a-noticed",
+                json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z"}),
+                None,
+                true,
+            ),
+        ];
+        let names = |rows: Vec<Row>| rows.into_iter().map(|row| row.node).collect::<Vec<_>>();
+        let keys = Keys::default();
+        assert_eq!(
+            names(rows(&nodes, &keys, false, |_| true)),
+            ["a-noticed", "c-failed"]
+        );
+        assert_eq!(
+            names(rows(&nodes, &keys, true, |_| true)),
+            ["a-noticed", "b-quiet", "c-failed"]
+        );
+        assert_eq!(
+            names(rows(&nodes, &keys, true, |name| name == "b-quiet")),
+            ["b-quiet"]
+        );
     }
 }
