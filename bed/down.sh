@@ -4,6 +4,8 @@
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+# The demo's roles and IMDS mock first (scripts/demo), while the API server is still there for them.
+for pidfile in "$BED_DIR"/demo/*.pid; do stop_pidfile "$pidfile"; done
 stop_pidfile "$BED_DIR/launcher.pid"
 if [[ -d $BED_DIR/kwok ]]; then
   KWOK_WORKDIR="$BED_DIR/kwok" "$kwok_bin/kwokctl" delete cluster --name "$BED_CLUSTER" >/dev/null 2>&1 || true

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{agent, controller, webhook};
+use crate::{agent, controller, status, webhook};
 
 #[derive(Debug, Parser)]
 #[command(name = "spot-rebalancer", version, about, propagate_version = true)]
@@ -32,6 +32,8 @@ pub enum Role {
     Controller(controller::Args),
     /// Admission webhook: keep taint-driven eviction PDB-safe and the taint after the replacement.
     Webhook(webhook::Args),
+    /// Show the opted-in nodes' replacement state: phase, replacement, taint, age, reason.
+    Status(status::Args),
 }
 
 /// Where a role serves `/healthz`, `/readyz` and `/metrics`.
@@ -57,5 +59,33 @@ mod tests {
         let error = Cli::try_parse_from(["spot-rebalancer", "agent", "--admin-addr", "nowhere"])
             .expect_err("an address without a port must be refused");
         assert!(error.to_string().contains("--admin-addr"), "{error}");
+    }
+
+    #[test]
+    fn status_until_takes_phases_and_needs_watch() {
+        let cli = Cli::try_parse_from([
+            "spot-rebalancer",
+            "status",
+            "--watch",
+            "--until",
+            "Tainted,Failed",
+        ])
+        .expect("phases by name");
+        let Role::Status(args) = cli.role else {
+            panic!("the status subcommand")
+        };
+        assert_eq!(
+            args.until,
+            [
+                crate::controller::record::Phase::Tainted,
+                crate::controller::record::Phase::Failed
+            ]
+        );
+        let error = Cli::try_parse_from(["spot-rebalancer", "status", "--until", "Tainted"])
+            .expect_err("--until without --watch");
+        assert!(error.to_string().contains("--watch"), "{error}");
+        let error = Cli::try_parse_from(["spot-rebalancer", "status", "-w", "--until", "Sleeping"])
+            .expect_err("not a phase");
+        assert!(error.to_string().contains("--until"), "{error}");
     }
 }

@@ -2,7 +2,7 @@
 //! wait for the replacement to be Ready, fall back to on-demand when spot capacity is gone, then taint.
 //!
 //! One binary, three roles (see `cli::Role`): the node `agent`, the replacement `controller` and the
-//! admission `webhook`. Each role serves `/healthz`, `/readyz` and `/metrics` (see [`admin`]) and stops
+//! admission `webhook`; and `status`, the operator's view of the opted-in nodes. Each role serves `/healthz`, `/readyz` and `/metrics` (see [`admin`]) and stops
 //! cleanly on SIGTERM (see [`shutdown`]).
 
 pub mod admin;
@@ -15,6 +15,7 @@ pub mod keys;
 pub mod kube_config;
 pub mod node;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 pub mod webhook;
 
@@ -29,6 +30,8 @@ pub enum Error {
     Controller(#[from] controller::Error),
     #[error("webhook: {0}")]
     Webhook(#[from] webhook::Error),
+    #[error("status: {0}")]
+    Status(#[from] status::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -40,5 +43,6 @@ pub async fn run(role: cli::Role) -> Result<()> {
         cli::Role::Agent(args) => agent::run(args, shutdown).await,
         cli::Role::Controller(args) => controller::run(args, shutdown).await,
         cli::Role::Webhook(args) => webhook::run(args, shutdown).await,
+        cli::Role::Status(args) => status::run(args, shutdown).await,
     }
 }

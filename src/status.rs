@@ -1,0 +1,280 @@
+//! `spot-rebalancer status`: what an operator types first when something looks wrong. A table of the
+//! opted-in nodes with a notice (all of them with `--all`): instance, node group, phase, claimed
+//! replacement, taint, age since the notice, readiness and, for Failed/Skipped, the reason. `-o json`
+//! for scripts; `--watch` prints each node's steps as they happen, timed from its notice.
+//!
+//! Everything is read from the Nodes (the controller keeps its state there); the rows
+//! ([`row`]), the table ([`table`]) and the watch's steps ([`timeline`]) are pure functions.
+pub mod row;
+pub mod table;
+pub mod timeline;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Args as ClapArgs, ValueEnum};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client, ResourceExt,
+    api::ListParams,
+    runtime::{WatchStreamExt, watcher},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{controller::record::Phase, keys, node::OptInLabel};
+use row::{Keys, Row};
+use timeline::Watch;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    KubeConfig(#[from] crate::kube_config::Error),
+    #[error("connecting to the Kubernetes API: {0}")]
+    Client(#[source] kube::Error),
+    #[error("listing the Nodes labelled {selector}: {source}")]
+    List {
+        selector: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, ClapArgs)]
+pub struct Args {
+    /// Kubeconfig file; without it, the in-cluster service account (or `~/.kube/config`).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Nodes carrying this `KEY=VALUE` label are shown (the controller's `--opt-in-label`).
+    #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
+    pub opt_in_label: OptInLabel,
+
+    /// Label naming a node's node group.
+    #[arg(long, env = "NODEGROUP_LABEL", default_value = keys::DEFAULT_NODEGROUP_LABEL)]
+    pub nodegroup_label: String,
+
+    /// Key of the termination taint (the controller's `--taint-key`).
+    #[arg(long, env = "TAINT_KEY", default_value = keys::DEFAULT_TAINT_KEY)]
+    pub taint_key: String,
+
+    /// Only these Nodes (repeat the flag for more).
+    #[arg(long = "node", env = "STATUS_NODES", value_delimiter = ',')]
+    pub nodes: Vec<String>,
+
+    /// Output format: a table, or JSON (with `--watch`: one JSON object per line).
+    #[arg(short, long, env = "STATUS_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+
+    /// Also show opted-in nodes without any notice.
+    #[arg(long, env = "STATUS_ALL")]
+    pub all: bool,
+
+    /// Keep watching; print one line per step of each noticed node (notice, scale-up, replacement
+    /// claimed, Ready, taint, ...), timed from its notice.
+    #[arg(short, long, env = "STATUS_WATCH")]
+    pub watch: bool,
+
+    /// With `--watch`: stop once every noticed node is in one of these phases (comma-separated,
+    /// e.g. `Tainted,Failed,Skipped`).
+    #[arg(long, env = "STATUS_UNTIL", requires = "watch", value_delimiter = ',')]
+    pub until: Vec<Phase>,
+}
+
+/// Prints the table (or JSON) once, or watches until `shutdown` (or `--until`).
+pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
+    let mut config = crate::kube_config::load(args.kubeconfig.as_deref())
+        .await
+        .map_err(Error::from)?;
+    // An operator's command answers or says why, soon; a watch keeps kube's long read timeout.
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    if !args.watch {
+        config.read_timeout = Some(READ_TIMEOUT);
+    }
+    let client = Client::try_from(config).map_err(Error::Client)?;
+    let nodes: Api<Node> = Api::all(client);
+    if args.watch {
+        watch(&args, nodes, shutdown).await?;
+    } else {
+        print_once(&args, nodes).await?;
+    }
+    Ok(())
+}
+
+impl Args {
+    fn keys(&self) -> Keys {
+        Keys {
+            nodegroup_label: self.nodegroup_label.clone(),
+            taint_key: self.taint_key.clone(),
+        }
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.nodes.is_empty() || self.nodes.iter().any(|wanted| wanted == name)
+    }
+}
+
+/// The rows to show of `nodes`, sorted by node name.
+pub fn rows(nodes: &[Node], keys: &Keys, all: bool, wanted: impl Fn(&str) -> bool) -> Vec<Row> {
+    let mut rows: Vec<Row> = nodes
+        .iter()
+        .filter(|node| wanted(&node.name_any()))
+        .map(|node| Row::from_node(node, keys))
+        .filter(|row| all || row.is_active())
+        .collect();
+    rows.sort_by(|a, b| a.node.cmp(&b.node));
+    rows
+}
+
+async fn print_once(args: &Args, nodes: Api<Node>) -> Result<(), Error> {
+    let selector = args.opt_in_label.selector();
+    let list = nodes
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|source| Error::List {
+            selector: selector.clone(),
+            source,
+        })?;
+    let rows = rows(&list.items, &args.keys(), args.all, |name| args.wants(name));
+    let now = Timestamp::now();
+    let text = match args.output {
+        Output::Table => table::render_table(&rows, now),
+        Output::Json => table::render_json(&rows, now),
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes()).map_err(Error::Output)?;
+    if args.output == Output::Table && rows.is_empty() && !args.all {
+        eprintln!("(no opted-in node labelled {selector} has a notice; --all shows them all)");
+    }
+    Ok(())
+}
+
+async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Result<(), Error> {
+    let selector = args.opt_in_label.selector();
+    let keys = args.keys();
+    eprintln!("watching the Nodes labelled {selector} (Ctrl-C to stop)");
+    let mut events = watcher(nodes, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .boxed();
+    let mut watch = Watch::default();
+    let mut current: BTreeMap<String, Row> = BTreeMap::new();
+    // Names listed since the watch (re)started its list; whatever else is current was deleted meanwhile.
+    let mut listed: Option<BTreeSet<String>> = None;
+    let mut synced = false;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            event = events.next() => event,
+        };
+        let Some(event) = event else { return Ok(()) };
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, "watching the Nodes failed; retrying");
+                continue;
+            }
+        };
+        let now = Timestamp::now();
+        let mut lines = Vec::new();
+        match event {
+            watcher::Event::Init => listed = Some(BTreeSet::new()),
+            watcher::Event::InitDone => {
+                synced = true;
+                let listed = listed.take().unwrap_or_default();
+                let gone: Vec<String> = current
+                    .keys()
+                    .filter(|name| !listed.contains(*name))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    current.remove(&name);
+                    lines.extend(watch.deleted(&name, now));
+                }
+            }
+            watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
+                if let Some(listed) = listed.as_mut() {
+                    listed.insert(node.name_any());
+                }
+                if args.wants(&node.name_any()) {
+                    let row = Row::from_node(&node, &keys);
+                    lines = watch.update(&row, now);
+                    current.insert(row.node.clone(), row);
+                }
+            }
+            watcher::Event::Delete(node) => {
+                let name = node.name_any();
+                current.remove(&name);
+                lines.extend(watch.deleted(&name, now));
+            }
+        }
+        let mut stdout = std::io::stdout().lock();
+        for line in &lines {
+            let text = match args.output {
+                Output::Table => line.to_text(),
+                // A line of plain strings and numbers always serializes.
+                Output::Json => serde_json::to_string(line).unwrap_or_default(),
+            };
+            writeln!(stdout, "{text}").map_err(Error::Output)?;
+        }
+        stdout.flush().map_err(Error::Output)?;
+        if synced && !args.until.is_empty() && timeline::settled(current.values(), &args.until) {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::row::tests::{node, record_json};
+    use serde_json::json;
+
+    #[test]
+    fn rows_are_the_noticed_nodes_by_name_unless_all_are_asked_for() {
+        let nodes = [
+            node("b-quiet", json!({}), None, true),
+            node(
+                "c-failed",
+                json!({keys::PHASE: "Failed", keys::REPLACEMENT: record_json(json!({}))}),
+                None,
+                true,
+            ),
+            node(
+                "a-noticed",
+                json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z"}),
+                None,
+                true,
+            ),
+        ];
+        let names = |rows: Vec<Row>| rows.into_iter().map(|row| row.node).collect::<Vec<_>>();
+        let keys = Keys::default();
+        assert_eq!(
+            names(rows(&nodes, &keys, false, |_| true)),
+            ["a-noticed", "c-failed"]
+        );
+        assert_eq!(
+            names(rows(&nodes, &keys, true, |_| true)),
+            ["a-noticed", "b-quiet", "c-failed"]
+        );
+        assert_eq!(
+            names(rows(&nodes, &keys, true, |name| name == "b-quiet")),
+            ["b-quiet"]
+        );
+    }
+}

@@ -1,0 +1,365 @@
+//! One opted-in Node as an operator sees it: its instance, node group, phase, replacement, taint,
+//! readiness and what went wrong. Read from the Node alone (annotations written by the agent and the
+//! controller, labels, taints, conditions); a malformed annotation becomes a problem on the row.
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use serde::Serialize;
+
+use crate::{
+    controller::record::{Phase, Replacement},
+    keys, node,
+};
+
+/// What the row shows in its PHASE column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// No notice and no record: nothing is happening to this node.
+    Quiet,
+    /// A notice is on the node but the controller has not written a record yet.
+    Noticed,
+    /// The controller's phase.
+    Phase(Phase),
+    /// The phase annotation is missing, or not a phase the controller writes.
+    Malformed,
+}
+
+impl State {
+    pub fn label(&self) -> String {
+        match self {
+            State::Quiet => "-".to_owned(),
+            State::Noticed => "Noticed".to_owned(),
+            State::Phase(phase) => phase.to_string(),
+            State::Malformed => "Malformed".to_owned(),
+        }
+    }
+}
+
+/// Which labels and taint the rows are read with (the controller's settings).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub nodegroup_label: String,
+    pub taint_key: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys {
+            nodegroup_label: keys::DEFAULT_NODEGROUP_LABEL.to_owned(),
+            taint_key: keys::DEFAULT_TAINT_KEY.to_owned(),
+        }
+    }
+}
+
+/// The replacement record as read, or why it could not be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordCell {
+    Absent,
+    Read(Box<Replacement>),
+    Malformed,
+}
+
+/// One Node's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub node: String,
+    /// From `spec.providerID`, else the agent's `instance-id` annotation.
+    pub instance: Option<String>,
+    pub nodegroup: Option<String>,
+    pub state: State,
+    pub record: RecordCell,
+    /// Effect of the termination taint, when the node carries it.
+    pub taint_effect: Option<String>,
+    pub ready: bool,
+    /// When the rebalance recommendation came (the agent's annotation).
+    pub noticed_at: Option<Timestamp>,
+    /// When the spot instance is to be interrupted (the agent's annotation).
+    pub interruption_at: Option<Timestamp>,
+    /// Annotations that could not be read, each saying which and why.
+    pub problems: Vec<String>,
+}
+
+impl Row {
+    /// Reads a Node; never fails: what cannot be read is a problem on the row.
+    pub fn from_node(node: &Node, keys: &Keys) -> Row {
+        let annotations = node::annotations(node);
+        let mut problems = Vec::new();
+        let mut time = |key: &str| {
+            let text = annotations.get(key)?;
+            text.parse::<Timestamp>()
+                .map_err(|_| problems.push(format!("{key} {text:?} is not an RFC 3339 time")))
+                .ok()
+        };
+        let noticed_at = time(keys::REBALANCE_NOTICE_TIME);
+        let interruption_at = time(keys::INTERRUPTION_TIME);
+        let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME)
+            || annotations.contains_key(keys::INTERRUPTION_TIME);
+
+        let record = match annotations.get(keys::REPLACEMENT) {
+            None => RecordCell::Absent,
+            Some(text) => match serde_json::from_str::<Replacement>(text) {
+                Ok(record) => RecordCell::Read(Box::new(record)),
+                Err(error) => {
+                    problems.push(format!(
+                        "{} is not a replacement record: {error}",
+                        keys::REPLACEMENT
+                    ));
+                    RecordCell::Malformed
+                }
+            },
+        };
+        let state = match (annotations.get(keys::PHASE), &record) {
+            (Some(text), _) => match text.parse::<Phase>() {
+                Ok(phase) => State::Phase(phase),
+                Err(_) => {
+                    problems.push(format!("{} {text:?} is not a phase", keys::PHASE));
+                    State::Malformed
+                }
+            },
+            (None, RecordCell::Absent) if noticed => State::Noticed,
+            (None, RecordCell::Absent) => State::Quiet,
+            (None, _) => {
+                problems.push(format!("{} is missing next to the record", keys::PHASE));
+                State::Malformed
+            }
+        };
+        if matches!(state, State::Phase(_)) && record == RecordCell::Absent {
+            problems.push(format!("{} is missing next to the phase", keys::REPLACEMENT));
+        }
+
+        let instance = node::instance_id(node)
+            .map(str::to_owned)
+            .or_else(|| annotations.get(keys::INSTANCE_ID).cloned());
+        Row {
+            node: node.name_any(),
+            instance,
+            nodegroup: node::labels(node).get(&keys.nodegroup_label).cloned(),
+            state,
+            record,
+            taint_effect: node::taints(node)
+                .iter()
+                .find(|taint| taint.key == keys.taint_key)
+                .map(|taint| taint.effect.clone()),
+            ready: node::is_ready(node),
+            noticed_at,
+            interruption_at,
+            problems,
+        }
+    }
+
+    /// Anything to report: a notice, a record, or an annotation that cannot be read.
+    pub fn is_active(&self) -> bool {
+        self.state != State::Quiet || self.record != RecordCell::Absent || !self.problems.is_empty()
+    }
+
+    pub fn replacement(&self) -> Option<&Replacement> {
+        match &self.record {
+            RecordCell::Read(record) => Some(record),
+            _ => None,
+        }
+    }
+
+    /// The claimed replacement: its Node, else its instance.
+    pub fn replacement_cell(&self) -> String {
+        match &self.record {
+            RecordCell::Malformed => "<malformed>".to_owned(),
+            RecordCell::Absent => "-".to_owned(),
+            RecordCell::Read(record) => record
+                .node
+                .clone()
+                .or_else(|| record.instance_id.clone())
+                .unwrap_or_else(|| "-".to_owned()),
+        }
+    }
+
+    /// Since when this node is in trouble: the rebalance notice, else the controller's detection.
+    pub fn since(&self) -> Option<Timestamp> {
+        self.noticed_at
+            .or_else(|| self.replacement().map(|record| record.detected_at))
+    }
+
+    /// The record's reason when the node is Failed or Skipped, then every problem reading it.
+    pub fn reason(&self) -> Option<String> {
+        let terminal = matches!(self.state, State::Phase(Phase::Failed | Phase::Skipped));
+        let reason = self
+            .replacement()
+            .and_then(|record| record.reason.clone())
+            .filter(|_| terminal);
+        let parts: Vec<String> = reason.into_iter().chain(self.problems.iter().cloned()).collect();
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
+    /// The row as `-o json` prints it.
+    pub fn to_json(&self, now: Timestamp) -> JsonRow<'_> {
+        let record = self.replacement();
+        JsonRow {
+            node: &self.node,
+            instance: self.instance.as_deref(),
+            nodegroup: self.nodegroup.as_deref(),
+            phase: self.state.label(),
+            replacement_node: record.and_then(|r| r.node.as_deref()),
+            replacement_instance: record.and_then(|r| r.instance_id.as_deref()),
+            taint_effect: self.taint_effect.as_deref(),
+            ready: self.ready,
+            since: self.since(),
+            age_seconds: self
+                .since()
+                .map(|since| now.duration_since(since).as_secs().max(0)),
+            notice_time: self.noticed_at,
+            interruption_time: self.interruption_at,
+            reason: self.reason(),
+            record,
+        }
+    }
+}
+
+/// One row of `-o json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JsonRow<'a> {
+    pub node: &'a str,
+    pub instance: Option<&'a str>,
+    pub nodegroup: Option<&'a str>,
+    pub phase: String,
+    pub replacement_node: Option<&'a str>,
+    pub replacement_instance: Option<&'a str>,
+    pub taint_effect: Option<&'a str>,
+    pub ready: bool,
+    pub since: Option<Timestamp>,
+    pub age_seconds: Option<i64>,
+    pub notice_time: Option<Timestamp>,
+    pub interruption_time: Option<Timestamp>,
+    pub reason: Option<String>,
+    /// The controller's whole record, as on the Node.
+    pub record: Option<&'a Replacement>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// A Node from its name, labels, annotations and termination-taint effect; Ready unless `ready`
+    /// is false.
+    pub fn node(name: &str, annotations: Value, taint: Option<&str>, ready: bool) -> Node {
+        let taints: Vec<Value> = taint
+            .map(|effect| json!({"key": keys::DEFAULT_TAINT_KEY, "value": "true", "effect": effect}))
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": annotations,
+                         "labels": {keys::DEFAULT_NODEGROUP_LABEL: "spot-a", keys::ENABLED_LABEL: "true"}},
+            "spec": {"providerID": "aws:///us-east-1a/i-0old", "taints": taints},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        }))
+        .unwrap()
+    }
+
+    pub fn record_json(extra: Value) -> String {
+        let mut record = json!({"spotAsg": "spot-a", "detectedAt": "2026-11-25T10:00:01Z"});
+        for (key, value) in extra.as_object().unwrap() {
+            record[key] = value.clone();
+        }
+        record.to_string()
+    }
+
+    fn row(annotations: Value) -> Row {
+        Row::from_node(&node("n1", annotations, None, true), &Keys::default())
+    }
+
+    #[test]
+    fn a_node_without_notice_or_record_is_quiet() {
+        let row = row(json!({}));
+        assert_eq!(row.state, State::Quiet);
+        assert!(!row.is_active());
+        assert_eq!(row.instance.as_deref(), Some("i-0old"));
+        assert_eq!(row.nodegroup.as_deref(), Some("spot-a"));
+        assert_eq!(row.since(), None);
+    }
+
+    #[test]
+    fn a_notice_without_a_record_is_noticed_since_the_notice() {
+        let row = row(json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z"}));
+        assert_eq!(row.state, State::Noticed);
+        assert!(row.is_active());
+        assert_eq!(row.since(), Some("2026-11-25T10:00:00Z".parse().unwrap()));
+        assert_eq!(row.replacement_cell(), "-");
+    }
+
+    #[test]
+    fn the_replacement_is_its_node_else_its_instance() {
+        let claimed = row(json!({keys::PHASE: "AwaitingReady",
+            keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new"}))}));
+        assert_eq!(claimed.replacement_cell(), "i-0new");
+        let named = row(json!({keys::PHASE: "Tainted",
+            keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new", "node": "ip-10-0-0-9"}))}));
+        assert_eq!(named.replacement_cell(), "ip-10-0-0-9");
+        assert_eq!(named.state, State::Phase(Phase::Tainted));
+        assert_eq!(
+            named.since(),
+            Some("2026-11-25T10:00:01Z".parse().unwrap()),
+            "no notice: since detection"
+        );
+    }
+
+    #[test]
+    fn the_reason_shows_only_when_failed_or_skipped() {
+        let failed = row(json!({keys::PHASE: "Failed",
+            keys::REPLACEMENT: record_json(json!({"reason": "no capacity anywhere"}))}));
+        assert_eq!(failed.reason().as_deref(), Some("no capacity anywhere"));
+        let scaling = row(json!({keys::PHASE: "ScalingSpot",
+            keys::REPLACEMENT: record_json(json!({"reason": "left over"}))}));
+        assert_eq!(scaling.reason(), None);
+    }
+
+    #[test]
+    fn a_malformed_record_is_a_problem_not_a_panic() {
+        let row = row(json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: "{not json"}));
+        assert_eq!(row.state, State::Phase(Phase::ScalingSpot));
+        assert_eq!(row.record, RecordCell::Malformed);
+        assert_eq!(row.replacement_cell(), "<malformed>");
+        let reason = row.reason().unwrap();
+        assert!(reason.contains("is not a replacement record"), "{reason}");
+    }
+
+    #[test]
+    fn an_unknown_phase_is_malformed_and_says_which() {
+        let row = row(json!({keys::PHASE: "Sleeping", keys::REPLACEMENT: record_json(json!({}))}));
+        assert_eq!(row.state, State::Malformed);
+        assert!(row.reason().unwrap().contains("\"Sleeping\" is not a phase"));
+    }
+
+    #[test]
+    fn a_record_without_a_phase_is_malformed() {
+        let row = row(json!({keys::REPLACEMENT: record_json(json!({}))}));
+        assert_eq!(row.state, State::Malformed);
+    }
+
+    #[test]
+    fn a_bad_notice_time_is_a_problem() {
+        let row = row(json!({keys::REBALANCE_NOTICE_TIME: "yesterday"}));
+        assert_eq!(row.state, State::Noticed);
+        assert_eq!(row.noticed_at, None);
+        assert!(
+            row.reason()
+                .unwrap()
+                .contains("\"yesterday\" is not an RFC 3339 time")
+        );
+    }
+
+    #[test]
+    fn taint_and_readiness_come_from_the_node() {
+        let node = node("n1", json!({}), Some("NoExecute"), false);
+        let row = Row::from_node(&node, &Keys::default());
+        assert_eq!(row.taint_effect.as_deref(), Some("NoExecute"));
+        assert!(!row.ready);
+    }
+
+    #[test]
+    fn without_a_provider_id_the_instance_is_the_agents() {
+        let mut node = node("n1", json!({keys::INSTANCE_ID: "i-0agent"}), None, true);
+        node.spec.as_mut().unwrap().provider_id = None;
+        let row = Row::from_node(&node, &Keys::default());
+        assert_eq!(row.instance.as_deref(), Some("i-0agent"));
+    }
+}
