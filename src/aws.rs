@@ -26,6 +26,12 @@ pub enum Error {
         desired: i32,
         message: String,
     },
+    #[error("UpdateAutoScalingGroup of {asg} to MaxSize and desired capacity {desired}: {message}")]
+    RaiseMax {
+        asg: String,
+        desired: i32,
+        message: String,
+    },
     #[error("DescribeScalingActivities for {asg}: {message}")]
     Activities { asg: String, message: String },
     #[error("TerminateInstanceInAutoScalingGroup for {instance}: {message}")]
@@ -40,6 +46,7 @@ impl Error {
             Error::DescribeGroup { .. } => "describe_group",
             Error::NoSuchGroup(_) => "no_such_group",
             Error::SetDesired { .. } => "set_desired",
+            Error::RaiseMax { .. } => "raise_max",
             Error::Activities { .. } => "activities",
             Error::Terminate { .. } => "terminate",
         }
@@ -206,6 +213,24 @@ impl AutoScaling {
             .send()
             .await
             .map_err(|e| Error::SetDesired {
+                asg: asg.to_owned(),
+                desired,
+                message: describe(e),
+            })?;
+        Ok(())
+    }
+
+    /// Raises MaxSize and the desired capacity to exactly `desired` in one call (AWS refuses a
+    /// SetDesiredCapacity above MaxSize): idempotent, used only when surging above MaxSize is allowed.
+    pub async fn raise_max_and_desired(&self, asg: &str, desired: i32) -> Result<(), Error> {
+        self.client
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(asg)
+            .max_size(desired)
+            .desired_capacity(desired)
+            .send()
+            .await
+            .map_err(|e| Error::RaiseMax {
                 asg: asg.to_owned(),
                 desired,
                 message: describe(e),

@@ -90,7 +90,8 @@ pub struct Args {
     #[arg(long, env = "COALESCE_WINDOW", default_value = "50ms", value_parser = humantime::parse_duration)]
     pub coalesce_window: Duration,
 
-    /// Raise desired capacity above the ASG's MaxSize when needed (off: capped at MaxSize).
+    /// Raise desired capacity above the ASG's MaxSize when needed, raising MaxSize with it through
+    /// UpdateAutoScalingGroup (off: capped at MaxSize, and an ASG at MaxSize falls back to on-demand).
     #[arg(long, env = "SURGE_ABOVE_MAX", default_value_t = false)]
     pub surge_above_max: bool,
 

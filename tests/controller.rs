@@ -415,6 +415,46 @@ async fn eventually_warned(t: &Scenario, nodes: &[String]) -> support::controlle
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_asg_at_its_max_size_falls_back_or_surges_as_configured() {
+    let t = Scenario::new("at-max").await;
+    // Without surging, an ASG at MaxSize has no room: the on-demand fallback replaces the node.
+    let full = t.spot_asg("full", 1, 1).await;
+    let surging = t.spot_asg("surging", 1, 1).await;
+    let on_demand = t.on_demand_asg("od", 0, 5).await;
+    let capped = name_of(&t.ready_nodes(&full, 1).await[0]);
+    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand]);
+    controller.wait_ready().await;
+    t.notice(&capped).await;
+    let tainted = t.wait_for_phase(&capped, phase::TAINTED, FLOW).await;
+    assert_eq!(record(&tainted).asg, Some(on_demand.clone()));
+    assert_eq!(
+        (t.asg(&full).await.desired, t.asg(&full).await.max),
+        (1, 1),
+        "the full ASG is untouched"
+    );
+    drop(controller);
+
+    // With --surge-above-max the controller raises MaxSize with the desired capacity (AWS refuses,
+    // and the bed too, a SetDesiredCapacity above MaxSize).
+    let surged = name_of(&t.ready_nodes(&surging, 1).await[0]);
+    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand, "--surge-above-max"]);
+    controller.wait_ready().await;
+    t.notice(&surged).await;
+    let tainted = t.wait_for_phase(&surged, phase::TAINTED, FLOW).await;
+    assert_eq!(record(&tainted).asg, Some(surging.clone()));
+    let asg = t.asg(&surging).await;
+    assert_eq!(
+        (asg.desired, asg.max),
+        (2, 2),
+        "MaxSize raised with the desired capacity"
+    );
+    assert!(
+        t.set_desired_calls(&surging).await.is_empty(),
+        "no SetDesiredCapacity above MaxSize"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skips_a_node_whose_instance_is_in_no_asg() {
     let t = Scenario::new("noasg").await;
     let on_demand = t.on_demand_asg("od", 0, 5).await;

@@ -191,6 +191,15 @@ class AwsSideTest(unittest.TestCase):
         self.assertTrue(all(a["Description"].startswith("Terminating EC2 instance: i-") for a in newest))
         self.assertIn("shrinking the capacity from 3 to 1", newest[0]["Cause"])
 
+    def test_desired_capacity_outside_min_and_max_is_refused_as_on_aws(self) -> None:
+        name = self.create_group(desired=1)
+        group = self.group(name)
+        above = group["MaxSize"] + 1
+        self.assert_error(lambda: self.set_desired(name, above), "ValidationError", 400)
+        self.assertEqual(self.group(name)["DesiredCapacity"], 1, "a refused call changes nothing")
+        self.asg.update_auto_scaling_group(AutoScalingGroupName=name, MaxSize=above, DesiredCapacity=above)
+        self.assertEqual(self.group(name)["DesiredCapacity"], above, "raising MaxSize with it is allowed")
+
     def test_capacity_rebalance_can_be_switched_on_by_update(self) -> None:
         name = self.create_group(desired=0)
         self.assertFalse(self.group(name).get("CapacityRebalance", False))

@@ -552,16 +552,33 @@ async fn wait_for_concurrent_intents(ctx: &Context, state: &AsgState) {
     }
 }
 
-async fn set_desired(ctx: &Context, asg: &str, capacity_type: CapacityType, target: i32) -> Result<()> {
+/// Sets the desired capacity to `target`; above the group's `max` (only when surging is allowed) it
+/// raises MaxSize with it, since AWS refuses a SetDesiredCapacity above MaxSize.
+async fn set_desired(
+    ctx: &Context,
+    asg: &str,
+    capacity_type: CapacityType,
+    target: i32,
+    max: i32,
+) -> Result<()> {
     let label = match capacity_type {
         CapacityType::Spot => "spot",
         CapacityType::OnDemand => "on-demand",
     };
-    ctx.metrics
-        .aws_calls
-        .with_label_values(&["SetDesiredCapacity"])
-        .inc();
-    match ctx.aws.set_desired(asg, target).await {
+    let surge = target > max;
+    let operation = if surge {
+        "UpdateAutoScalingGroup"
+    } else {
+        "SetDesiredCapacity"
+    };
+    ctx.metrics.aws_calls.with_label_values(&[operation]).inc();
+    let sent = if surge {
+        info!(asg, from = max, to = target, "raising MaxSize to surge above it");
+        ctx.aws.raise_max_and_desired(asg, target).await
+    } else {
+        ctx.aws.set_desired(asg, target).await
+    };
+    match sent {
         Ok(()) => {
             ctx.metrics.scale_ups.with_label_values(&[label, "ok"]).inc();
             Ok(())
@@ -595,7 +612,7 @@ async fn ensure_desired(ctx: &Context, intent: &ScaleIntent) -> Result<Option<i3
         *lock(&state.known_desired) = Some(group.desired);
         return Ok(None);
     }
-    set_desired(ctx, &intent.asg, intent.capacity_type, target).await?;
+    set_desired(ctx, &intent.asg, intent.capacity_type, target, group.max).await?;
     *lock(&state.known_desired) = Some(target);
     Ok(Some(target))
 }

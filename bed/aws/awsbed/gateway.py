@@ -22,12 +22,15 @@ from .activities import ActivityLog, describe_scaling_activities
 from .calls import CallLog
 from .control import PREFIX, ControlApi
 from .faults import ErrorInjector
-from .protocol import AwsRequest, ErrorReply, new_request_id, parse_aws_request, read_body
+from .protocol import AwsRequest, ErrorReply, new_request_id, parse_aws_request, read_body, validation_error
 from .world import MotoWorld, Trigger
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 ACTIVITY_ID = re.compile(rb"<ActivityId>([^<]+)</ActivityId>")
+
+
+GROUP = "AutoScalingGroup"
 
 
 def status_line(status: int) -> str:
@@ -85,6 +88,13 @@ class Gateway:
             start_response(status_line(status), headers)
             return [payload]
 
+        refused = self._refuse_desired_outside_bounds(request)
+        if refused is not None:
+            status, headers, payload = refused.render(request, request_id)
+            self.calls.record(request, status)
+            start_response(status_line(status), headers)
+            return [payload]
+
         line, headers, chunks = self._call_moto(environ, request, observe=not request.is_read_only)
         self.calls.record(request, int(line.split(" ", 1)[0]))
         start_response(line, headers)
@@ -118,6 +128,21 @@ class Gateway:
             if trigger is not None and request.action == "TerminateInstanceInAutoScalingGroup":
                 self._keep_promised_activity_id(trigger, request, captured["status"], b"".join(chunks))
         return captured["status"], captured["headers"], chunks
+
+    def _refuse_desired_outside_bounds(self, request: AwsRequest) -> ErrorReply | None:
+        """AWS refuses a SetDesiredCapacity outside [MinSize, MaxSize]; moto 5.2.5 takes any value."""
+        if request.action != "SetDesiredCapacity" or request.asg_name is None or request.desired_capacity is None:
+            return None
+        with self.world.lock:
+            group = self.world.find_group(request.asg_name)
+            if group is None:
+                return None
+            desired, low, high = request.desired_capacity, group.min_size, group.max_size
+        if desired > high:
+            return validation_error(f"New SetDesiredCapacity value {desired} is above max value {high} for the {GROUP}.")
+        if desired < low:
+            return validation_error(f"New SetDesiredCapacity value {desired} is below min value {low} for the {GROUP}.")
+        return None
 
     def _keep_capacity_rebalance(self, request: AwsRequest) -> None:
         """moto 5.2.5 takes CapacityRebalance only at creation; AWS also changes it on update."""
