@@ -5,6 +5,7 @@
 //! lives on the Nodes ([`record`]), decisions are pure functions ([`decide`]), and the reconciler
 //! ([`reconcile`]) fetches, acts and records.
 pub mod audit;
+pub mod census;
 pub mod decide;
 pub mod metrics;
 pub mod reconcile;
@@ -290,6 +291,7 @@ async fn lead_and_reconcile(
             }
         })
     };
+    let census = tokio::spawn(census::keep_counting(ctx.clone(), stop.clone()));
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let waker_ctx = ctx.clone();
     let opt_in = ctx.settings.opt_in.clone();
@@ -338,6 +340,7 @@ async fn lead_and_reconcile(
         .await;
     stop.cancel();
     let _ = audit.await;
+    let _ = census.await;
     let leader = lease_watch
         .await
         .map_err(|_| Error::LostLease(args.lease_name.clone()))?;

@@ -32,6 +32,7 @@ const FALLBACKS: &str = "spot_rebalancer_fallbacks_total";
 const TAINTS: &str = "spot_rebalancer_taints_total";
 const READY_SECONDS_COUNT: &str = "spot_rebalancer_replacement_ready_seconds_count";
 const FAILED: &str = "spot_rebalancer_replacements_failed_total";
+const NODES_IN_PHASE: &str = "spot_rebalancer_nodes";
 const CAPACITY_REBALANCING: &str = "spot_rebalancer_asg_capacity_rebalancing";
 
 /// A real spot launch failure that is not about capacity.
@@ -161,6 +162,25 @@ async fn replaces_a_noticed_spot_node_before_tainting_it() {
     assert!(controller.metric(TAINTS, &[]).await >= 1.0);
     assert!(controller.metric(READY_SECONDS_COUNT, &[]).await >= 1.0);
     assert_eq!(controller.metric(FALLBACKS, &[]).await, 0.0);
+    // The phase census (refreshed every 10 s from the Node cache) counts the node as Tainted.
+    support::eventually(
+        "the census counts the Tainted node",
+        Duration::from_secs(25),
+        || async {
+            (controller
+                .metric(NODES_IN_PHASE, &[("phase", phase::TAINTED)])
+                .await
+                == 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        controller
+            .metric(NODES_IN_PHASE, &[("phase", phase::AWAITING_READY)])
+            .await,
+        0.0
+    );
 
     let status = controller.terminate();
     assert!(status.success(), "the controller exited with {status} on SIGTERM");

@@ -1,5 +1,7 @@
 //! The controller's metrics, prefix `spot_rebalancer_` (from the admin registry).
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -13,6 +15,8 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     pub aws_calls: IntCounterVec,
     pub capacity_rebalancing: IntGaugeVec,
+    pub nodes_in_phase: IntGaugeVec,
+    pub oldest_in_phase_seconds: GaugeVec,
 }
 
 impl Metrics {
@@ -61,6 +65,20 @@ impl Metrics {
                 ),
                 &["asg"],
             )?,
+            nodes_in_phase: IntGaugeVec::new(
+                Opts::new(
+                    "nodes",
+                    "Opted-in nodes by phase (leader only, from its Node cache)",
+                ),
+                &["phase"],
+            )?,
+            oldest_in_phase_seconds: GaugeVec::new(
+                Opts::new(
+                    "oldest_in_phase_seconds",
+                    "Since when the longest-waiting node in each phase was noticed",
+                ),
+                &["phase"],
+            )?,
         };
         registry.register(Box::new(metrics.notices.clone()))?;
         registry.register(Box::new(metrics.scale_ups.clone()))?;
@@ -72,6 +90,8 @@ impl Metrics {
         registry.register(Box::new(metrics.reconcile_errors.clone()))?;
         registry.register(Box::new(metrics.aws_calls.clone()))?;
         registry.register(Box::new(metrics.capacity_rebalancing.clone()))?;
+        registry.register(Box::new(metrics.nodes_in_phase.clone()))?;
+        registry.register(Box::new(metrics.oldest_in_phase_seconds.clone()))?;
         Ok(metrics)
     }
 }
