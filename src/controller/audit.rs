@@ -51,12 +51,7 @@ pub fn asgs_to_check(
 /// Checks every opted-in node group's ASG (and the configured ones) once; errors are logged, never
 /// fatal: the same check runs again when a notice first uses the ASG.
 pub async fn capacity_rebalancing(ctx: Arc<Context>) {
-    let opted_in: Vec<Arc<Node>> = ctx
-        .all_nodes
-        .state()
-        .into_iter()
-        .filter(|n| ctx.settings.opt_in.matches(n))
-        .collect();
+    let opted_in = ctx.opted_in_nodes();
     let representatives = representatives(opted_in.iter().map(|n| n.as_ref()));
     debug!(
         nodes = opted_in.len(),

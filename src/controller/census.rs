@@ -3,7 +3,6 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Node;
 use tokio_util::sync::CancellationToken;
 
 use super::reconcile::{Context, read_record};
@@ -48,12 +47,7 @@ pub async fn keep_counting(ctx: Arc<Context>, stop: CancellationToken) {
 }
 
 fn refresh(ctx: &Context) {
-    let opted_in: Vec<Arc<Node>> = ctx
-        .all_nodes
-        .state()
-        .into_iter()
-        .filter(|n| ctx.settings.opt_in.matches(n))
-        .collect();
+    let opted_in = ctx.opted_in_nodes();
     let records = opted_in
         .iter()
         .filter_map(|node| read_record(node).ok().flatten())

@@ -214,6 +214,15 @@ impl Context {
         Ok(activities)
     }
 
+    /// The opted-in Nodes in the cache: the ones this controller acts on.
+    pub fn opted_in_nodes(&self) -> Vec<Arc<Node>> {
+        self.all_nodes
+            .state()
+            .into_iter()
+            .filter(|n| self.settings.opt_in.matches(n))
+            .collect()
+    }
+
     /// Readiness of the Node of `instance`, from the cache of all Nodes; `None` when it has none.
     fn node_of_instance(&self, instance: &str) -> Option<Arc<Node>> {
         self.all_nodes.find(|n| node::instance_id(n) == Some(instance))

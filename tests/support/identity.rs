@@ -15,6 +15,7 @@ use std::{
 
 use kube::config::Kubeconfig;
 
+use super::webhook::KubectlOutput;
 use super::{Bed, unique};
 
 /// The chart's release namespace in the rendered manifests.
@@ -101,11 +102,7 @@ pub fn apply_chart_identities(bed: &Bed) {
             ],
             &documents.join("\n---\n"),
         );
-        assert!(
-            output.status.success(),
-            "applying the chart's RBAC: {}",
-            stderr(&output)
-        );
+        assert!(output.success, "applying the chart's RBAC: {}", output.stderr);
         // The API server's authorizer follows RBAC objects through a watch: wait until it knows the
         // last binding, so a role started next is not refused for a moment.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -119,7 +116,7 @@ pub fn apply_chart_identities(bed: &Bed) {
             "--as",
             &webhook,
         ];
-        while kubectl(bed, &args, "").stdout != b"yes\n" {
+        while kubectl(bed, &args, "").stdout != "yes\n" {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the chart's RBAC is not in force after 30 s"
@@ -146,12 +143,8 @@ pub fn token(bed: &Bed, role: Role<'_>) -> String {
         args.extend(["--bound-object-kind", "Node", "--bound-object-name", node]);
     }
     let output = kubectl(bed, &args, "");
-    assert!(
-        output.status.success(),
-        "a token for {role:?}: {}",
-        stderr(&output)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    assert!(output.success, "a token for {role:?}: {}", output.stderr);
+    output.stdout.trim().to_owned()
 }
 
 /// A kubeconfig for the bed's API server that authenticates as `role` (and nothing else: no client
@@ -245,18 +238,9 @@ pub fn can_i(bed: &Bed, role: Role<'_>, verb: &str, resource: &str, namespace: O
     }
 }
 
-fn kubectl(bed: &Bed, args: &[&str], input: &str) -> std::process::Output {
-    use std::{io::Write, process::Stdio};
-    let mut child = Command::new(&bed.vars["BED_KUBECTL"])
-        .args(["--kubeconfig", &bed.vars["BED_KUBECONFIG"]])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+/// The bed's kubectl as the bed's admin, `input` on its standard input.
+fn kubectl(bed: &Bed, args: &[&str], input: &str) -> KubectlOutput {
+    super::webhook::kubectl_with_input(bed, args, input)
 }
 
 fn stderr(output: &std::process::Output) -> String {
