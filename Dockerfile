@@ -17,8 +17,8 @@ COPY src src
 RUN mkdir -p benches && for bench in agent controller webhook; do echo 'fn main() {}' > "benches/$bench.rs"; done
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin spot-rebalancer \
-    && install -D -m 0755 target/release/spot-rebalancer /out/spot-rebalancer
+    cargo build --profile image --locked --bin spot-rebalancer \
+    && install -D -m 0755 target/image/spot-rebalancer /out/spot-rebalancer
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 LABEL org.opencontainers.image.title="spot-rebalancer" \
