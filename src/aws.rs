@@ -9,7 +9,7 @@ use aws_sdk_autoscaling::{Client, error::DisplayErrorContext};
 use jiff::Timestamp;
 
 /// DescribeAutoScalingInstances takes at most this many instance ids a call.
-const DESCRIBE_INSTANCES_BATCH: usize = 50;
+pub const DESCRIBE_INSTANCES_BATCH: usize = 50;
 
 /// Why an Auto Scaling call failed, after the SDK's retries.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ impl AutoScaling {
             .map(str::to_owned))
     }
 
-    /// The ASGs of many instances in as few calls as the API allows (50 instances a call);
+    /// The ASGs of many instances in as few calls as the API allows ([`DESCRIBE_INSTANCES_BATCH`] a call);
     /// instances in no ASG are absent from the map.
     pub async fn groups_of_instances(&self, instances: &[String]) -> Result<BTreeMap<String, String>, Error> {
         let mut groups = BTreeMap::new();

@@ -2,8 +2,9 @@
 //! wait for the replacement to be Ready, fall back to on-demand when spot capacity is gone, then taint.
 //!
 //! One binary, three roles (see `cli::Role`): the node `agent`, the replacement `controller` and the
-//! admission `webhook`; and `status`, the operator's view of the opted-in nodes. Each role serves `/healthz`, `/readyz` and `/metrics` (see [`admin`]) and stops
-//! cleanly on SIGTERM (see [`shutdown`]).
+//! admission `webhook`; and `status`, the operator's view of the opted-in nodes. Each role serves
+//! `/healthz`, `/readyz` and `/metrics` (see [`admin`]) and stops cleanly on SIGTERM (see
+//! [`shutdown`]).
 
 pub mod admin;
 pub mod agent;

@@ -1,6 +1,7 @@
-//! The controller through a flaky AWS: throttling and 5xx on about 30 % of all AWS calls. The bed's
-//! error rules apply to every call it answers, so this scenario has a test binary of its own (cargo
-//! runs test binaries one after another) and must stay the only test in it.
+//! The controller through a flaky AWS: throttling and 5xx on about 30 % of all AWS calls, and a look
+//! at the ASGs at start that fails. The bed's error rules apply to every call it answers, so these
+//! scenarios have a test binary of their own (cargo runs test binaries one after another) and take
+//! turns within it.
 mod support;
 
 use std::{collections::BTreeSet, time::Duration};
@@ -10,8 +11,12 @@ use support::{
     instance_id,
 };
 
+/// The armed rules are global, so the tests in this binary take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completes_through_throttling_and_server_errors_without_doubling() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let t = Scenario::new("flaky").await;
     let spot = t.spot_asg("spot", 1, 5).await;
     let on_demand = t.on_demand_asg("od", 0, 5).await;
@@ -71,4 +76,60 @@ async fn completes_through_throttling_and_server_errors_without_doubling() {
     );
     watch.assert_never_tainted_before_replacement_ready();
     assert!(controller.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_look_at_the_asgs_at_start_is_logged_and_the_first_notice_still_warns() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let t = Scenario::new("audit-fails").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let on_demand = t.on_demand_asg("od", 0, 5).await;
+    t.bed
+        .autoscaling
+        .update_auto_scaling_group()
+        .auto_scaling_group_name(&spot)
+        .capacity_rebalance(true)
+        .send()
+        .await
+        .expect("switch Capacity Rebalancing on");
+    let old = name_of(&t.ready_nodes(&spot, 1).await[0]);
+
+    // Every attempt of the start-up DescribeAutoScalingInstances fails (3 attempts: the SDK's retries).
+    t.arm_errors_on("server", 1.0, 3, 4, Some(&["DescribeAutoScalingInstances"]))
+        .await;
+    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand, "--retry-attempts", "3"]);
+    controller.wait_ready().await;
+    let logged = support::eventually(
+        "the start-up check's error in the log",
+        Duration::from_secs(30),
+        || {
+            let log = controller.log();
+            async move {
+                log.contains("could not look up the opted-in node groups' ASGs at start")
+                    .then_some(log)
+            }
+        },
+    )
+    .await;
+    assert!(
+        logged.contains("DescribeAutoScalingInstances"),
+        "the error names the failing call: {logged}"
+    );
+    t.bed.clear_errors().await;
+    assert!(
+        t.events(&old)
+            .await
+            .iter()
+            .all(|e| e.reason != "CapacityRebalancingEnabled"),
+        "no Warning from a check that could not look"
+    );
+
+    // Nothing is lost: the first notice on the ASG still warns, and the replacement goes through.
+    t.notice(&old).await;
+    t.wait_for_event(&old, "a CapacityRebalancingEnabled Warning", |e| {
+        e.type_ == "Warning" && e.reason == "CapacityRebalancingEnabled"
+    })
+    .await;
+    t.wait_for_phase(&old, phase::TAINTED, Duration::from_secs(90))
+        .await;
 }

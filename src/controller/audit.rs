@@ -8,7 +8,7 @@ use kube::{ResourceExt, runtime::events::EventType};
 use tracing::{debug, info, warn};
 
 use super::reconcile::Context;
-use crate::{keys, node};
+use crate::{aws, keys, node};
 
 /// One opted-in node per node group (by the node-group label; a node without one stands for
 /// itself), so that finding the groups' ASGs costs one lookup per group, not per node.
@@ -65,7 +65,7 @@ pub async fn capacity_rebalancing(ctx: Arc<Context>) {
         ctx.metrics
             .aws_calls
             .with_label_values(&["DescribeAutoScalingInstances"])
-            .inc_by(instances.len().div_ceil(50) as u64);
+            .inc_by(instances.len().div_ceil(aws::DESCRIBE_INSTANCES_BATCH) as u64);
         match ctx.aws.groups_of_instances(&instances).await {
             Ok(found) => found,
             Err(error) => {
@@ -83,10 +83,6 @@ pub async fn capacity_rebalancing(ctx: Arc<Context>) {
                 continue;
             }
         };
-        ctx.metrics
-            .capacity_rebalancing
-            .with_label_values(&[asg.as_str()])
-            .set(i64::from(group.capacity_rebalance));
         if !group.capacity_rebalance {
             continue;
         }

@@ -194,6 +194,10 @@ impl Context {
             .with_label_values(&["DescribeAutoScalingGroups"])
             .inc();
         let group = self.aws.group(asg).await?;
+        self.metrics
+            .capacity_rebalancing
+            .with_label_values(&[asg])
+            .set(i64::from(group.capacity_rebalance));
         *lock(&state.group) = Some((Instant::now(), group.clone()));
         Ok(group)
     }
@@ -452,10 +456,6 @@ pub fn capacity_rebalancing_note(asg: &str) -> String {
 }
 
 async fn warn_capacity_rebalancing(node: &Node, ctx: &Context, group: &Group) {
-    ctx.metrics
-        .capacity_rebalancing
-        .with_label_values(&[group.name.as_str()])
-        .set(i64::from(group.capacity_rebalance));
     if group.capacity_rebalance && lock(&ctx.warned_rebalancing).insert(group.name.clone()) {
         let note = capacity_rebalancing_note(&group.name);
         ctx.event(node, EventType::Warning, "CapacityRebalancingEnabled", note)
@@ -574,17 +574,18 @@ async fn set_desired(
         CapacityType::Spot => "spot",
         CapacityType::OnDemand => "on-demand",
     };
-    let surge = target > max;
-    let operation = if surge {
-        "UpdateAutoScalingGroup"
-    } else {
-        "SetDesiredCapacity"
-    };
-    ctx.metrics.aws_calls.with_label_values(&[operation]).inc();
-    let sent = if surge {
+    let sent = if target > max {
         info!(asg, from = max, to = target, "raising MaxSize to surge above it");
+        ctx.metrics
+            .aws_calls
+            .with_label_values(&["UpdateAutoScalingGroup"])
+            .inc();
         ctx.aws.raise_max_and_desired(asg, target).await
     } else {
+        ctx.metrics
+            .aws_calls
+            .with_label_values(&["SetDesiredCapacity"])
+            .inc();
         ctx.aws.set_desired(asg, target).await
     };
     match sent {
