@@ -1,11 +1,20 @@
 //! The replacement controller: for each noticed, opted-in node, scales the node group up first, waits
 //! for the replacement to be Ready, falls back to on-demand capacity, and only then taints.
 //!
+//! Then it ends the old node's life: a PDB-paced drain, retiring its instance with a decrement, and
+//! giving back the seat of an instance that went without us, so the node group ends at its pre-notice
+//! size.
+//!
 //! Two replicas run; the one holding the Lease acts (the other waits, ready to take over). State
-//! lives on the Nodes ([`record`]), decisions are pure functions ([`decide`]), and the reconciler
-//! ([`reconcile`]) fetches, acts and records.
+//! lives on the Nodes ([`record`]) and, for what must outlive them, in a capacity [`ledger`];
+//! decisions are pure functions ([`decide`], [`lifecycle`]), and the reconciler ([`reconcile`],
+//! [`drain`]) and the sweeper ([`reclaim`]) fetch, act and record.
 pub mod decide;
+pub mod drain;
+pub mod ledger;
+pub mod lifecycle;
 pub mod metrics;
+pub mod reclaim;
 pub mod reconcile;
 pub mod record;
 
@@ -45,6 +54,8 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("lost the leader lease {0}; exiting so a fresh process can compete for it")]
     LostLease(String),
+    #[error(transparent)]
+    Ledger(#[from] ledger::Error),
 }
 
 #[derive(Debug, Clone, ClapArgs)]
@@ -106,6 +117,15 @@ pub struct Args {
           value_parser = ["NoSchedule", "PreferNoSchedule", "NoExecute"])]
     pub taint_effect: String,
 
+    /// Drain a node once it is tainted with its replacement Ready (without this, only when the webhook
+    /// asks for it or an interruption notice arrives), then retire it.
+    #[arg(long, env = "DRAIN_AFTER_TAINT", default_value_t = false)]
+    pub drain_after_taint: bool,
+
+    /// A drain not done after this long raises a Warning Event (evictions go on; nothing is forced).
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
+    pub drain_timeout: Duration,
+
     /// Nodes carrying this `KEY=VALUE` label are acted on; others only serve as replacements.
     #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
     pub opt_in_label: OptInLabel,
@@ -149,6 +169,8 @@ impl Args {
                 time_added: None,
             },
             opt_in: self.opt_in_label.clone(),
+            drain_after_taint: self.drain_after_taint,
+            drain_timeout: signed(self.drain_timeout),
         }
     }
 }
@@ -258,6 +280,11 @@ async fn lead_and_reconcile(
     // opted-in ones drive the controller.
     let nodes: Api<Node> = Api::all(client.clone());
     let (all_nodes, writer) = reflector::store();
+    // What this controller added per noticed instance, next to its Lease: it outlives the Nodes.
+    let ledger_name = format!("{}-capacity", args.lease_name);
+    let capacity = ledger::Ledger::load(client.clone(), &args.lease_namespace, &ledger_name)
+        .await
+        .map_err(Error::from)?;
     let ctx = Arc::new(Context::new(
         client,
         aws,
@@ -265,7 +292,9 @@ async fn lead_and_reconcile(
         recorder,
         metrics,
         all_nodes.clone(),
+        capacity,
     ));
+    let sweeper = tokio::spawn(reclaim::sweep_until(ctx.clone(), stop.clone()));
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let waker_ctx = ctx.clone();
     let opt_in = ctx.settings.opt_in.clone();
@@ -297,6 +326,7 @@ async fn lead_and_reconcile(
         })
         .await;
     stop.cancel();
+    let _ = sweeper.await;
     let leader = lease_watch
         .await
         .map_err(|_| Error::LostLease(args.lease_name.clone()))?;
