@@ -214,7 +214,7 @@ async fn lead_and_reconcile(
     readiness: admin::Readiness,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let (client, evictions) = kube_clients(args.kubeconfig.as_deref()).await?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let lease = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
         .with_namespace(&args.lease_namespace)
@@ -287,6 +287,7 @@ async fn lead_and_reconcile(
         .map_err(Error::from)?;
     let ctx = Arc::new(Context::new(
         client,
+        evictions,
         aws,
         settings,
         recorder,
@@ -352,9 +353,15 @@ async fn release(
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Error> {
+/// The controller's client, and one for the Eviction API: kube's default retry layer retries a 429
+/// up to 15 times (backing off up to 1000 s), which would hold a drain step inside one refused
+/// eviction; the drain must see the 429 and requeue instead.
+async fn kube_clients(kubeconfig: Option<&std::path::Path>) -> Result<(Client, Client), Error> {
     let config = crate::kube_config::load(kubeconfig).await?;
-    Client::try_from(config).map_err(Error::Kube)
+    let mut evictions = config.clone();
+    evictions.default_retry = false;
+    let client = Client::try_from(config).map_err(Error::Kube)?;
+    Ok((client, Client::try_from(evictions).map_err(Error::Kube)?))
 }
 
 fn default_identity() -> String {

@@ -134,7 +134,7 @@ async fn drain_step(
     let mut evicted = Vec::new();
     let mut refused = 0;
     for (namespace, pod) in &plan.evict {
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+        let api: Api<Pod> = Api::namespaced(ctx.evictions.clone(), namespace);
         let result = match api.evict(pod, &EvictParams::default()).await {
             Ok(_) => {
                 evicted.push(format!("{namespace}/{pod}"));

@@ -5,6 +5,7 @@
 //! after a restart), never below the pre-notice size, never by letting the ASG pick a busy instance.
 use std::{collections::HashSet, sync::Arc};
 
+use futures::FutureExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::{events::EventType, reflector::ObjectRef};
@@ -21,9 +22,18 @@ use super::{
 /// Runs until `stop`: once the Node cache is synced (a Node missing from an unsynced cache is not
 /// gone), looks at the ledger every `--asg-poll-interval`.
 pub async fn sweep_until(ctx: Arc<Context>, stop: CancellationToken) {
-    tokio::select! {
-        _ = stop.cancelled() => return,
-        ready = ctx.all_nodes.wait_until_ready() => if ready.is_err() { return },
+    // Polled, not awaited: the store's readiness is a oneshot that wakes only its latest waiter, and
+    // the Controller waits on the same store.
+    loop {
+        match ctx.all_nodes.wait_until_ready().now_or_never() {
+            Some(Ok(())) => break,
+            Some(Err(_)) => return,
+            None => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+        }
     }
     loop {
         if let Err(error) = sweep(&ctx).await {
@@ -64,9 +74,10 @@ async fn give_back(ctx: &Context, mut seat: Seat) -> Result<()> {
     let _sending = ctx.sending_on(&asg).await;
     let group = ctx.group(&asg, true).await?;
     let node = node_reference(&seat.node);
+    let membership = lifecycle::membership(&group, &seat.instance);
     let undo = match seat.state.clone() {
         SeatState::Active => {
-            if lifecycle::membership(&group, &seat.instance) == Membership::Serving {
+            if membership == Membership::Serving {
                 // The Node went but the instance serves on: nothing was reclaimed (yet).
                 return Ok(());
             }

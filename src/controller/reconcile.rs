@@ -103,6 +103,8 @@ pub struct Settings {
 /// What a reconcile shares with every other: clients, caches, the records this process wrote.
 pub struct Context {
     pub client: Client,
+    /// For the Eviction API only: no automatic retry of a 429 (a drain requeues instead).
+    pub evictions: Client,
     pub aws: AutoScaling,
     pub settings: Settings,
     pub recorder: Recorder,
@@ -139,8 +141,10 @@ struct AsgState {
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
+        evictions: Client,
         aws: AutoScaling,
         settings: Settings,
         recorder: Recorder,
@@ -150,6 +154,7 @@ impl Context {
     ) -> Self {
         Context {
             client,
+            evictions,
             aws,
             settings,
             recorder,

@@ -47,6 +47,9 @@ pub mod phase {
     pub const SCALING_ON_DEMAND: &str = "ScalingOnDemand";
     pub const AWAITING_READY: &str = "AwaitingReady";
     pub const TAINTED: &str = "Tainted";
+    pub const DRAINING: &str = "Draining";
+    pub const RETIRED: &str = "Retired";
+    pub const DRAINED: &str = "Drained";
     pub const FAILED: &str = "Failed";
     pub const SKIPPED: &str = "Skipped";
 }
