@@ -45,18 +45,15 @@ async fn drains_at_the_pace_of_a_pdb_and_retires_the_node_back_to_the_pre_notice
     let spot = t.spot_asg("spot", 1, 5).await;
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
-    // Three replicas and a node agent on the node group (only the old node so far), PDB maxUnavailable 1.
+    // Three replicas on nodes labelled for them (only the old node so far), PDB maxUnavailable 1, and
+    // a node agent (DaemonSet) on the node group.
     let ns = TestNamespace::create(&t.bed, "paced").await;
+    let web_key = format!("{}-web", t.opt_in_key);
+    t.label(&old, &web_key, "true").await;
     let on_group = json!({ NODEGROUP_LABEL: spot });
+    let for_web = json!({ web_key.as_str(): "true" });
     lifecycle::daemon_set(&t.bed, &ns.name, "node-agent", &on_group, 1).await;
-    lifecycle::deployment(&t.bed, &ns.name, "web", 3, &on_group).await;
-    assert!(
-        lifecycle::ready_pods(&t.bed, &ns.name, "web")
-            .await
-            .iter()
-            .all(|(_, node)| *node == old),
-        "every replica starts on the old node"
-    );
+    lifecycle::deployment(&t.bed, &ns.name, "web", 3, &for_web).await;
     let allowed = lifecycle::pdb(&t.bed, &ns.name, "web", json!({"maxUnavailable": 1}), 3).await;
     assert_eq!(allowed, 1);
     let watch = DisruptionWatch::start(&t.bed, &ns.name, "web", 2).await;
@@ -65,16 +62,30 @@ async fn drains_at_the_pace_of_a_pdb_and_retires_the_node_back_to_the_pre_notice
     controller.wait_ready().await;
     t.notice(&old).await;
 
-    // Tainted once the replacement is Ready, then drained and retired: the ledger keeps the outcome
-    // after the Node is gone.
+    // Tainted once the replacement is Ready, then the drain: one replica evicted, and while it has
+    // nowhere to run (the replacement is not labelled for it yet) the PDB refuses the next evictions
+    // (429), which the controller keeps retrying.
+    let tainted = t.wait_for_any_phase(&old, &[phase::DRAINING], FLOW).await;
+    let replacement = record(&tainted).node.expect("the claimed replacement's Node");
+    support::eventually("an eviction refused by the PDB", FLOW, || async {
+        (controller.metric(EVICTIONS, &[("result", "blocked")]).await >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(controller.metric(EVICTIONS, &[("result", "evicted")]).await, 1.0);
+    let serving = lifecycle::ready_pods(&t.bed, &ns.name, "web").await;
+    assert_eq!(serving.len(), 2, "one replica down at a time: {serving:?}");
+    assert!(serving.iter().all(|(_, node)| *node == old));
+
+    // Room on the replacement: the drain goes on at the PDB's pace, then the node is retired; the
+    // ledger keeps the outcome after the Node is gone.
+    t.label(&replacement, &web_key, "true").await;
     let retired = t.wait_for_seat(&old_instance, seat::RETIRED, FLOW).await;
     let replacement_instance = retired["claimed"]
         .as_str()
         .expect("a claimed replacement")
         .to_owned();
 
-    // The PDB held at every change: one replica down at a time. (kwok makes the new replicas Ready
-    // within the eviction loop, so 429s may or may not show here; the stuck-PDB test pins them.)
+    // The PDB held at every change the watches saw.
     watch.assert_never_violated();
     let (fewest, observations) = watch.fewest_serving();
     assert_eq!(
@@ -89,12 +100,11 @@ async fn drains_at_the_pace_of_a_pdb_and_retires_the_node_back_to_the_pre_notice
     );
 
     // The replicas run on the replacement; the old node was left with its DaemonSet pod only.
-    let replacement = t
-        .nodes_of(&spot)
-        .await
-        .into_iter()
-        .find(|node| instance_id(node).as_deref() == Some(replacement_instance.as_str()))
-        .expect("the replacement's Node");
+    let replacement = t.node(&replacement).await;
+    assert_eq!(
+        instance_id(&replacement).as_deref(),
+        Some(replacement_instance.as_str())
+    );
     let pods = lifecycle::ready_pods(&t.bed, &ns.name, "web").await;
     assert_eq!(pods.len(), 3);
     assert!(

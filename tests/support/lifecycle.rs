@@ -15,7 +15,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api,
-    api::{ListParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
     runtime::watcher,
 };
 use serde_json::{Value, json};
@@ -52,6 +52,16 @@ impl Scenario {
             },
         )
         .await
+    }
+
+    /// Adds label `key=value` to `node` (e.g. to open a node to a workload's nodeSelector).
+    pub async fn label(&self, node: &str, key: &str, value: &str) {
+        let patch = json!({"metadata": {"labels": {key: value}}});
+        self.bed
+            .nodes()
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("label Node {node}: {e}"));
     }
 
     /// EC2 terminates `instance` behind everyone's back (a spot reclaim): it leaves its ASG with the
