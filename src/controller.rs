@@ -14,6 +14,7 @@ pub mod drain;
 pub mod ledger;
 pub mod lifecycle;
 pub mod metrics;
+pub mod notify;
 pub mod reclaim;
 pub mod reconcile;
 pub mod record;
@@ -56,6 +57,8 @@ pub enum Error {
     LostLease(String),
     #[error(transparent)]
     Ledger(#[from] ledger::Error),
+    #[error(transparent)]
+    Notify(#[from] notify::Error),
 }
 
 #[derive(Debug, Clone, ClapArgs)]
@@ -126,6 +129,11 @@ pub struct Args {
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
     pub drain_timeout: Duration,
 
+    /// File holding a Slack-compatible webhook URL (a mounted Secret): each phase is posted there as
+    /// `{"text": …}`. The URL is never logged.
+    #[arg(long, env = "NOTIFY_URL_FILE")]
+    pub notify_url_file: Option<std::path::PathBuf>,
+
     /// Nodes carrying this `KEY=VALUE` label are acted on; others only serve as replacements.
     #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
     pub opt_in_label: OptInLabel,
@@ -178,6 +186,7 @@ impl Args {
 /// Runs the controller until `shutdown` is cancelled (or the lease is lost).
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     let settings = args.settings();
+    let notifier = notify::Notifier::from_file(args.notify_url_file.as_deref()).map_err(Error::from)?;
     let registry = admin::registry();
     let metrics = metrics::Metrics::register(&registry).map_err(Error::from)?;
     let readiness = admin::Readiness::default();
@@ -187,7 +196,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         shutdown.clone(),
     ));
     // A stop is graceful (in-flight reconciles finish, the lease is handed back) but bounded.
-    let work = lead_and_reconcile(args, settings, metrics, readiness, shutdown.clone());
+    let work = lead_and_reconcile(args, settings, notifier, metrics, readiness, shutdown.clone());
     let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -210,6 +219,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
 async fn lead_and_reconcile(
     args: Args,
     settings: Settings,
+    notifier: notify::Notifier,
     metrics: metrics::Metrics,
     readiness: admin::Readiness,
     shutdown: CancellationToken,
@@ -294,6 +304,7 @@ async fn lead_and_reconcile(
         metrics,
         all_nodes.clone(),
         capacity,
+        notifier,
     ));
     let sweeper = tokio::spawn(reclaim::sweep_until(ctx.clone(), stop.clone()));
     let (wake, woken) = futures::channel::mpsc::unbounded();

@@ -13,7 +13,7 @@ use support::{
         NODEGROUP_LABEL, SCALE_DOWN_DISABLED, Scenario, annotation, name_of, phase, phase_of, record,
     },
     instance_id,
-    lifecycle::{self, DisruptionWatch, seat},
+    lifecycle::{self, DisruptionWatch, NotificationSink, seat},
     webhook::TestNamespace,
 };
 
@@ -336,5 +336,54 @@ async fn an_instance_reclaimed_behind_the_controllers_back_gives_its_seat_back_e
             .await
             .iter()
             .any(|event| event.reason == "CapacityRestored")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_phase_is_posted_to_the_notification_webhook_whose_url_is_never_logged() {
+    let t = Scenario::new("notify").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let old_node = t.ready_nodes(&spot, 1).await.remove(0);
+    let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
+    let token = format!("T000-{}-secret", t.name);
+    let sink = NotificationSink::start(&token).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("notify-url");
+    std::fs::write(&url_file, format!("{}\n", sink.url)).unwrap();
+
+    let mut controller = t.start_controller(&[
+        "--drain-after-taint",
+        "--notify-url-file",
+        url_file.to_str().unwrap(),
+    ]);
+    controller.wait_ready().await;
+    t.notice(&old).await;
+    t.wait_for_seat(&old_instance, seat::RETIRED, FLOW).await;
+
+    let texts = support::eventually("a notification of the retirement", FLOW, || async {
+        let texts = sink.texts();
+        texts
+            .iter()
+            .any(|text| text.contains("is Retired"))
+            .then_some(texts)
+    })
+    .await;
+    for phase in [
+        "Detected",
+        "ScalingSpot",
+        "AwaitingReady",
+        "Tainted",
+        "Draining",
+        "Retired",
+    ] {
+        let wanted = format!("spot-rebalancer: node {old} is {phase}");
+        assert!(
+            texts.iter().any(|text| text.starts_with(&wanted)),
+            "no {wanted:?} in {texts:?}"
+        );
+    }
+    assert!(
+        !controller.log().contains(&token),
+        "the webhook URL is a credential and must never be logged"
     );
 }

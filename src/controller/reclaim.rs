@@ -153,10 +153,13 @@ async fn give_back(ctx: &Context, mut seat: Seat) -> Result<()> {
     };
     ctx.metrics.capacity_restores.with_label_values(&[how]).inc();
     let claimed = seat.claimed.clone();
+    let gone_node = seat.node.clone();
     seat.state = SeatState::Restored { undo };
     seat.updated_at = Timestamp::now();
     ctx.capacity.put(seat).await?;
     info!(%note, "capacity restored");
+    ctx.notifier
+        .send(format!("spot-rebalancer: node {gone_node}: {note}"));
     ctx.event_on(&node, type_, reason, note).await;
     release_replacement(ctx, claimed.as_deref()).await;
     Ok(())

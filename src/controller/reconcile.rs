@@ -113,6 +113,8 @@ pub struct Context {
     pub all_nodes: Store<Node>,
     /// What this controller added per noticed instance, outliving the Nodes (a ConfigMap).
     pub capacity: Ledger,
+    /// Posts each phase to the configured webhook URL, if any.
+    pub notifier: super::notify::Notifier,
     /// Eviction rounds in a row that PDBs blocked entirely, per draining node (for the backoff).
     pub(super) drain_rounds: Mutex<HashMap<String, drain::Pace>>,
     ledger: Mutex<HashMap<String, (Phase, Replacement)>>,
@@ -151,6 +153,7 @@ impl Context {
         metrics: Metrics,
         all_nodes: Store<Node>,
         capacity: Ledger,
+        notifier: super::notify::Notifier,
     ) -> Self {
         Context {
             client,
@@ -161,6 +164,7 @@ impl Context {
             metrics,
             all_nodes,
             capacity,
+            notifier,
             drain_rounds: Mutex::default(),
             ledger: Mutex::default(),
             asgs: Mutex::default(),
@@ -1016,6 +1020,13 @@ pub(super) async fn write_record(
             node: name.clone(),
             source,
         })?;
-    lock(&ctx.ledger).insert(name, (phase, record.clone()));
+    let before = lock(&ctx.ledger)
+        .insert(name.clone(), (phase, record.clone()))
+        .map(|(before, _)| before)
+        .or_else(|| read_record(node).ok().flatten().map(|(before, _)| before));
+    if before != Some(phase) {
+        let text = super::notify::phase_text(&name, &phase.to_string(), record.reason.as_deref());
+        ctx.notifier.send(text);
+    }
     Ok(())
 }

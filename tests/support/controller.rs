@@ -119,6 +119,9 @@ impl ControllerProcess {
             "POD_NAME",
             "POD_NAMESPACE",
             "SURGE_ABOVE_MAX",
+            "DRAIN_AFTER_TAINT",
+            "DRAIN_TIMEOUT",
+            "NOTIFY_URL_FILE",
             "AWS_PROFILE",
             "AWS_SESSION_TOKEN",
         ] {

@@ -304,3 +304,45 @@ impl Drop for DisruptionWatch {
         }
     }
 }
+
+/// A Slack-compatible webhook on loopback that keeps the `text` of every post it gets.
+pub struct NotificationSink {
+    /// The URL to post to; its path stands for the secret token a real webhook URL carries.
+    pub url: String,
+    texts: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NotificationSink {
+    pub async fn start(token: &str) -> Self {
+        let texts = Arc::new(Mutex::new(Vec::new()));
+        let kept = texts.clone();
+        let app = axum::Router::new().route(
+            &format!("/services/{token}"),
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let kept = kept.clone();
+                async move {
+                    let text = body["text"].as_str().unwrap_or_default().to_owned();
+                    kept.lock().unwrap().push(text);
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/services/{token}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        NotificationSink { url, texts, task }
+    }
+
+    pub fn texts(&self) -> Vec<String> {
+        self.texts.lock().unwrap().clone()
+    }
+}
+
+impl Drop for NotificationSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
