@@ -395,11 +395,7 @@ async fn replace(node: Arc<Node>, ctx: Arc<Context>) -> Result<Option<Duration>>
             (Some((phase, mut record)), None) => {
                 finish_undos(&node, &ctx, phase, &mut record).await?;
                 // Rule 5's exception: an interrupted node dies anyway, replacement or not.
-                let tainted_already = matches!(
-                    phase,
-                    Phase::Tainted | Phase::Draining | Phase::Retired | Phase::Drained
-                );
-                if interrupted && record.tainted_at.is_none() && !tainted_already {
+                if interrupted && record.tainted_at.is_none() && !phase.is_tainted() {
                     taint(&node, &ctx, "interruption notice").await?;
                     record.tainted_at = Some(Timestamp::now());
                     write_record(&node, &ctx, phase, &record).await?;

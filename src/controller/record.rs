@@ -62,6 +62,14 @@ impl Phase {
         )
     }
 
+    /// The node was tainted by the state machine (its replacement Ready) and is on its way out.
+    pub fn is_tainted(self) -> bool {
+        matches!(
+            self,
+            Phase::Tainted | Phase::Draining | Phase::Retired | Phase::Drained
+        )
+    }
+
     /// Nothing more happens to the node: its scale-up no longer counts in a coalesced group.
     pub fn is_finished(self) -> bool {
         matches!(self, Phase::Retired | Phase::Drained)
