@@ -10,7 +10,8 @@ use std::{collections::BTreeSet, time::Duration};
 use serde_json::json;
 use support::{
     controller::{
-        NODEGROUP_LABEL, SCALE_DOWN_DISABLED, Scenario, annotation, name_of, phase, phase_of, record,
+        DRAIN_REQUESTED, NODEGROUP_LABEL, SCALE_DOWN_DISABLED, Scenario, annotation, name_of, phase,
+        phase_of, record,
     },
     instance_id,
     lifecycle::{self, DisruptionWatch, NotificationSink, seat},
@@ -386,4 +387,71 @@ async fn each_phase_is_posted_to_the_notification_webhook_whose_url_is_never_log
         !controller.log().contains(&token),
         "the webhook URL is a credential and must never be logged"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_reclaimed_while_the_controller_runs_gives_its_seat_back_once() {
+    let t = Scenario::new("reclaimlive").await;
+    let spot = t.spot_asg("spot", 2, 5).await;
+    let nodes = t.ready_nodes(&spot, 2).await;
+    let (old, old_instance) = (name_of(&nodes[0]), instance_id(&nodes[0]).unwrap());
+    let other = instance_id(&nodes[1]).unwrap();
+    let mut controller = t.start_controller(&[]);
+    controller.wait_ready().await;
+    t.notice(&old).await;
+    let tainted = t.wait_for_phase(&old, phase::TAINTED, FLOW).await;
+    let replacement_instance = record(&tainted).instance_id.expect("a claimed replacement");
+    assert_eq!(t.desired(&spot).await, 3);
+
+    t.reclaim(&old_instance).await;
+    let restored = t.wait_for_seat(&old_instance, seat::RESTORED, FLOW).await;
+    let undo = &restored["state"]["undo"];
+    assert!(
+        undo["kind"] == "terminate" || undo["kind"] == "lower",
+        "{restored}"
+    );
+    t.assert_desired_settles(&spot, 2, "pre-notice size after the reclaim")
+        .await;
+    let group = t.asg(&spot).await;
+    assert!(group.in_service().contains(&replacement_instance), "{group:?}");
+    assert!(
+        group.in_service().contains(&other),
+        "a pre-notice instance is never taken: {group:?}"
+    );
+    assert_eq!(controller.metric(RESTORES, &[]).await, 1.0);
+    assert!(controller.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_the_webhook_requested_on_a_node_without_a_notice_drains_and_retires_nothing() {
+    let t = Scenario::new("requested").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let old_node = t.ready_nodes(&spot, 1).await.remove(0);
+    let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
+    let ns = TestNamespace::create(&t.bed, "requested").await;
+    ns.running_pods(&old, "api", 2).await;
+    let mut controller = t.start_controller(&[]);
+    controller.wait_ready().await;
+
+    // What the webhook writes when it softens a NoExecute taint to NoSchedule.
+    let request = json!({"requestedAt": jiff::Timestamp::now().to_string(),
+                         "taints": ["aws-node-termination-handler/spot-itn"], "reason": "PDB"});
+    t.annotate(&old, json!({ DRAIN_REQUESTED: request.to_string() }))
+        .await;
+    let drained = t.wait_for_phase(&old, phase::DRAINED, FLOW).await;
+    assert!(lifecycle::ready_pods(&t.bed, &ns.name, "api").await.is_empty());
+    assert_eq!(controller.metric(EVICTIONS, &[("result", "evicted")]).await, 2.0);
+    assert!(record_of_drain_completed(&drained), "{:?}", record(&drained).raw);
+
+    // No replacement of ours stands in for it: nothing is scaled, nothing retired.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(t.desired(&spot).await, 1);
+    assert!(t.asg(&spot).await.in_service().contains(&old_instance));
+    assert!(t.seat(&old_instance).await.is_none(), "no +1, no ledger entry");
+    assert!(t.set_desired_calls(&spot).await.is_empty());
+}
+
+fn record_of_drain_completed(node: &k8s_openapi::api::core::v1::Node) -> bool {
+    let raw: serde_json::Value = serde_json::from_str(&record(node).raw).unwrap();
+    raw["drain"]["trigger"] == "requested" && raw["drain"]["completedAt"].is_string()
 }

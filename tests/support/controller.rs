@@ -36,6 +36,7 @@ pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
 pub const PHASE: &str = "spot-rebalancer.io/phase";
 pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
 pub const FALLBACK_ASG_TAG: &str = "spot-rebalancer.io/fallback-asg";
+pub const DRAIN_REQUESTED: &str = "spot-rebalancer.io/drain-requested";
 pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
 pub const TAINT_KEY: &str = "spot-instance-terminating";
 pub const NODEGROUP_LABEL: &str = "eks.amazonaws.com/nodegroup";
@@ -453,7 +454,7 @@ impl Scenario {
             .unwrap_or_else(|e| panic!("read Node {name}: {e}"))
     }
 
-    async fn annotate(&self, node: &str, annotations: Value) {
+    pub async fn annotate(&self, node: &str, annotations: Value) {
         let patch = json!({"metadata": {"annotations": annotations}});
         self.bed
             .nodes()
