@@ -1,13 +1,23 @@
 //! The replacement controller: for each noticed, opted-in node, scales the node group up first, waits
 //! for the replacement to be Ready, falls back to on-demand capacity, and only then taints.
 //!
+//! Then it ends the old node's life: a PDB-paced drain, retiring its instance with a decrement, and
+//! giving back the seat of an instance that went without us, so the node group ends at its pre-notice
+//! size.
+//!
 //! Two replicas run; the one holding the Lease acts (the other waits, ready to take over). State
-//! lives on the Nodes ([`record`]), decisions are pure functions ([`decide`]), and the reconciler
-//! ([`reconcile`]) fetches, acts and records.
+//! lives on the Nodes ([`record`]) and, for what must outlive them, in a capacity [`ledger`];
+//! decisions are pure functions ([`decide`], [`lifecycle`]), and the reconciler ([`reconcile`],
+//! [`drain`]) and the sweeper ([`reclaim`]) fetch, act and record.
 pub mod audit;
 pub mod census;
 pub mod decide;
+pub mod drain;
+pub mod ledger;
+pub mod lifecycle;
 pub mod metrics;
+pub mod notify;
+pub mod reclaim;
 pub mod reconcile;
 pub mod record;
 
@@ -47,6 +57,10 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("lost the leader lease {0}; exiting so a fresh process can compete for it")]
     LostLease(String),
+    #[error(transparent)]
+    Ledger(#[from] ledger::Error),
+    #[error(transparent)]
+    Notify(#[from] notify::Error),
 }
 
 #[derive(Debug, Clone, ClapArgs)]
@@ -109,6 +123,20 @@ pub struct Args {
           value_parser = ["NoSchedule", "PreferNoSchedule", "NoExecute"])]
     pub taint_effect: String,
 
+    /// Drain a node once it is tainted with its replacement Ready (without this, only when the webhook
+    /// asks for it or an interruption notice arrives), then retire it.
+    #[arg(long, env = "DRAIN_AFTER_TAINT", default_value_t = false)]
+    pub drain_after_taint: bool,
+
+    /// A drain not done after this long raises a Warning Event (evictions go on; nothing is forced).
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
+    pub drain_timeout: Duration,
+
+    /// File holding a Slack-compatible webhook URL (a mounted Secret): each phase is posted there as
+    /// `{"text": …}`. The URL is never logged.
+    #[arg(long, env = "NOTIFY_URL_FILE")]
+    pub notify_url_file: Option<std::path::PathBuf>,
+
     /// Nodes carrying this `KEY=VALUE` label are acted on; others only serve as replacements.
     #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
     pub opt_in_label: OptInLabel,
@@ -158,6 +186,8 @@ impl Args {
                 time_added: None,
             },
             opt_in: self.opt_in_label.clone(),
+            drain_after_taint: self.drain_after_taint,
+            drain_timeout: signed(self.drain_timeout),
         }
     }
 }
@@ -165,6 +195,7 @@ impl Args {
 /// Runs the controller until `shutdown` is cancelled (or the lease is lost).
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     let settings = args.settings();
+    let notifier = notify::Notifier::from_file(args.notify_url_file.as_deref()).map_err(Error::from)?;
     let registry = admin::registry();
     let metrics = metrics::Metrics::register(&registry).map_err(Error::from)?;
     let readiness = admin::Readiness::default();
@@ -174,7 +205,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         shutdown.clone(),
     ));
     // A stop is graceful (in-flight reconciles finish, the lease is handed back) but bounded.
-    let work = lead_and_reconcile(args, settings, metrics, readiness, shutdown.clone());
+    let work = lead_and_reconcile(args, settings, notifier, metrics, readiness, shutdown.clone());
     let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -197,11 +228,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
 async fn lead_and_reconcile(
     args: Args,
     settings: Settings,
+    notifier: notify::Notifier,
     metrics: metrics::Metrics,
     readiness: admin::Readiness,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let (client, evictions) = kube_clients(args.kubeconfig.as_deref()).await?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
     let lease = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
         .with_namespace(&args.lease_namespace)
@@ -267,13 +299,21 @@ async fn lead_and_reconcile(
     // opted-in ones drive the controller.
     let nodes: Api<Node> = Api::all(client.clone());
     let (all_nodes, writer) = reflector::store();
+    // What this controller added per noticed instance, next to its Lease: it outlives the Nodes.
+    let ledger_name = format!("{}-capacity", args.lease_name);
+    let capacity = ledger::Ledger::load(client.clone(), &args.lease_namespace, &ledger_name)
+        .await
+        .map_err(Error::from)?;
     let ctx = Arc::new(Context::new(
         client,
+        evictions,
         aws,
         settings,
         recorder,
         metrics,
         all_nodes.clone(),
+        capacity,
+        notifier,
     ));
     // Set when the Node cache has its first full list. (`Store::wait_until_ready` is no use here:
     // the Controller already waits on it, and its one-shot channel wakes only the last waiter.)
@@ -292,6 +332,7 @@ async fn lead_and_reconcile(
         })
     };
     let census = tokio::spawn(census::keep_counting(ctx.clone(), stop.clone()));
+    let sweeper = tokio::spawn(reclaim::sweep_until(ctx.clone(), stop.clone(), synced.clone()));
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let waker_ctx = ctx.clone();
     let opt_in = ctx.settings.opt_in.clone();
@@ -341,6 +382,7 @@ async fn lead_and_reconcile(
     stop.cancel();
     let _ = audit.await;
     let _ = census.await;
+    let _ = sweeper.await;
     let leader = lease_watch
         .await
         .map_err(|_| Error::LostLease(args.lease_name.clone()))?;
@@ -366,9 +408,15 @@ async fn release(
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, Error> {
+/// The controller's client, and one for the Eviction API: kube's default retry layer retries a 429
+/// up to 15 times (backing off up to 1000 s), which would hold a drain step inside one refused
+/// eviction; the drain must see the 429 and requeue instead.
+async fn kube_clients(kubeconfig: Option<&std::path::Path>) -> Result<(Client, Client), Error> {
     let config = crate::kube_config::load(kubeconfig).await?;
-    Client::try_from(config).map_err(Error::Kube)
+    let mut evictions = config.clone();
+    evictions.default_retry = false;
+    let client = Client::try_from(config).map_err(Error::Kube)?;
+    Ok((client, Client::try_from(evictions).map_err(Error::Kube)?))
 }
 
 fn default_identity() -> String {

@@ -17,6 +17,11 @@ pub struct Metrics {
     pub capacity_rebalancing: IntGaugeVec,
     pub nodes_in_phase: IntGaugeVec,
     pub oldest_in_phase_seconds: GaugeVec,
+    pub drains: IntCounterVec,
+    pub evictions: IntCounterVec,
+    pub drain_timeouts: IntCounter,
+    pub retirements: IntCounter,
+    pub capacity_restores: IntCounterVec,
 }
 
 impl Metrics {
@@ -79,6 +84,32 @@ impl Metrics {
                 ),
                 &["phase"],
             )?,
+            drains: IntCounterVec::new(
+                Opts::new("drains_total", "Drains started, by what started them"),
+                &["trigger"],
+            )?,
+            evictions: IntCounterVec::new(
+                Opts::new(
+                    "evictions_total",
+                    "Eviction API calls by result: evicted, blocked (429 from a PDB), gone, error",
+                ),
+                &["result"],
+            )?,
+            drain_timeouts: IntCounter::new(
+                "drain_timeouts_total",
+                "Drains not done within --drain-timeout (nothing is forced)",
+            )?,
+            retirements: IntCounter::new(
+                "retirements_total",
+                "Drained nodes whose instance was removed with a decrement",
+            )?,
+            capacity_restores: IntCounterVec::new(
+                Opts::new(
+                    "capacity_restores_total",
+                    "Seats of instances that went without us given back, by how: lower, terminate, leave",
+                ),
+                &["how"],
+            )?,
         };
         registry.register(Box::new(metrics.notices.clone()))?;
         registry.register(Box::new(metrics.scale_ups.clone()))?;
@@ -92,6 +123,11 @@ impl Metrics {
         registry.register(Box::new(metrics.capacity_rebalancing.clone()))?;
         registry.register(Box::new(metrics.nodes_in_phase.clone()))?;
         registry.register(Box::new(metrics.oldest_in_phase_seconds.clone()))?;
+        registry.register(Box::new(metrics.drains.clone()))?;
+        registry.register(Box::new(metrics.evictions.clone()))?;
+        registry.register(Box::new(metrics.drain_timeouts.clone()))?;
+        registry.register(Box::new(metrics.retirements.clone()))?;
+        registry.register(Box::new(metrics.capacity_restores.clone()))?;
         Ok(metrics)
     }
 }

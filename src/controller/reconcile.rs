@@ -26,6 +26,9 @@ use tracing::{info, instrument, warn};
 
 use super::{
     decide::{self, Member},
+    drain,
+    ledger::{self, Ledger},
+    lifecycle,
     metrics::Metrics,
     record::{Abandoned, CapacityType, Phase, Replacement, ScaleIntent, Undo},
 };
@@ -60,6 +63,8 @@ pub enum Error {
     BadRecord { node: String, source: serde_json::Error },
     #[error("the phase {value:?} on node {node} is unknown; fix or remove the annotation")]
     BadPhase { node: String, value: String },
+    #[error(transparent)]
+    Ledger(#[from] ledger::Error),
 }
 
 impl Error {
@@ -69,6 +74,7 @@ impl Error {
             Error::Kube { .. } => "kube",
             Error::BadRecord { .. } => "bad_record",
             Error::BadPhase { .. } => "bad_phase",
+            Error::Ledger(_) => "ledger",
         }
     }
 }
@@ -88,17 +94,29 @@ pub struct Settings {
     pub surge_above_max: bool,
     pub taint: Taint,
     pub opt_in: OptInLabel,
+    /// Drain a node once it is tainted with its replacement Ready (not only on request or interruption).
+    pub drain_after_taint: bool,
+    /// A drain still not done after this long raises a Warning Event (and goes on; nothing is forced).
+    pub drain_timeout: SignedDuration,
 }
 
 /// What a reconcile shares with every other: clients, caches, the records this process wrote.
 pub struct Context {
     pub client: Client,
+    /// For the Eviction API only: no automatic retry of a 429 (a drain requeues instead).
+    pub evictions: Client,
     pub aws: AutoScaling,
     pub settings: Settings,
     pub recorder: Recorder,
     pub metrics: Metrics,
     /// Every Node (opted in or not): replacements may come from a node group that is not opted in.
     pub all_nodes: Store<Node>,
+    /// What this controller added per noticed instance, outliving the Nodes (a ConfigMap).
+    pub capacity: Ledger,
+    /// Posts each phase to the configured webhook URL, if any.
+    pub notifier: super::notify::Notifier,
+    /// Eviction rounds in a row that PDBs blocked entirely, per draining node (for the backoff).
+    pub(super) drain_rounds: Mutex<HashMap<String, drain::Pace>>,
     ledger: Mutex<HashMap<String, (Phase, Replacement)>>,
     asgs: Mutex<HashMap<String, Arc<AsgState>>>,
     /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
@@ -115,7 +133,7 @@ pub struct Context {
 #[derive(Default)]
 struct AsgState {
     decide: tokio::sync::Mutex<()>,
-    send: tokio::sync::Mutex<()>,
+    send: Arc<tokio::sync::Mutex<()>>,
     /// Scale-ups on the way to writing their intent, and when the last one was written: the call
     /// waits until they are in (rule 2).
     pending: AtomicUsize,
@@ -127,21 +145,29 @@ struct AsgState {
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
+        evictions: Client,
         aws: AutoScaling,
         settings: Settings,
         recorder: Recorder,
         metrics: Metrics,
         all_nodes: Store<Node>,
+        capacity: Ledger,
+        notifier: super::notify::Notifier,
     ) -> Self {
         Context {
             client,
+            evictions,
             aws,
             settings,
             recorder,
             metrics,
             all_nodes,
+            capacity,
+            notifier,
+            drain_rounds: Mutex::default(),
             ledger: Mutex::default(),
             asgs: Mutex::default(),
             detecting: AtomicUsize::new(0),
@@ -150,12 +176,24 @@ impl Context {
         }
     }
 
-    fn nodes(&self) -> Api<Node> {
+    pub(super) fn nodes(&self) -> Api<Node> {
         Api::all(self.client.clone())
     }
 
     fn asg(&self, name: &str) -> Arc<AsgState> {
         lock(&self.asgs).entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Serialises an Auto Scaling call on `asg` with every other (scale-ups, undos, retirements).
+    pub(super) async fn sending_on(&self, asg: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let state = self.asg(asg);
+        state.send.clone().lock_owned().await
+    }
+
+    /// Forgets the desired capacity this process last set on `asg`: a retirement or a restore
+    /// lowered it, so the next scale-up reads it fresh.
+    pub(super) fn forget_desired(&self, asg: &str) {
+        *lock(&self.asg(asg).known_desired) = None;
     }
 
     /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
@@ -169,16 +207,24 @@ impl Context {
     }
 
     /// Every noticed node's phase and record: the cache, overridden by what this process wrote
-    /// (always newer, since only the leader writes records).
-    fn records(&self) -> HashMap<String, (Phase, Replacement)> {
+    /// (always newer, since only the leader writes records). Nodes that are gone are left out, with
+    /// what this process wrote for them.
+    pub(super) fn records(&self) -> HashMap<String, (Phase, Replacement)> {
         let mut records: HashMap<String, (Phase, Replacement)> = self
             .all_nodes
             .state()
             .iter()
             .filter_map(|node| Some((node.name_any(), read_record(node).ok()??)))
             .collect();
-        records.extend(lock(&self.ledger).iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut written = lock(&self.ledger);
+        written.retain(|name, _| self.all_nodes.get(&ObjectRef::new(name)).is_some());
+        records.extend(written.iter().map(|(k, v)| (k.clone(), v.clone())));
         records
+    }
+
+    /// The phase and record this process last wrote on `node`, if any.
+    pub(super) fn written(&self, node: &str) -> Option<(Phase, Replacement)> {
+        lock(&self.ledger).get(node).cloned()
     }
 
     pub(super) async fn group(&self, asg: &str, fresh: bool) -> Result<Group> {
@@ -228,11 +274,22 @@ impl Context {
     }
 
     /// Readiness of the Node of `instance`, from the cache of all Nodes; `None` when it has none.
-    fn node_of_instance(&self, instance: &str) -> Option<Arc<Node>> {
+    pub(super) fn node_of_instance(&self, instance: &str) -> Option<Arc<Node>> {
         self.all_nodes.find(|n| node::instance_id(n) == Some(instance))
     }
 
     pub(super) async fn event(&self, node: &Node, type_: EventType, reason: &str, note: String) {
+        self.event_on(&node.object_ref(&()), type_, reason, note).await;
+    }
+
+    /// An Event about any object (also a Node that is gone: its Events stay readable).
+    pub(super) async fn event_on(
+        &self,
+        object: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -240,7 +297,7 @@ impl Context {
             action: reason.into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &node.object_ref(&())).await {
+        if let Err(error) = self.recorder.publish(&event, object).await {
             warn!(%error, reason, "publishing an event failed");
         }
     }
@@ -262,7 +319,7 @@ impl Drop for Counted<'_> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -282,10 +339,11 @@ pub fn read_record(node: &Node) -> Result<Option<(Phase, Replacement)>> {
     Ok(Some((phase, record)))
 }
 
-/// Members of coalesced scale-ups: every record with a scale-up in flight or done.
+/// Members of coalesced scale-ups: every record with a scale-up in flight or done (and not retired).
 fn members<'a>(records: &'a HashMap<String, (Phase, Replacement)>) -> Vec<Member<'a>> {
     records
         .iter()
+        .filter(|(_, (phase, _))| !phase.is_finished())
         .filter_map(|(node, (phase, record))| {
             Some(Member {
                 node: node.as_str(),
@@ -310,6 +368,17 @@ enum Step {
 
 #[instrument(skip_all, fields(node = %node.name_any()))]
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
+    let replacing = replace(node.clone(), ctx.clone()).await?;
+    // The end of the node's life (drain, retire) goes on next to the replacement flow.
+    let ending = drain::lifecycle(&node, &ctx).await?;
+    Ok(match replacing.into_iter().chain(ending).min() {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    })
+}
+
+/// The replacement state machine up to `Tainted`: the wait until the next look, if any.
+async fn replace(node: Arc<Node>, ctx: Arc<Context>) -> Result<Option<Duration>> {
     let name = node.name_any();
     let annotations = node::annotations(&node);
     let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME);
@@ -320,7 +389,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
         None => read_record(&node)?,
     };
     if state.is_none() && !noticed && !interrupted {
-        return Ok(Action::await_change());
+        return Ok(None);
     }
     let mut fallback = None;
     loop {
@@ -342,7 +411,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
             (Some((phase, mut record)), None) => {
                 finish_undos(&node, &ctx, phase, &mut record).await?;
                 // Rule 5's exception: an interrupted node dies anyway, replacement or not.
-                if interrupted && record.tainted_at.is_none() && phase != Phase::Tainted {
+                if interrupted && record.tainted_at.is_none() && !phase.is_tainted() {
                     taint(&node, &ctx, "interruption notice").await?;
                     record.tainted_at = Some(Timestamp::now());
                     write_record(&node, &ctx, phase, &record).await?;
@@ -359,15 +428,20 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
                         await_instance(&node, &ctx, record).await?
                     }
                     Phase::AwaitingReady => await_ready(&node, &ctx, record).await?,
-                    Phase::Tainted | Phase::Failed | Phase::Skipped => Step::Done,
+                    Phase::Tainted
+                    | Phase::Draining
+                    | Phase::Retired
+                    | Phase::Drained
+                    | Phase::Failed
+                    | Phase::Skipped => Step::Done,
                 }
             }
         };
         match step {
             Step::Continue(phase, record) => state = Some((phase, record)),
             Step::FallBack(record) => fallback = Some(record),
-            Step::Wait(after) => return Ok(Action::requeue(after)),
-            Step::Done => return Ok(Action::await_change()),
+            Step::Wait(after) => return Ok(Some(after)),
+            Step::Done => return Ok(None),
         }
     }
 }
@@ -413,7 +487,7 @@ async fn detect(node: &Node, ctx: &Context) -> Result<Step> {
         )
         .await;
     };
-    let spot_asg = ctx.settings.spot_asg.clone().unwrap_or(own_asg);
+    let spot_asg = ctx.settings.spot_asg.clone().unwrap_or_else(|| own_asg.clone());
     let group = ctx.group(&spot_asg, false).await?;
     warn_capacity_rebalancing(node, ctx, &group).await;
     let on_demand_asg = group
@@ -421,7 +495,8 @@ async fn detect(node: &Node, ctx: &Context) -> Result<Step> {
         .get(keys::FALLBACK_ASG_TAG)
         .cloned()
         .or_else(|| ctx.settings.on_demand_asg.clone());
-    let record = Replacement::new(spot_asg.clone(), on_demand_asg.clone(), now);
+    let mut record = Replacement::new(spot_asg.clone(), on_demand_asg.clone(), now);
+    record.instance_asg = Some(own_asg.clone());
     write_record(node, ctx, Phase::Detected, &record).await?;
     let fallback = on_demand_asg.map_or("no on-demand fallback".to_owned(), |asg| {
         format!("fallback {asg}")
@@ -954,10 +1029,31 @@ async fn mark_scale_down_disabled(ctx: &Context, replacement: &str) -> Result<()
     Ok(())
 }
 
+/// The noticed node's own instance: the agent's annotation, else its provider id.
+pub(super) fn old_instance(node: &Node) -> Option<&str> {
+    node::annotations(node)
+        .get(keys::INSTANCE_ID)
+        .map(String::as_str)
+        .or_else(|| node::instance_id(node))
+}
+
 /// Writes phase and record on the node (server-side apply, the controller's own field manager),
-/// and remembers them, since the cache shows them only later.
-async fn write_record(node: &Node, ctx: &Context, phase: Phase, record: &Replacement) -> Result<()> {
+/// and remembers them, since the cache shows them only later. The capacity ledger hears of a new
+/// or changed +1 first, so it knows of every scale-up before the Auto Scaling call.
+pub(super) async fn write_record(
+    node: &Node,
+    ctx: &Context,
+    phase: Phase,
+    record: &Replacement,
+) -> Result<()> {
     let name = node.name_any();
+    if let Some(instance) = old_instance(node) {
+        let existing = ctx.capacity.get(instance);
+        let now = Timestamp::now();
+        if let Some(seat) = lifecycle::tracked_seat(existing.as_ref(), &name, instance, phase, record, now) {
+            ctx.capacity.put(seat).await?;
+        }
+    }
     let record_json = serde_json::to_string(record).map_err(|source| Error::BadRecord {
         node: name.clone(),
         source,
@@ -978,6 +1074,13 @@ async fn write_record(node: &Node, ctx: &Context, phase: Phase, record: &Replace
             node: name.clone(),
             source,
         })?;
-    lock(&ctx.ledger).insert(name, (phase, record.clone()));
+    let before = lock(&ctx.ledger)
+        .insert(name.clone(), (phase, record.clone()))
+        .map(|(before, _)| before)
+        .or_else(|| read_record(node).ok().flatten().map(|(before, _)| before));
+    if before != Some(phase) {
+        let text = super::notify::phase_text(&name, &phase.to_string(), record.reason.as_deref());
+        ctx.notifier.send(text);
+    }
     Ok(())
 }

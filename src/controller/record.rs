@@ -16,6 +16,12 @@ pub enum Phase {
     AwaitingReady,
     /// The replacement is Ready (or an interruption notice came) and the node is tainted.
     Tainted,
+    /// Evicting the node's pods through the Eviction API, at the pace its PDBs allow.
+    Draining,
+    /// Drained, and its instance removed from its ASG with the desired capacity decremented.
+    Retired,
+    /// Drained; no replacement of ours to retire it for, so the instance is left to its owner.
+    Drained,
     /// No replacement could be had; the node is left untainted.
     Failed,
     /// The node is not in any ASG; nothing to do.
@@ -43,6 +49,56 @@ impl Phase {
     pub fn is_scaling(self) -> bool {
         matches!(self, Phase::ScalingSpot | Phase::ScalingOnDemand)
     }
+
+    /// This node's +1 is (or is on its way to being) in its ASG: scaling, claimed, tainted or draining.
+    pub fn holds_a_scale_up(self) -> bool {
+        matches!(
+            self,
+            Phase::ScalingSpot
+                | Phase::ScalingOnDemand
+                | Phase::AwaitingReady
+                | Phase::Tainted
+                | Phase::Draining
+        )
+    }
+
+    /// The node was tainted by the state machine (its replacement Ready) and is on its way out.
+    pub fn is_tainted(self) -> bool {
+        matches!(
+            self,
+            Phase::Tainted | Phase::Draining | Phase::Retired | Phase::Drained
+        )
+    }
+
+    /// Nothing more happens to the node: its scale-up no longer counts in a coalesced group.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Phase::Retired | Phase::Drained)
+    }
+}
+
+/// What started a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DrainTrigger {
+    /// The webhook made a NoExecute taint NoSchedule and asked for a PDB-paced drain.
+    Requested,
+    /// A spot interruption notice: the instance goes in about two minutes.
+    Interruption,
+    /// The node was tainted and `--drain-after-taint` is on.
+    AfterTaint,
+}
+
+/// A drain in progress (or done) on the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Drain {
+    pub trigger: DrainTrigger,
+    pub started_at: Timestamp,
+    /// Set once `--drain-timeout` passed with pods left (the Warning Event was sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_out_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +175,13 @@ pub struct Replacement {
     pub waiting_since: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The ASG the noticed instance itself belongs to (its seat), as DescribeAutoScalingInstances said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_asg: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<Timestamp>,
 }
 
 impl Replacement {
@@ -136,7 +199,64 @@ impl Replacement {
             tainted_at: None,
             waiting_since: None,
             reason: None,
+            instance_asg: None,
+            drain: None,
+            retired_at: None,
         }
+    }
+}
+
+/// The capacity ledger's entry for one noticed instance: what this controller added for it and what
+/// it did about that +1 since. It lives in a ConfigMap, so it outlives the Node (see
+/// [`super::ledger`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Seat {
+    /// The noticed Node and its instance.
+    pub node: String,
+    pub instance: String,
+    /// The ASG the instance is in (its seat).
+    pub instance_asg: String,
+    /// That ASG's desired capacity and members before the notice, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seat_baseline: Option<i32>,
+    #[serde(default)]
+    pub seat_instances: Vec<String>,
+    /// The ASG that holds this node's +1 (the seat's ASG, or the on-demand fallback).
+    pub scaled_asg: String,
+    /// The claimed replacement instance, never a candidate for removal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed: Option<String>,
+    pub state: SeatState,
+    pub updated_at: Timestamp,
+}
+
+/// Where a seat's +1 stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum SeatState {
+    /// The +1 is in place (or being asked for); the old instance still has its seat.
+    Active,
+    /// The +1 was taken back by the replacement flow itself (no capacity): nothing to restore.
+    Withdrawn,
+    /// About to remove the drained instance with a decrement; the desired capacity seen just before.
+    #[serde(rename_all = "camelCase")]
+    Retiring { desired_before: i32 },
+    /// The drained instance was removed with a decrement: capacity is back.
+    Retired,
+    /// The instance went without us; this is how its seat is being given back (intent before action).
+    Restoring { undo: Undo },
+    /// Done: the seat was given back (or left alone, with the reason in the undo).
+    Restored { undo: Undo },
+}
+
+impl SeatState {
+    /// The ledger still has something to do for this seat.
+    pub fn is_open(&self) -> bool {
+        matches!(
+            self,
+            SeatState::Active | SeatState::Retiring { .. } | SeatState::Restoring { .. }
+        )
     }
 }
 

@@ -53,7 +53,10 @@ pub fn decide(update: &NodeUpdate, settings: &OrderSettings, is_ready: impl Fn(&
         return Decision::Allow(Allowed::InterruptionNotice);
     }
     let phase = annotations.get(keys::PHASE).map(String::as_str);
-    if phase.and_then(|text| text.parse::<Phase>().ok()) == Some(Phase::Tainted) {
+    if phase
+        .and_then(|text| text.parse::<Phase>().ok())
+        .is_some_and(Phase::is_tainted)
+    {
         return Decision::Allow(Allowed::PhaseTainted);
     }
     let replacement = annotations
@@ -171,6 +174,7 @@ mod tests {
         let cases = [
             (CONTROLLER, json!({}), Allowed::ByTheController),
             ("alice", json!({keys::PHASE: "Tainted"}), Allowed::PhaseTainted),
+            ("alice", json!({keys::PHASE: "Draining"}), Allowed::PhaseTainted),
             (
                 "alice",
                 json!({keys::INTERRUPTION_TIME: "2026-11-25T10:02:00Z"}),

@@ -37,6 +37,7 @@ pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
 pub const PHASE: &str = "spot-rebalancer.io/phase";
 pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
 pub const FALLBACK_ASG_TAG: &str = "spot-rebalancer.io/fallback-asg";
+pub const DRAIN_REQUESTED: &str = "spot-rebalancer.io/drain-requested";
 pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
 pub const TAINT_KEY: &str = "spot-instance-terminating";
 pub const NODEGROUP_LABEL: &str = "eks.amazonaws.com/nodegroup";
@@ -48,6 +49,9 @@ pub mod phase {
     pub const SCALING_ON_DEMAND: &str = "ScalingOnDemand";
     pub const AWAITING_READY: &str = "AwaitingReady";
     pub const TAINTED: &str = "Tainted";
+    pub const DRAINING: &str = "Draining";
+    pub const RETIRED: &str = "Retired";
+    pub const DRAINED: &str = "Drained";
     pub const FAILED: &str = "Failed";
     pub const SKIPPED: &str = "Skipped";
 }
@@ -121,6 +125,9 @@ impl ControllerProcess {
             "POD_NAME",
             "POD_NAMESPACE",
             "SURGE_ABOVE_MAX",
+            "DRAIN_AFTER_TAINT",
+            "DRAIN_TIMEOUT",
+            "NOTIFY_URL_FILE",
             "AWS_PROFILE",
             "AWS_SESSION_TOKEN",
         ] {
@@ -410,6 +417,7 @@ impl Scenario {
             "1s".into(),
         ];
         args.extend(extra.iter().map(|arg| arg.to_string()));
+        identity::grant_capacity_ledger(&self.bed, &self.lease);
         ControllerProcess::start(&self.bed, identity, &args)
     }
 
@@ -453,7 +461,7 @@ impl Scenario {
             .unwrap_or_else(|e| panic!("read Node {name}: {e}"))
     }
 
-    async fn annotate(&self, node: &str, annotations: Value) {
+    pub async fn annotate(&self, node: &str, annotations: Value) {
         let patch = json!({"metadata": {"annotations": annotations}});
         self.bed
             .nodes()

@@ -126,6 +126,66 @@ pub fn apply_chart_identities(bed: &Bed) {
     });
 }
 
+/// The chart's capacity-ledger rule names one ConfigMap, `<leaseName>-capacity`. Each scenario runs
+/// its controller with a lease of its own, so it gets the chart's Role and RoleBinding for its own
+/// ledger: the rendered documents with only the names changed (same verbs, same `resourceNames`
+/// shape), applied once per lease. Returns when the API server's authorizer lets it read the ledger.
+pub fn grant_capacity_ledger(bed: &Bed, lease: &str) {
+    const CHART_LEDGER: &str = "spot-rebalancer-controller-capacity";
+    const CHART_ROLE: &str = "spot-rebalancer-controller-capacity-ledger";
+    let documents: Vec<String> = rendered_documents(&["Role", "RoleBinding"])
+        .into_iter()
+        .filter(|doc| doc.contains(&format!("name: {CHART_ROLE}\n")))
+        .map(|doc| {
+            doc.replace(CHART_ROLE, &format!("{lease}-ledger"))
+                .replace(&format!("\"{CHART_LEDGER}\""), &format!("\"{lease}-capacity\""))
+        })
+        .collect();
+    assert_eq!(
+        documents.len(),
+        2,
+        "the capacity-ledger Role and RoleBinding in {RENDERED}"
+    );
+    apply_chart_identities(bed);
+    let output = kubectl(
+        bed,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager",
+            "e2e-chart",
+            "-f",
+            "-",
+        ],
+        &documents.join("\n---\n"),
+    );
+    assert!(
+        output.success,
+        "granting the ledger of {lease}: {}",
+        output.stderr
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let ledger = format!("configmaps/{lease}-capacity");
+    let controller = Role::Controller.username();
+    let args = [
+        "auth",
+        "can-i",
+        "patch",
+        &ledger,
+        "-n",
+        NAMESPACE,
+        "--as",
+        &controller,
+    ];
+    while kubectl(bed, &args, "").stdout != "yes\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ledger grant of {lease} is not in force after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// A token of `role`'s ServiceAccount (applying the chart's identities first).
 pub fn token(bed: &Bed, role: Role<'_>) -> String {
     apply_chart_identities(bed);
@@ -233,6 +293,27 @@ pub fn can_i(bed: &Bed, role: Role<'_>, verb: &str, resource: &str, namespace: O
         "no" => false,
         other => panic!(
             "kubectl auth can-i {verb} {resource} as {role:?}: {other} {}",
+            stderr(&output)
+        ),
+    }
+}
+
+/// `kubectl auth can-i` as `role` on one named object (`resource` such as `configmaps`).
+pub fn can_i_named(
+    bed: &Bed,
+    role: Role<'_>,
+    verb: &str,
+    resource: &str,
+    name: &str,
+    namespace: &str,
+) -> bool {
+    let object = format!("{resource}/{name}");
+    let output = kubectl_as(bed, role, &["auth", "can-i", verb, &object, "-n", namespace]);
+    match String::from_utf8_lossy(&output.stdout).trim() {
+        "yes" => true,
+        "no" => false,
+        other => panic!(
+            "kubectl auth can-i {verb} {object} as {role:?}: {other} {}",
             stderr(&output)
         ),
     }

@@ -289,6 +289,10 @@ pub mod agent;
 // The controller's e2e parts: its process, scenarios on the bed, the Node contract, the order watch.
 pub mod controller;
 
+// ----- the end of a node's life (issue 7) -------------------------------------------------------
+// Workloads and PDBs on a node group, a PDB watch, the capacity ledger, a spot reclaim.
+pub mod lifecycle;
+
 // ----- the admission webhook (issue 5) -----------------------------------------------------------
 // The webhook's e2e parts: test certificates, its process, its registration, kwok nodes with pods and PDBs.
 pub mod webhook;
