@@ -133,3 +133,65 @@ async fn a_failed_look_at_the_asgs_at_start_is_logged_and_the_first_notice_still
     t.wait_for_phase(&old, phase::TAINTED, Duration::from_secs(90))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_up_failing_again_and_again_warns_on_the_node_once_and_goes_on_when_aws_recovers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let t = Scenario::new("keeps-failing").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let on_demand = t.on_demand_asg("od", 0, 5).await;
+    let old = name_of(&t.ready_nodes(&spot, 1).await[0]);
+    let mut controller = t.start_controller(&[
+        "--on-demand-asg-name",
+        &on_demand,
+        "--retry-attempts",
+        "1",
+        "--capacity-timeout",
+        "60s",
+    ]);
+    controller.wait_ready().await;
+
+    // Eight SetDesiredCapacity calls in a row fail (one attempt each): a streak far past the
+    // threshold, then AWS is back.
+    t.arm_errors_on("server", 1.0, 8, 5, Some(&["SetDesiredCapacity"]))
+        .await;
+    t.notice(&old).await;
+    let events = t
+        .wait_for_event(&old, "a ReconcileFailing Warning", |e| {
+            e.type_ == "Warning" && e.reason == "ReconcileFailing"
+        })
+        .await;
+    let warning = events.iter().find(|e| e.reason == "ReconcileFailing").unwrap();
+    assert!(
+        warning.message.contains("SetDesiredCapacity") && warning.message.contains(&spot),
+        "the Warning names the failing call and its ASG: {}",
+        warning.message
+    );
+
+    // The errors run out: the replacement goes through, scaled once to baseline + 1.
+    t.wait_for_phase(&old, phase::TAINTED, Duration::from_secs(120))
+        .await;
+    t.bed.clear_errors().await;
+    t.assert_desired_settles(&spot, 2, "baseline + 1").await;
+    assert!(
+        controller
+            .metric(
+                "spot_rebalancer_reconcile_errors_total",
+                &[("kind", "set_desired")]
+            )
+            .await
+            >= 3.0
+    );
+    let warnings: BTreeSet<String> = t
+        .events(&old)
+        .await
+        .into_iter()
+        .filter(|e| e.reason == "ReconcileFailing")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one Warning for one streak of failures: {warnings:?}"
+    );
+}

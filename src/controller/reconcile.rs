@@ -124,7 +124,36 @@ pub struct Context {
     warned_rebalancing: Mutex<HashSet<String>>,
     /// Claimed instances already warned about for not turning Ready.
     warned_not_ready: Mutex<HashSet<String>>,
+    /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
+    failing: Mutex<HashMap<String, Streak>>,
 }
+
+/// Reconciles of one node failing in a row with errors of one kind.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Streak {
+    kind: &'static str,
+    failures: u32,
+}
+
+/// Counts a failure of `kind` on `node` in `streaks`; returns the streak's length when it has just
+/// reached [`FAILURES_BEFORE_WARNING`] (a different kind of error starts the count over).
+fn count_failure(streaks: &mut HashMap<String, Streak>, node: &str, kind: &'static str) -> Option<u32> {
+    let streak = streaks
+        .entry(node.to_owned())
+        .and_modify(|streak| {
+            if streak.kind == kind {
+                streak.failures += 1;
+            } else {
+                *streak = Streak { kind, failures: 1 };
+            }
+        })
+        .or_insert(Streak { kind, failures: 1 });
+    (streak.failures == FAILURES_BEFORE_WARNING).then_some(streak.failures)
+}
+
+/// Failed reconciles in a row (each after the AWS SDK's own retries) before a Warning Event: a
+/// throttle or a blip heals within one or two, a missing permission or a broken ASG does not.
+pub const FAILURES_BEFORE_WARNING: u32 = 3;
 
 /// Per-ASG state. `decide` serialises the decisions on the group's records (joining a scale-up,
 /// claiming an instance, planning an undo); `send` serialises the Auto Scaling calls, so that
@@ -173,7 +202,21 @@ impl Context {
             detecting: AtomicUsize::new(0),
             warned_rebalancing: Mutex::default(),
             warned_not_ready: Mutex::default(),
+            failing: Mutex::default(),
         }
+    }
+
+    /// Counts a failed reconcile of `node`; returns the streak's length when it has just become
+    /// long enough to warn about (once per streak: a new kind of error starts a new one).
+    fn failed(&self, node: &str, kind: &'static str) -> Option<u32> {
+        let mut failing = lock(&self.failing);
+        failing.retain(|name, _| name == node || self.all_nodes.get(&ObjectRef::new(name)).is_some());
+        count_failure(&mut failing, node, kind)
+    }
+
+    /// A reconcile of `node` went through: its failing streak, if any, is over.
+    fn succeeded(&self, node: &str) {
+        lock(&self.failing).remove(node);
     }
 
     pub(super) fn nodes(&self) -> Api<Node> {
@@ -293,7 +336,7 @@ impl Context {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(fit_note(note)),
             action: reason.into(),
             secondary: None,
         };
@@ -301,6 +344,23 @@ impl Context {
             warn!(%error, reason, "publishing an event failed");
         }
     }
+}
+
+/// The API server refuses an Event whose note is over 1024 bytes (an eviction list, an AWS error
+/// with its whole response): cut it at a character boundary, marked with an ellipsis.
+fn fit_note(mut note: String) -> String {
+    const NOTE_LIMIT: usize = 1024;
+    const ELLIPSIS: &str = "…";
+    if note.len() <= NOTE_LIMIT {
+        return note;
+    }
+    let mut end = NOTE_LIMIT - ELLIPSIS.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push_str(ELLIPSIS);
+    note
 }
 
 /// Counts a piece of work in flight for as long as it lives.
@@ -371,6 +431,7 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
     let replacing = replace(node.clone(), ctx.clone()).await?;
     // The end of the node's life (drain, retire) goes on next to the replacement flow.
     let ending = drain::lifecycle(&node, &ctx).await?;
+    ctx.succeeded(&node.name_any());
     Ok(match replacing.into_iter().chain(ending).min() {
         Some(after) => Action::requeue(after),
         None => Action::await_change(),
@@ -448,10 +509,16 @@ async fn replace(node: Arc<Node>, ctx: Arc<Context>) -> Result<Option<Duration>>
 
 pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(node = %node.name_any(), %error, "reconcile failed; retrying");
-    ctx.metrics
-        .reconcile_errors
-        .with_label_values(&[error.metric_label()])
-        .inc();
+    let kind = error.metric_label();
+    ctx.metrics.reconcile_errors.with_label_values(&[kind]).inc();
+    if let Some(failures) = ctx.failed(&node.name_any(), kind) {
+        // Operators look at the node, not at the controller's log: say there what keeps failing.
+        let note = format!("{failures} attempts in a row failed, retrying every few seconds: {error}");
+        tokio::spawn(async move {
+            ctx.event(&node, EventType::Warning, "ReconcileFailing", note)
+                .await;
+        });
+    }
     let jitter = Duration::from_millis(u64::from(
         Timestamp::now().subsec_nanosecond().unsigned_abs() % 1000,
     ));
@@ -1083,4 +1150,51 @@ pub(super) async fn write_record(
         ctx.notifier.send(text);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_note_is_cut_to_what_the_api_server_takes() {
+        assert_eq!(fit_note("short".into()), "short");
+        let exact = "x".repeat(1024);
+        assert_eq!(fit_note(exact.clone()), exact);
+        let long = fit_note("é".repeat(800)); // 1600 bytes, two per character
+        assert!(long.len() <= 1024 && long.ends_with('…'), "{} bytes", long.len());
+        assert!(long.starts_with("éé"));
+    }
+
+    #[test]
+    fn a_streak_warns_once_when_it_reaches_the_threshold() {
+        let mut streaks = HashMap::new();
+        let warnings: Vec<_> = (0..6)
+            .map(|_| count_failure(&mut streaks, "n1", "set_desired"))
+            .collect();
+        assert_eq!(
+            warnings,
+            [None, None, Some(FAILURES_BEFORE_WARNING), None, None, None]
+        );
+    }
+
+    #[test]
+    fn another_kind_of_error_starts_a_new_streak_and_nodes_count_apart() {
+        let mut streaks = HashMap::new();
+        assert_eq!(count_failure(&mut streaks, "n1", "set_desired"), None);
+        assert_eq!(count_failure(&mut streaks, "n1", "set_desired"), None);
+        assert_eq!(count_failure(&mut streaks, "n2", "set_desired"), None);
+        // A kube error after two AWS ones: the AWS streak is over, this one starts at 1.
+        assert_eq!(count_failure(&mut streaks, "n1", "kube"), None);
+        assert_eq!(count_failure(&mut streaks, "n1", "kube"), None);
+        assert_eq!(
+            count_failure(&mut streaks, "n1", "kube"),
+            Some(FAILURES_BEFORE_WARNING)
+        );
+        assert_eq!(count_failure(&mut streaks, "n2", "set_desired"), None);
+        assert_eq!(
+            count_failure(&mut streaks, "n2", "set_desired"),
+            Some(FAILURES_BEFORE_WARNING)
+        );
+    }
 }
