@@ -141,6 +141,12 @@ pub struct Args {
     #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
     pub opt_in_label: OptInLabel,
 
+    /// Label naming a node's node group: the look at Capacity Rebalancing at start checks one node
+    /// per group.
+    #[arg(long, env = "NODEGROUP_LABEL", default_value = keys::DEFAULT_NODEGROUP_LABEL,
+          value_parser = crate::node::label_key)]
+    pub nodegroup_label: String,
+
     /// Most nodes reconciled at once (each holds an API and maybe an AWS connection while it works);
     /// more notices queue and still share a scale-up.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 16,
@@ -186,6 +192,7 @@ impl Args {
                 time_added: None,
             },
             opt_in: self.opt_in_label.clone(),
+            nodegroup_label: self.nodegroup_label.clone(),
             drain_after_taint: self.drain_after_taint,
             drain_timeout: signed(self.drain_timeout),
         }

@@ -68,6 +68,23 @@ impl OptInLabel {
     }
 }
 
+/// Characters of a label key or value (a loose check: the API server has the last word).
+fn label_text(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+}
+
+/// A label key given on the command line (`--nodegroup-label`).
+pub fn label_key(text: &str) -> Result<String, String> {
+    if label_text(text) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("{text:?} is not a valid label key"))
+    }
+}
+
 impl std::str::FromStr for OptInLabel {
     type Err = String;
 
@@ -75,9 +92,7 @@ impl std::str::FromStr for OptInLabel {
         let (key, value) = text
             .split_once('=')
             .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
-        let valid =
-            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
-        if !valid(key) || !(value.is_empty() || valid(value)) {
+        if !label_text(key) || !(value.is_empty() || label_text(value)) {
             return Err(format!("{text:?} is not a valid label KEY=VALUE"));
         }
         Ok(OptInLabel {

@@ -67,7 +67,8 @@ pub struct Args {
     pub opt_in_label: OptInLabel,
 
     /// Label naming a node's node group.
-    #[arg(long, env = "NODEGROUP_LABEL", default_value = keys::DEFAULT_NODEGROUP_LABEL)]
+    #[arg(long, env = "NODEGROUP_LABEL", default_value = keys::DEFAULT_NODEGROUP_LABEL,
+          value_parser = crate::node::label_key)]
     pub nodegroup_label: String,
 
     /// Key of the termination taint (the controller's `--taint-key`).

@@ -8,17 +8,20 @@ use kube::{ResourceExt, runtime::events::EventType};
 use tracing::{debug, info, warn};
 
 use super::reconcile::Context;
-use crate::{aws, keys, node};
+use crate::{aws, node};
 
-/// One opted-in node per node group (by the node-group label; a node without one stands for
-/// itself), so that finding the groups' ASGs costs one lookup per group, not per node.
-pub fn representatives<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeMap<String, (String, String)> {
+/// One opted-in node per node group (by `nodegroup_label`; a node without one stands for itself), so
+/// that finding the groups' ASGs costs one lookup per group, not per node.
+pub fn representatives<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    nodegroup_label: &str,
+) -> BTreeMap<String, (String, String)> {
     let mut chosen = BTreeMap::new();
     for node in nodes {
         let Some(instance) = node::instance_id(node) else {
             continue;
         };
-        let group = match node::labels(node).get(keys::DEFAULT_NODEGROUP_LABEL) {
+        let group = match node::labels(node).get(nodegroup_label) {
             Some(group) => format!("group/{group}"),
             None => format!("node/{}", node.name_any()),
         };
@@ -52,7 +55,7 @@ pub fn asgs_to_check(
 /// fatal: the same check runs again when a notice first uses the ASG.
 pub async fn capacity_rebalancing(ctx: Arc<Context>) {
     let opted_in = ctx.opted_in_nodes();
-    let representatives = representatives(opted_in.iter().map(|n| n.as_ref()));
+    let representatives = representatives(opted_in.iter().map(|n| n.as_ref()), &ctx.settings.nodegroup_label);
     debug!(
         nodes = opted_in.len(),
         groups = representatives.len(),
@@ -103,6 +106,7 @@ pub async fn capacity_rebalancing(ctx: Arc<Context>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys;
     use k8s_openapi::api::core::v1::NodeSpec;
     use kube::api::ObjectMeta;
 
@@ -130,9 +134,24 @@ mod tests {
             node("loose", None, Some("i-loose")),
             node("no-provider", Some("c"), None),
         ];
-        let chosen = representatives(&nodes);
+        let chosen = representatives(&nodes, keys::DEFAULT_NODEGROUP_LABEL);
         let instances: Vec<&str> = chosen.values().map(|(i, _)| i.as_str()).collect();
         assert_eq!(instances, ["i-a1", "i-b1", "i-loose"]);
+    }
+
+    #[test]
+    fn another_node_group_label_groups_by_that_label() {
+        let mut nodes = [
+            node("a1", Some("a"), Some("i-a1")),
+            node("a2", Some("a"), Some("i-a2")),
+        ];
+        // Under a self-managed group's label, the EKS label means nothing: each node stands alone.
+        assert_eq!(representatives(&nodes, "alpha.eksctl.io/nodegroup-name").len(), 2);
+        for node in &mut nodes {
+            node.labels_mut()
+                .insert("alpha.eksctl.io/nodegroup-name".into(), "workers".into());
+        }
+        assert_eq!(representatives(&nodes, "alpha.eksctl.io/nodegroup-name").len(), 1);
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct Settings {
     pub surge_above_max: bool,
     pub taint: Taint,
     pub opt_in: OptInLabel,
+    /// The label naming a node's node group.
+    pub nodegroup_label: String,
     /// Drain a node once it is tainted with its replacement Ready (not only on request or interruption).
     pub drain_after_taint: bool,
     /// A drain still not done after this long raises a Warning Event (and goes on; nothing is forced).
