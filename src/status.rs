@@ -178,6 +178,8 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
     // Names listed since the watch (re)started its list; whatever else is current was deleted meanwhile.
     let mut listed: Option<BTreeSet<String>> = None;
     let mut synced = false;
+    // A noticed node was deleted while watched (retired: its instance left the ASG).
+    let mut noticed_gone = false;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -204,7 +206,9 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
                     .cloned()
                     .collect();
                 for name in gone {
-                    current.remove(&name);
+                    if current.remove(&name).is_some_and(|row| row.is_active()) {
+                        noticed_gone = true;
+                    }
                     lines.extend(watch.deleted(&name, now));
                 }
             }
@@ -220,7 +224,13 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
             }
             watcher::Event::Delete(node) => {
                 let name = node.name_any();
-                current.remove(&name);
+                // Its last state may hold steps not seen yet (the retirement written just before).
+                if args.wants(&name) {
+                    lines = watch.update(&Row::from_node(&node, &keys), now);
+                }
+                if current.remove(&name).is_some_and(|row| row.is_active()) {
+                    noticed_gone = true;
+                }
                 lines.extend(watch.deleted(&name, now));
             }
         }
@@ -234,7 +244,8 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
             writeln!(stdout, "{text}").map_err(Error::Output)?;
         }
         stdout.flush().map_err(Error::Output)?;
-        if synced && !args.until.is_empty() && timeline::settled(current.values(), &args.until) {
+        if synced && !args.until.is_empty() && timeline::settled(current.values(), &args.until, noticed_gone)
+        {
             return Ok(());
         }
     }

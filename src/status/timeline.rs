@@ -1,5 +1,5 @@
 //! `status --watch`: a noticed node's story as steps (notice, detection, each scale-up, the claimed
-//! replacement, its Ready, the taint, a terminal phase), read from the node's annotations and dated by
+//! replacement, its Ready, the taint, the drain, the retirement, a terminal phase), read from the node's annotations and dated by
 //! the record's own timestamps. The watch prints each step once, with the time since the notice.
 use std::collections::{BTreeSet, HashMap};
 
@@ -7,7 +7,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
 use super::row::{RecordCell, Row, State};
-use crate::controller::record::{CapacityType, Phase, ScaleIntent, Undo};
+use crate::controller::record::{CapacityType, DrainTrigger, Phase, ScaleIntent, Undo};
 
 /// One thing that happened to a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,45 @@ pub fn steps(row: &Row) -> Vec<Step> {
                 format!("tainted ({effect})"),
             ));
         }
+        if let Some(drain) = &record.drain {
+            let why = match drain.trigger {
+                DrainTrigger::Requested => "the webhook asked for it",
+                DrainTrigger::Interruption => "interruption notice",
+                DrainTrigger::AfterTaint => "drain after taint",
+            };
+            steps.push(Step::new(
+                "drain-started",
+                Some(drain.started_at),
+                Phase::Draining,
+                format!("drain started ({why}): evictions at the pace of the PodDisruptionBudgets"),
+            ));
+            if let Some(at) = drain.timed_out_at {
+                steps.push(Step::new(
+                    "drain-timed-out",
+                    Some(at),
+                    Phase::Draining,
+                    "drain past its timeout: evictions go on, nothing is forced".to_owned(),
+                ));
+            }
+            if let Some(at) = drain.completed_at {
+                steps.push(Step::new(
+                    "drained",
+                    Some(at),
+                    Phase::Draining,
+                    "drained: no workload pod left".to_owned(),
+                ));
+            }
+        }
+        if let Some(at) = record.retired_at {
+            let instance = row.instance.as_deref().unwrap_or("its instance");
+            let asg = record.instance_asg.as_deref().unwrap_or(&record.spot_asg);
+            steps.push(Step::new(
+                "retired",
+                Some(at),
+                Phase::Retired,
+                format!("retired: {instance} left {asg} with a decrement"),
+            ));
+        }
     }
     // A phase no step above stands for (Failed, Skipped, a malformed record, phases to come) gets a
     // step of its own, with the reason.
@@ -232,10 +271,11 @@ impl Watch {
     }
 }
 
-/// Whether a watch told to stop at `until` phases is done: some node is noticed, and every noticed
-/// node is in one of them.
-pub fn settled<'a>(rows: impl IntoIterator<Item = &'a Row>, until: &[Phase]) -> bool {
-    let mut any = false;
+/// Whether a watch told to stop at `until` phases is done: some node is noticed (or a noticed node
+/// was deleted: `any_gone`, a retired node's instance is gone), and every noticed node left is in
+/// one of them.
+pub fn settled<'a>(rows: impl IntoIterator<Item = &'a Row>, until: &[Phase], any_gone: bool) -> bool {
+    let mut any = any_gone;
     for row in rows.into_iter().filter(|row| row.is_active()) {
         any = true;
         match row.state {
@@ -317,6 +357,40 @@ mod tests {
         assert_eq!(
             lines[5].to_text(),
             "10:00:07.250     +7.25s  n1                            Tainted          tainted (NoSchedule)"
+        );
+    }
+
+    #[test]
+    fn the_end_of_life_follows_the_taint() {
+        let record = with(
+            scaling(),
+            json!({"instanceId": "i-0new", "claimedAt": "2026-11-25T10:00:05Z", "taintedAt": "2026-11-25T10:00:07Z",
+                   "instanceAsg": "spot-a",
+                   "drain": {"trigger": "interruption", "startedAt": "2026-11-25T10:00:20Z",
+                             "completedAt": "2026-11-25T10:00:24.5Z"},
+                   "retiredAt": "2026-11-25T10:00:25Z"}),
+        );
+        let row = row_of(
+            json!({keys::REBALANCE_NOTICE_TIME: NOTICE, keys::PHASE: "Retired", keys::REPLACEMENT: record_json(record)}),
+            Some("NoSchedule"),
+        );
+        let lines = Watch::default().update(&row, at("2026-11-25T10:00:26Z"));
+        let tail: Vec<(i64, &str, &str)> = lines
+            .iter()
+            .skip_while(|line| line.phase != "Draining")
+            .map(|line| (line.elapsed_ms, line.phase.as_str(), line.text.as_str()))
+            .collect();
+        assert_eq!(
+            tail,
+            [
+                (
+                    20000,
+                    "Draining",
+                    "drain started (interruption notice): evictions at the pace of the PodDisruptionBudgets"
+                ),
+                (24500, "Draining", "drained: no workload pod left"),
+                (25000, "Retired", "retired: i-0old left spot-a with a decrement"),
+            ]
         );
     }
 
@@ -415,8 +489,11 @@ mod tests {
             None,
         );
         let until = [Phase::Tainted, Phase::Failed];
-        assert!(!settled([&quiet], &until), "nothing noticed yet");
-        assert!(settled([&quiet, &tainted], &until));
-        assert!(!settled([&tainted, &scaling], &until));
+        assert!(!settled([&quiet], &until, false), "nothing noticed yet");
+        assert!(settled([&quiet, &tainted], &until, false));
+        assert!(!settled([&tainted, &scaling], &until, false));
+        // A noticed node that is gone (retired: its instance left) ends the wait for it.
+        assert!(settled([&quiet], &until, true));
+        assert!(!settled([&scaling], &until, true));
     }
 }
