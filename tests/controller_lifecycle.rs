@@ -455,3 +455,38 @@ fn record_of_drain_completed(node: &k8s_openapi::api::core::v1::Node) -> bool {
     let raw: serde_json::Value = serde_json::from_str(&record(node).raw).unwrap();
     raw["drain"]["trigger"] == "requested" && raw["drain"]["completedAt"].is_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_noticed_in_turn_keeps_its_scale_down_protection_while_it_stands_in() {
+    let t = Scenario::new("chain").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let old = name_of(&t.ready_nodes(&spot, 1).await[0]);
+    let mut controller = t.start_controller(&[]);
+    controller.wait_ready().await;
+    t.notice(&old).await;
+    let tainted = t.wait_for_phase(&old, phase::TAINTED, FLOW).await;
+    let first = record(&tainted).node.expect("the replacement's node");
+    assert_eq!(
+        annotation(&t.node(&first).await, SCALE_DOWN_DISABLED).as_deref(),
+        Some("true")
+    );
+
+    // The replacement gets a notice of its own while the old node still stands (tainted, not
+    // drained): its own record is written, and cluster-autoscaler must still leave it alone.
+    t.notice(&first).await;
+    let first_tainted = t.wait_for_phase(&first, phase::TAINTED, FLOW).await;
+    let second = record(&first_tainted)
+        .node
+        .expect("the second replacement's node");
+    assert_ne!(second, first);
+    let first_now = t.node(&first).await;
+    assert_eq!(
+        annotation(&first_now, SCALE_DOWN_DISABLED).as_deref(),
+        Some("true"),
+        "writing the replacement's own record dropped its scale-down protection"
+    );
+    assert_eq!(
+        annotation(&t.node(&second).await, SCALE_DOWN_DISABLED).as_deref(),
+        Some("true")
+    );
+}

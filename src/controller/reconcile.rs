@@ -38,8 +38,12 @@ use crate::{
     node::{self, OptInLabel},
 };
 
-/// Field manager of everything the controller writes.
+/// Field manager of the record (phase and replacement) the controller writes on a noticed node.
 pub const FIELD_MANAGER: &str = "spot-rebalancer-controller";
+/// Field manager of the scale-down protection on a claimed replacement. A manager of its own: a
+/// replacement noticed in turn gets a record applied by [`FIELD_MANAGER`], and an apply drops every
+/// field its manager set before and left out this time.
+pub const PROTECTION_FIELD_MANAGER: &str = "spot-rebalancer-controller-protection";
 /// cluster-autoscaler leaves a node with this annotation alone (the claimed replacement).
 pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
 /// How long a describe answer is reused by concurrent reconciles of one ASG.
@@ -1086,7 +1090,7 @@ async fn mark_scale_down_disabled(ctx: &Context, replacement: &str) -> Result<()
     ctx.nodes()
         .patch(
             replacement,
-            &PatchParams::apply(FIELD_MANAGER).force(),
+            &PatchParams::apply(PROTECTION_FIELD_MANAGER).force(),
             &Patch::Apply(&patch),
         )
         .await
