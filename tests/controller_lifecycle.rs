@@ -467,7 +467,7 @@ async fn a_replacement_noticed_in_turn_keeps_its_scale_down_protection_while_it_
     let tainted = t.wait_for_phase(&old, phase::TAINTED, FLOW).await;
     let first = record(&tainted).node.expect("the replacement's node");
     assert_eq!(
-        annotation(&t.node(&first).await, SCALE_DOWN_DISABLED).as_deref(),
+        annotation(&t.node(&first).await, SCALE_DOWN_DISABLED),
         Some("true")
     );
 
@@ -481,12 +481,12 @@ async fn a_replacement_noticed_in_turn_keeps_its_scale_down_protection_while_it_
     assert_ne!(second, first);
     let first_now = t.node(&first).await;
     assert_eq!(
-        annotation(&first_now, SCALE_DOWN_DISABLED).as_deref(),
+        annotation(&first_now, SCALE_DOWN_DISABLED),
         Some("true"),
         "writing the replacement's own record dropped its scale-down protection"
     );
     assert_eq!(
-        annotation(&t.node(&second).await, SCALE_DOWN_DISABLED).as_deref(),
+        annotation(&t.node(&second).await, SCALE_DOWN_DISABLED),
         Some("true")
     );
 }
