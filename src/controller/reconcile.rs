@@ -976,12 +976,18 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
     match replacement {
         Some(replacement) if node::is_ready(&replacement) => {
             let now = Timestamp::now();
-            mark_scale_down_disabled(ctx, &replacement.name_any()).await?;
+            let replacement_name = replacement.name_any();
+            mark_scale_down_disabled(ctx, &replacement_name).await?;
+            if record.node.as_deref() != Some(replacement_name.as_str()) {
+                // The webhook's order guard finds the replacement through the record: name it
+                // before the taint, so the taint stands on its own, not only on a trusted username.
+                record.node = Some(replacement_name.clone());
+                write_record(node, ctx, Phase::AwaitingReady, &record).await?;
+            }
             if record.tainted_at.is_none() {
                 taint(node, ctx, "replacement Ready").await?;
                 record.tainted_at = Some(now);
             }
-            record.node = Some(replacement.name_any());
             record.ready_at = Some(now);
             write_record(node, ctx, Phase::Tainted, &record).await?;
             let latency = now.duration_since(record.detected_at).as_secs_f64();
