@@ -249,11 +249,7 @@ async fn retire(node: &Node, ctx: &Context, mut record: Replacement) -> Result<O
                 seat.updated_at = Timestamp::now();
                 ctx.capacity.put(seat).await?;
             }
-            ctx.metrics
-                .aws_calls
-                .with_label_values(&["TerminateInstanceInAutoScalingGroup"])
-                .inc();
-            ctx.aws.terminate_and_decrement(instance).await?;
+            ctx.terminate_with_decrement(instance).await?;
         }
         RetireOutcome::Done => {}
         RetireOutcome::WentWithoutUs => {

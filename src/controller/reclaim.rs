@@ -76,7 +76,7 @@ async fn give_back(ctx: &Context, mut seat: Seat) -> Result<()> {
         SeatState::Retiring { desired_before } => {
             match lifecycle::retire_outcome(desired_before, &group, &seat.instance) {
                 RetireOutcome::Pending => {
-                    ctx.aws.terminate_and_decrement(&seat.instance).await?;
+                    ctx.terminate_with_decrement(&seat.instance).await?;
                     return retired(ctx, seat, &node, desired_before).await;
                 }
                 RetireOutcome::Done => return retired(ctx, seat, &node, desired_before).await,
@@ -101,11 +101,7 @@ async fn give_back(ctx: &Context, mut seat: Seat) -> Result<()> {
                 ctx.aws.set_desired(&asg, *to).await?;
             }
             Undo::Terminate { instance } => {
-                ctx.metrics
-                    .aws_calls
-                    .with_label_values(&["TerminateInstanceInAutoScalingGroup"])
-                    .inc();
-                ctx.aws.terminate_and_decrement(instance).await?;
+                ctx.terminate_with_decrement(instance).await?;
             }
             Undo::Leave { .. } => {}
         }

@@ -239,6 +239,16 @@ impl Context {
         state.send.clone().lock_owned().await
     }
 
+    /// Removes `instance` from its ASG with a decrement (counted in `aws_calls_total`): a
+    /// retirement, or taking back a +1 or a refill by id, never letting the ASG pick.
+    pub(super) async fn terminate_with_decrement(&self, instance: &str) -> Result<()> {
+        self.metrics
+            .aws_calls
+            .with_label_values(&["TerminateInstanceInAutoScalingGroup"])
+            .inc();
+        Ok(self.aws.terminate_and_decrement(instance).await?)
+    }
+
     /// Forgets the desired capacity this process last set on `asg`: a retirement or a restore
     /// lowered it, so the next scale-up reads it fresh.
     pub(super) fn forget_desired(&self, asg: &str) {
@@ -939,11 +949,7 @@ async fn finish_undos(node: &Node, ctx: &Context, phase: Phase, record: &mut Rep
                     *lock(&state.known_desired) = Some(*to);
                 }
                 Undo::Terminate { instance } => {
-                    ctx.metrics
-                        .aws_calls
-                        .with_label_values(&["TerminateInstanceInAutoScalingGroup"])
-                        .inc();
-                    ctx.aws.terminate_and_decrement(instance).await?;
+                    ctx.terminate_with_decrement(instance).await?;
                     *lock(&state.known_desired) = Some(group.desired - 1);
                 }
                 Undo::Leave { .. } => {}
