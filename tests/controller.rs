@@ -753,6 +753,186 @@ async fn taints_at_once_on_an_interruption_notice_while_waiting_for_capacity() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_that_never_turns_ready_is_warned_about_once_and_the_node_waits_untainted() {
+    let t = Scenario::new("notready").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let on_demand = t.on_demand_asg("od", 0, 5).await;
+    let old_node = t.ready_nodes(&spot, 1).await.remove(0);
+    let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
+    // Spot capacity is there, but each new instance's kubelet registers and never turns Ready.
+    t.arm_not_ready(&spot).await;
+    let capacity_timeout = Duration::from_secs(5);
+    let mut controller =
+        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "5s"]);
+    controller.wait_ready().await;
+    let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
+
+    // The new spot instance is InService at once: the controller claims it and waits for its Node.
+    t.notice(&old).await;
+    let awaiting = t.wait_for_phase(&old, phase::AWAITING_READY, FLOW).await;
+    let claim_seen = Instant::now();
+    let claim = record(&awaiting);
+    let claimed = claim.instance_id.clone().expect("a claimed instance");
+    assert_ne!(claimed, old_instance, "{}", claim.raw);
+    assert_eq!(claim.asg.as_deref(), Some(spot.as_str()), "{}", claim.raw);
+    let replacement = support::eventually(
+        "the claimed instance's Node registers",
+        Duration::from_secs(30),
+        || async {
+            let nodes = t.nodes_of(&spot).await;
+            nodes
+                .into_iter()
+                .find(|node| instance_id(node).as_deref() == Some(claimed.as_str()))
+        },
+    )
+    .await;
+    let ready = replacement
+        .status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .and_then(|conditions| conditions.iter().find(|c| c.type_ == "Ready"))
+        .expect("the replacement's kubelet posts a Ready condition");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_deref()),
+        ("False", Some("KubeletNotReady")),
+        "{ready:?}"
+    );
+
+    // Within CAPACITY_TIMEOUT of the claim there is nothing to warn about (3 s after the test saw
+    // the claim, which it sees well within the other 2 s: it polls every 100 ms).
+    tokio::time::sleep((claim_seen + Duration::from_secs(3)).saturating_duration_since(Instant::now())).await;
+    assert_eq!(
+        t.event_occurrences(&old, "ReplacementNotReady").await,
+        0,
+        "warned before --capacity-timeout"
+    );
+
+    // After it: one Warning on the old node naming the claimed instance and how long it waited.
+    let events = t
+        .wait_for_event(&old, "a ReplacementNotReady Warning", |event| {
+            event.reason == "ReplacementNotReady"
+        })
+        .await;
+    let warned = events
+        .iter()
+        .find(|event| event.reason == "ReplacementNotReady")
+        .unwrap();
+    eprintln!(
+        "ReplacementNotReady seen {:?} after the claim was: {}",
+        claim_seen.elapsed(),
+        warned.message
+    );
+    assert_eq!(warned.type_, "Warning", "{warned:?}");
+    assert!(
+        warned.message.contains(&claimed) && warned.message.contains(&old),
+        "{warned:?}"
+    );
+    let waited: u64 = warned
+        .message
+        .split_once(" for ")
+        .and_then(|(_, rest)| rest.split_once(" s"))
+        .and_then(|(seconds, _)| seconds.parse().ok())
+        .unwrap_or_else(|| panic!("no waited time in {warned:?}"));
+    assert!(
+        waited >= capacity_timeout.as_secs(),
+        "warned after {waited} s, before --capacity-timeout: {warned:?}"
+    );
+
+    // Many poll intervals later (READY_POLL 200 ms, --asg-poll-interval 1s): still that one Warning,
+    // the node still waits in AwaitingReady, never tainted, and nothing else was scaled.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        t.event_occurrences(&old, "ReplacementNotReady").await,
+        1,
+        "the Warning was repeated: {:?}",
+        t.events(&old).await
+    );
+    let waiting = t.node(&old).await;
+    assert_eq!(
+        phase_of(&waiting).as_deref(),
+        Some(phase::AWAITING_READY),
+        "record {:?}",
+        support::controller::raw_record(&waiting)
+    );
+    assert_eq!(
+        record(&waiting).instance_id.as_deref(),
+        Some(claimed.as_str()),
+        "the claim stands"
+    );
+    assert!(
+        termination_taint(&waiting).is_none(),
+        "no Ready replacement, no taint"
+    );
+    assert!(
+        watch.tainted().is_empty(),
+        "a node was tainted while waiting: {:?}",
+        watch.tainted()
+    );
+    let other_warnings: Vec<_> = t
+        .events(&old)
+        .await
+        .into_iter()
+        .filter(|event| event.type_ == "Warning" && event.reason != "ReplacementNotReady")
+        .collect();
+    assert!(other_warnings.is_empty(), "{other_warnings:?}");
+    assert_eq!(
+        t.asg(&spot).await.in_service(),
+        BTreeSet::from([old_instance.clone(), claimed.clone()])
+    );
+    t.assert_desired_settles(&spot, 2, "baseline + 1, the claim kept")
+        .await;
+    assert!(
+        t.calls("SetDesiredCapacity", &on_demand).await.is_empty(),
+        "an InService replacement is not missing capacity: no fallback"
+    );
+    assert_eq!(controller.metric(FALLBACKS, &[]).await, 0.0);
+
+    // The interruption notice: two minutes left, so taint now, replacement Ready or not.
+    let noticed = Instant::now();
+    t.interruption(&old).await;
+    let tainted = t.wait_for_taint(&old, Duration::from_secs(10)).await;
+    eprintln!("tainted {:?} after the interruption notice", noticed.elapsed());
+    let taint = termination_taint(&tainted).unwrap();
+    assert_eq!(
+        (taint.value.as_deref(), taint.effect.as_str()),
+        (Some("true"), "NoSchedule")
+    );
+    t.wait_for_event(&old, "a TaintedOnInterruption Warning", |event| {
+        event.type_ == "Warning" && event.reason == "TaintedOnInterruption"
+    })
+    .await;
+    let interrupted = record(&t.node(&old).await);
+    assert!(interrupted.tainted_at.is_some(), "{}", interrupted.raw);
+    assert!(interrupted.ready_at.is_none(), "{}", interrupted.raw);
+    let replacement = t.node(&name_of(&replacement)).await;
+    assert!(
+        !is_ready(&replacement),
+        "the taint did not wait for the replacement"
+    );
+    watch.assert_never_tainted_before_replacement_ready();
+
+    // The kubelet comes up at last: the controller finishes the replacement without a second taint.
+    // (Events outlive the Node: the interrupted node is drained and retired right after.)
+    t.clear_not_ready(&spot).await;
+    t.wait_for_event(&old, "the replacement's Tainted Event", |event| {
+        event.reason == "Tainted" && event.message.contains(&claimed)
+    })
+    .await;
+    assert_eq!(
+        controller
+            .metric(TAINTS, &[("reason", "interruption notice")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        controller.metric(TAINTS, &[]).await,
+        1.0,
+        "the only taint came from the interruption"
+    );
+    assert_eq!(t.event_occurrences(&old, "ReplacementNotReady").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_a_foreign_scaling_activity_before_scaling() {
     let t = Scenario::new("foreign").await;
     let spot = t.spot_asg("spot", 1, 5).await;

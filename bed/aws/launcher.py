@@ -30,7 +30,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from awsbed.activities import ActivityLog
 from awsbed.calls import CallLog
 from awsbed.control import ControlApi
-from awsbed.faults import CapacityFaults, ErrorInjector
+from awsbed.faults import CapacityFaults, ErrorInjector, NotReadyFaults
 from awsbed.gateway import Gateway
 from awsbed.nodes import NodeBridge
 from awsbed.world import MotoWorld
@@ -78,10 +78,15 @@ def build_bed(region: str, kubeconfig: str | None, boot_delay: float, sync_inter
     activities = ActivityLog()
     capacity_faults = CapacityFaults()
     errors = ErrorInjector()
+    not_ready_faults = NotReadyFaults()
     calls = CallLog()
     world = MotoWorld(region, activities, capacity_faults)
     world.install_capacity_guard()
-    bridge = NodeBridge(world, kubeconfig, boot_delay, sync_interval) if kubeconfig else None
+    bridge = (
+        NodeBridge(world, kubeconfig, boot_delay, sync_interval, not_ready_faults=not_ready_faults)
+        if kubeconfig
+        else None
+    )
     control = ControlApi(
         world,
         calls,
@@ -89,6 +94,7 @@ def build_bed(region: str, kubeconfig: str | None, boot_delay: float, sync_inter
         capacity_faults,
         activities,
         nodes=(bridge.nodes if bridge else lambda: None),
+        not_ready_faults=not_ready_faults,
     )
     moto_app = DomainDispatcherApplication(create_backend_app)
     app = Gateway(moto_app, control, world, calls, errors, activities)

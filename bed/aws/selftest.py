@@ -23,6 +23,7 @@ import unittest
 import urllib.error
 import urllib.request
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,8 +36,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from awsbed.activities import ActivityLog  # noqa: E402
-from awsbed.faults import CapacityFaults  # noqa: E402
-from awsbed.nodes import INSTANCE_ID_ANNOTATION, NodeBridge, node_manifest  # noqa: E402
+from awsbed.faults import CapacityFaults, NotReadyFaults  # noqa: E402
+from awsbed.nodes import (  # noqa: E402
+    INSTANCE_ID_ANNOTATION,
+    NODE_LEASE_NAMESPACE,
+    NOT_READY_REASON,
+    NodeBridge,
+    node_manifest,
+)
 from awsbed.world import InstanceView, MotoWorld, decide_capacity_type  # noqa: E402
 
 REGION = "us-east-1"
@@ -300,6 +307,20 @@ class AwsSideTest(unittest.TestCase):
         self.bed("DELETE", f"/_bed/faults/capacity/{name}")
         self.assertEqual(len(self.instance_ids(name)), 2)
 
+    # -- Nodes that never turn Ready --------------------------------------------------------------
+
+    def test_not_ready_fault_is_armed_listed_and_cleared(self) -> None:
+        name = self.create_group(desired=1)
+        self.assertEqual(self.bed("POST", "/_bed/faults/not-ready", {"asg": name}), {"asg": name, "armed": True})
+        self.assertIn(name, self.bed("GET", "/_bed/faults")["not_ready"])
+        self.set_desired(name, 2)
+        self.assertEqual(len(self.instance_ids(name)), 2, "instances launch as usual: only their Nodes are held")
+        cleared = self.bed("DELETE", f"/_bed/faults/not-ready/{name}")
+        self.assertEqual(cleared, {"asg": name, "armed": False, "was_armed": True})
+        self.assertNotIn(name, self.bed("GET", "/_bed/faults")["not_ready"])
+        again = self.bed("DELETE", f"/_bed/faults/not-ready/{name}")
+        self.assertFalse(again["was_armed"])
+
     # -- injected errors ------------------------------------------------------------------------
 
     def test_throttling_count_fails_the_next_calls_only(self) -> None:
@@ -411,6 +432,7 @@ class AwsSideTest(unittest.TestCase):
 
     def test_control_api_rejects_bad_input(self) -> None:
         self.bed("POST", "/_bed/faults/capacity", {}, expect=400)
+        self.bed("POST", "/_bed/faults/not-ready", {"asg": 7}, expect=400)
         self.bed("POST", "/_bed/faults/errors", {"kind": "weird"}, expect=400)
         self.bed("POST", "/_bed/faults/errors", {"kind": "server", "rate": 2}, expect=400)
         self.bed("GET", "/_bed/asgs/no-such-group", expect=404)
@@ -426,12 +448,13 @@ class LifecycleTest(unittest.TestCase):
             asg = launcher.client("autoscaling")
             asg.describe_auto_scaling_groups()
             launcher.bed("POST", "/_bed/faults/capacity", {"asg": "x"})
+            launcher.bed("POST", "/_bed/faults/not-ready", {"asg": "x"})
             launcher.bed("POST", "/_bed/activities", {"asg": "x"})
             self.assertEqual(len(launcher.bed("GET", "/_bed/calls")[1]), 1)
             self.assertEqual(launcher.bed("POST", "/_bed/reset")[0], 200)
             self.assertEqual(launcher.bed("GET", "/_bed/calls")[1], [])
             self.assertEqual(launcher.bed("GET", "/_bed/activities")[1], [])
-            self.assertEqual(launcher.bed("GET", "/_bed/faults")[1], {"capacity": [], "errors": []})
+            self.assertEqual(launcher.bed("GET", "/_bed/faults")[1], {"capacity": [], "not_ready": [], "errors": []})
         finally:
             elapsed = launcher.stop()
         self.assertEqual(launcher.process.returncode, 0)
@@ -481,6 +504,26 @@ class NodeManifestTest(unittest.TestCase):
         self.assertEqual(status["nodeInfo"]["architecture"], "amd64")
         self.assertEqual(status["nodeInfo"]["operatingSystem"], "linux")
 
+    def test_a_node_whose_kubelet_never_turns_ready(self) -> None:
+        since = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        node = node_manifest(view(), not_ready_since=since)
+        self.assertEqual(
+            node["metadata"]["annotations"],
+            {"bed.local/kubelet": "bridge", INSTANCE_ID_ANNOTATION: "i-0123456789abcdef0"},
+            "no kwok annotation: the bridge plays this kubelet",
+        )
+        conditions = {c["type"]: c for c in node["status"]["conditions"]}
+        self.assertEqual(sorted(conditions), ["DiskPressure", "MemoryPressure", "PIDPressure", "Ready"])
+        ready = conditions["Ready"]
+        self.assertEqual((ready["status"], ready["reason"]), ("False", NOT_READY_REASON))
+        self.assertIn("cni plugin not initialized", ready["message"])
+        self.assertEqual(ready["lastHeartbeatTime"], "2026-01-02T03:04:05Z")
+        self.assertNotIn("conditions", node_manifest(view())["status"], "kwok posts a healthy Node's conditions")
+
+        from kubernetes.client import V1Node
+
+        V1Node.model_validate(node)
+
     def test_node_passes_the_kubernetes_clients_validation(self) -> None:
         from kubernetes.client import V1Node
 
@@ -521,8 +564,14 @@ class NodeManifestTest(unittest.TestCase):
         self.assertEqual(decide_capacity_type({}, None, None, some_on_demand), "ON_DEMAND")
 
 
+def ready_status(node: dict[str, Any]) -> str | None:
+    """The status of a Node manifest's Ready condition, if it has one."""
+    conditions = node.get("status", {}).get("conditions", [])
+    return next((c["status"] for c in conditions if c["type"] == "Ready"), None)
+
+
 class FakeCoreV1:
-    """The three CoreV1Api calls the bridge makes, over a dict of Node manifests."""
+    """The CoreV1Api calls the bridge makes, over a dict of Node manifests."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -532,13 +581,19 @@ class FakeCoreV1:
         return SimpleNamespace(
             items=[
                 SimpleNamespace(
-                    metadata=SimpleNamespace(name=n["metadata"]["name"], annotations=n["metadata"].get("annotations"))
+                    metadata=SimpleNamespace(name=n["metadata"]["name"], annotations=n["metadata"].get("annotations")),
+                    status=SimpleNamespace(
+                        conditions=[
+                            SimpleNamespace(type=c["type"], status=c["status"])
+                            for c in n.get("status", {}).get("conditions", [])
+                        ]
+                    ),
                 )
                 for n in self.nodes.values()
             ]
         )
 
-    def create_node(self, body: dict[str, Any], **_: Any) -> None:
+    def create_node(self, body: dict[str, Any], **_: Any) -> Any:
         from kubernetes.client.exceptions import ApiException
 
         name = body["metadata"]["name"]
@@ -546,12 +601,59 @@ class FakeCoreV1:
             raise ApiException(status=409, reason="AlreadyExists")
         self.nodes[name] = body
         self.creates += 1
+        return SimpleNamespace(metadata=SimpleNamespace(name=name, uid=f"uid-{name}"))
+
+    def patch_node_status(self, name: str, body: dict[str, Any], **_: Any) -> None:
+        """A strategic merge of conditions (merged by type), as the API server does for Nodes."""
+        conditions = self.nodes[name].setdefault("status", {}).setdefault("conditions", [])
+        for patched in body["status"]["conditions"]:
+            conditions[:] = [c for c in conditions if c["type"] != patched["type"]] + [patched]
 
     def delete_node(self, name: str, **_: Any) -> None:
         from kubernetes.client.exceptions import ApiException
 
         if self.nodes.pop(name, None) is None:
             raise ApiException(status=404, reason="NotFound")
+
+
+class FakeLeases:
+    """The CoordinationV1Api calls the bridge makes for node Leases, over a dict of Lease manifests."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.renewals = 0
+
+    @staticmethod
+    def _missing(name: str) -> Exception:
+        from kubernetes.client.exceptions import ApiException
+
+        return ApiException(status=404, reason=f"NotFound {name}")
+
+    def create_namespaced_lease(self, namespace: str, body: dict[str, Any], **_: Any) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        assert namespace == NODE_LEASE_NAMESPACE
+        name = body["metadata"]["name"]
+        if name in self.leases:
+            raise ApiException(status=409, reason="AlreadyExists")
+        self.leases[name] = body
+
+    def read_namespaced_lease(self, name: str, namespace: str, **_: Any) -> Any:
+        if name not in self.leases:
+            raise self._missing(name)
+        return SimpleNamespace(spec=SimpleNamespace(holder_identity=self.leases[name]["spec"].get("holderIdentity")))
+
+    def patch_namespaced_lease(self, name: str, namespace: str, body: dict[str, Any], **_: Any) -> None:
+        if name not in self.leases:
+            raise self._missing(name)
+        lease = self.leases[name]
+        lease["spec"].update(body.get("spec", {}))
+        lease["metadata"].update(body.get("metadata", {}))
+        self.renewals += 1
+
+    def delete_namespaced_lease(self, name: str, namespace: str, **_: Any) -> None:
+        if self.leases.pop(name, None) is None:
+            raise self._missing(name)
 
 
 class NodeBridgeTest(unittest.TestCase):
@@ -566,6 +668,7 @@ class NodeBridgeTest(unittest.TestCase):
         self.world.install_capacity_guard()
         self.now = 100.0
         self.core = FakeCoreV1()
+        self.leases = FakeLeases()
         self.autoscaling = boto3.client("autoscaling", region_name=REGION)
         self.world.create_launch_template("lt-bridge", "m5.large", spot=True)
         self.autoscaling.create_auto_scaling_group(
@@ -584,8 +687,17 @@ class NodeBridgeTest(unittest.TestCase):
     def tearDown(self) -> None:
         self.mock.stop()
 
-    def bridge(self) -> NodeBridge:
-        return NodeBridge(self.world, "unused", boot_delay=2.0, interval=0.5, clock=lambda: self.now, api=self.core)
+    def bridge(self, not_ready: NotReadyFaults | None = None) -> NodeBridge:
+        return NodeBridge(
+            self.world,
+            "unused",
+            boot_delay=2.0,
+            interval=0.5,
+            clock=lambda: self.now,
+            api=self.core,
+            not_ready_faults=not_ready,
+            leases=self.leases,
+        )
 
     def asg_members(self) -> list[str]:
         group = self.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["workers"])["AutoScalingGroups"][0]
@@ -657,6 +769,63 @@ class NodeBridgeTest(unittest.TestCase):
         bridge.reconcile_once()
         self.assertNotIn(member, bridge.nodes())
         self.assertEqual(self.core.nodes[name]["metadata"]["annotations"], {})
+
+    def test_a_not_ready_fault_holds_new_nodes_not_ready_until_cleared(self) -> None:
+        faults = NotReadyFaults()
+        bridge = self.bridge(faults)
+        bridge.reconcile_once()
+        self.now += 2.5
+        bridge.reconcile_once()
+        serving = self.asg_members()
+        self.assertEqual(self.leases.leases, {}, "kwok holds the Leases of healthy Nodes, not the bridge")
+
+        faults.arm("workers")
+        self.autoscaling.set_desired_capacity(AutoScalingGroupName="workers", DesiredCapacity=3)
+        (new,) = set(self.asg_members()) - set(serving)
+        bridge.reconcile_once()
+        self.now += 2.5
+        bridge.reconcile_once()
+        name = bridge.nodes()[new]
+        node = self.core.nodes[name]
+        self.assertNotIn("kwok.x-k8s.io/node", node["metadata"]["annotations"])
+        self.assertEqual(ready_status(node), "False")
+        lease = self.leases.leases[name]
+        self.assertEqual(lease["spec"]["holderIdentity"], name, "held as a kubelet holds it, so kwok keeps off")
+        self.assertEqual(lease["metadata"]["ownerReferences"][0]["uid"], f"uid-{name}")
+        for old in serving:
+            self.assertIsNone(ready_status(self.core.nodes[bridge.nodes()[old]]), "Nodes made before are untouched")
+
+        renewals = self.leases.renewals
+        self.now += 5
+        bridge.reconcile_once()
+        self.assertEqual(self.leases.renewals, renewals, "not due yet")
+        self.now += 5
+        bridge.reconcile_once()
+        self.assertEqual(self.leases.renewals, renewals + 1, "renewed every 10 s, as a kubelet renews")
+        self.assertEqual(ready_status(node), "False", "still not Ready while the fault is armed")
+
+        faults.disarm("workers")
+        bridge.reconcile_once()
+        self.assertEqual(ready_status(node), "True", "the cleared fault lets the kubelet post Ready")
+
+        self.world.reclaim_instance(new)
+        bridge.reconcile_once()
+        self.assertNotIn(name, self.core.nodes)
+        self.assertNotIn(name, self.leases.leases, "its Lease goes with it")
+
+    def test_a_held_node_name_whose_lease_someone_else_holds_is_left_alone(self) -> None:
+        faults = NotReadyFaults()
+        faults.arm("workers")
+        bridge = self.bridge(faults)
+        bridge.reconcile_once()
+        member = self.asg_members()[0]
+        name = next(v.private_dns_name for v in self.world.node_candidates() if v.instance_id == member)
+        self.leases.leases[name] = {"metadata": {"name": name}, "spec": {"holderIdentity": "kwok-controller"}}
+        self.now += 2.5
+        bridge.reconcile_once()
+        self.assertNotIn(member, bridge.nodes())
+        self.assertNotIn(name, self.core.nodes)
+        self.assertEqual(self.leases.leases[name]["spec"]["holderIdentity"], "kwok-controller")
 
 
 if __name__ == "__main__":

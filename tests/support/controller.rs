@@ -718,6 +718,36 @@ impl Scenario {
             .await
     }
 
+    /// The bed's not-Ready fault on `asg`: each new Node of it registers with a kubelet that never
+    /// turns Ready (`Ready=False`, KubeletNotReady; the bed holds its Lease, so kwok keeps off).
+    pub async fn arm_not_ready(&self, asg: &str) {
+        let body = json!({ "asg": asg });
+        self.bed
+            .control(reqwest::Method::POST, "faults/not-ready", Some(body))
+            .await;
+    }
+
+    /// Clears `asg`'s not-Ready fault: the Nodes it held post Ready at the bridge's next tick.
+    pub async fn clear_not_ready(&self, asg: &str) {
+        self.bed
+            .control(reqwest::Method::DELETE, &format!("faults/not-ready/{asg}"), None)
+            .await;
+    }
+
+    /// How often `reason` was reported about `node`: kube's Recorder folds a repeat (same reason, any
+    /// note) within minutes into the first Event's `series.count`, so Event objects alone undercount.
+    pub async fn event_occurrences(&self, node: &str, reason: &str) -> i32 {
+        let api: Api<EventsEvent> = Api::all(self.bed.kube.clone());
+        let params = ListParams::default().fields(&format!("regarding.name={node},reason={reason}"));
+        api.list(&params)
+            .await
+            .expect("list events.k8s.io/v1 Events")
+            .items
+            .iter()
+            .map(|event| event.series.as_ref().map_or(1, |series| series.count))
+            .sum()
+    }
+
     /// How many errors the bed's rules injected so far, in all.
     pub async fn injected_errors(&self) -> u64 {
         let faults = self.bed.control(reqwest::Method::GET, "faults", None).await;
@@ -775,10 +805,12 @@ impl Drop for Scenario {
                         .desired_capacity(0)
                         .send()
                         .await;
-                    let _ = http
-                        .delete(format!("{endpoint}/_bed/faults/capacity/{asg}"))
-                        .send()
-                        .await;
+                    for fault in ["capacity", "not-ready"] {
+                        let _ = http
+                            .delete(format!("{endpoint}/_bed/faults/{fault}/{asg}"))
+                            .send()
+                            .await;
+                    }
                 }
                 for instance in &instances {
                     let _ = http

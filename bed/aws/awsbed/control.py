@@ -18,7 +18,7 @@ from werkzeug.wrappers import Request, Response
 
 from .activities import Activity, ActivityLog
 from .calls import CallLog
-from .faults import CapacityFaults, ErrorInjector
+from .faults import CapacityFaults, ErrorInjector, NotReadyFaults
 from .protocol import parse_int
 from .world import MotoWorld
 
@@ -84,6 +84,7 @@ class ControlApi:
         capacity_faults: CapacityFaults,
         activities: ActivityLog,
         nodes: Callable[[], dict[str, str] | None],
+        not_ready_faults: NotReadyFaults | None = None,
     ) -> None:
         self.world = world
         self.calls = calls
@@ -91,6 +92,7 @@ class ControlApi:
         self.capacity_faults = capacity_faults
         self.activities = activities
         self.nodes = nodes
+        self.not_ready_faults = not_ready_faults if not_ready_faults is not None else NotReadyFaults()
         self.url_map = Map(
             [
                 Rule("/_bed/health", methods=["GET"], endpoint="health"),
@@ -99,6 +101,8 @@ class ControlApi:
                 Rule("/_bed/faults", methods=["GET"], endpoint="list_faults"),
                 Rule("/_bed/faults/capacity", methods=["POST"], endpoint="arm_capacity_fault"),
                 Rule("/_bed/faults/capacity/<path:asg>", methods=["DELETE"], endpoint="clear_capacity_fault"),
+                Rule("/_bed/faults/not-ready", methods=["POST"], endpoint="arm_not_ready_fault"),
+                Rule("/_bed/faults/not-ready/<path:asg>", methods=["DELETE"], endpoint="clear_not_ready_fault"),
                 Rule("/_bed/faults/errors", methods=["POST"], endpoint="arm_errors"),
                 Rule("/_bed/faults/errors", methods=["DELETE"], endpoint="clear_errors"),
                 Rule("/_bed/activities", methods=["GET"], endpoint="list_activities"),
@@ -160,6 +164,7 @@ class ControlApi:
         return json_response(
             {
                 "capacity": self.capacity_faults.armed(),
+                "not_ready": self.not_ready_faults.armed(),
                 "errors": [rule.to_json() for rule in self.errors.rules()],
             }
         )
@@ -176,6 +181,18 @@ class ControlApi:
         launched = self.world.restore_capacity(asg)
         log.info("capacity fault cleared on ASG %s; launched %s", asg, launched)
         return json_response({"asg": asg, "armed": False, "was_armed": was_armed, "launched": launched})
+
+    def arm_not_ready_fault(self, request: Request) -> Response:
+        body = self._body(request)
+        asg = field(body, "asg", str)
+        self.not_ready_faults.arm(asg)
+        log.info("not-Ready fault armed on ASG %s: its new Nodes never turn Ready", asg)
+        return json_response({"asg": asg, "armed": True})
+
+    def clear_not_ready_fault(self, request: Request, asg: str) -> Response:
+        was_armed = self.not_ready_faults.disarm(asg)
+        log.info("not-Ready fault cleared on ASG %s: its held Nodes turn Ready", asg)
+        return json_response({"asg": asg, "armed": False, "was_armed": was_armed})
 
     def arm_errors(self, request: Request) -> Response:
         body = self._body(request)
@@ -285,9 +302,11 @@ class ControlApi:
         return json_response(nodes)
 
     def reset(self, request: Request) -> Response:
-        """Forget faults, calls and activities; ASGs short of capacity get their instances first."""
+        """Forget faults, calls and activities; ASGs short of capacity get their instances first (and
+        Nodes held NotReady turn Ready at the bridge's next tick)."""
         for asg in self.capacity_faults.clear():
             self.world.restore_capacity(asg)
+        self.not_ready_faults.clear()
         self.errors.clear()
         self.calls.clear()
         self.activities.clear()

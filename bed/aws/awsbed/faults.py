@@ -1,4 +1,5 @@
-"""Faults a test can arm and clear: spot capacity failure on an ASG, and injected API errors."""
+"""Faults a test can arm and clear: spot capacity failure on an ASG, Nodes of an ASG that never turn
+Ready, and injected API errors."""
 
 from __future__ import annotations
 
@@ -53,6 +54,41 @@ class CapacityFaults:
         if spot:
             return SPOT_CAPACITY_MESSAGE
         return ON_DEMAND_CAPACITY_MESSAGE.format(instance_type=instance_type, zone=zone)
+
+    def armed(self) -> list[str]:
+        with self._lock:
+            return sorted(self._armed)
+
+    def clear(self) -> list[str]:
+        """Forget every fault; returns the ASG names that were armed."""
+        with self._lock:
+            names = sorted(self._armed)
+            self._armed.clear()
+            return names
+
+
+class NotReadyFaults:
+    """ASG names whose new Nodes the node bridge registers with a kubelet that never turns Ready."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: set[str] = set()
+
+    def arm(self, asg_name: str) -> None:
+        with self._lock:
+            self._armed.add(asg_name)
+
+    def disarm(self, asg_name: str) -> bool:
+        """Clear the fault; False if it was not armed."""
+        with self._lock:
+            if asg_name not in self._armed:
+                return False
+            self._armed.discard(asg_name)
+            return True
+
+    def is_armed(self, asg_name: str | None) -> bool:
+        with self._lock:
+            return asg_name is not None and asg_name in self._armed
 
     def armed(self) -> list[str]:
         with self._lock:

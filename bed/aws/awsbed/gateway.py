@@ -139,7 +139,9 @@ class Gateway:
                 return None
             desired, low, high = request.desired_capacity, group.min_size, group.max_size
         if desired > high:
-            return validation_error(f"New SetDesiredCapacity value {desired} is above max value {high} for the {GROUP}.")
+            return validation_error(
+                f"New SetDesiredCapacity value {desired} is above max value {high} for the {GROUP}."
+            )
         if desired < low:
             return validation_error(f"New SetDesiredCapacity value {desired} is below min value {low} for the {GROUP}.")
         return None
