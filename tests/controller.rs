@@ -34,6 +34,7 @@ const READY_SECONDS_COUNT: &str = "spot_rebalancer_replacement_ready_seconds_cou
 const FAILED: &str = "spot_rebalancer_replacements_failed_total";
 const NODES_IN_PHASE: &str = "spot_rebalancer_nodes";
 const CAPACITY_REBALANCING: &str = "spot_rebalancer_asg_capacity_rebalancing";
+const AWS_CALLS: &str = "spot_rebalancer_aws_calls_total";
 
 /// A real spot launch failure that is not about capacity.
 const SPOT_PRICE_TOO_LOW: &str = "Your Spot request price of 0.001 is lower than the minimum required Spot \
@@ -839,8 +840,17 @@ async fn a_replacement_that_never_turns_ready_is_warned_about_once_and_the_node_
     );
 
     // Many poll intervals later (READY_POLL 200 ms, --asg-poll-interval 1s): still that one Warning,
-    // the node still waits in AwaitingReady, never tainted, and nothing else was scaled.
+    // the node still waits in AwaitingReady, never tainted, and nothing else was scaled. The wait
+    // reads the ASG at most once per poll interval (not at every 200 ms look): at most 5 describes
+    // in 5 s, plus one for a look that straddles the window's edges.
+    let describes = || controller.metric(AWS_CALLS, &[("operation", "DescribeAutoScalingGroups")]);
+    let describes_before = describes().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let describes_while_waiting = describes().await - describes_before;
+    assert!(
+        describes_while_waiting <= 6.0,
+        "{describes_while_waiting} DescribeAutoScalingGroups in 5 s of waiting"
+    );
     assert_eq!(
         t.event_occurrences(&old, "ReplacementNotReady").await,
         1,

@@ -48,7 +48,8 @@ pub const PROTECTION_FIELD_MANAGER: &str = "spot-rebalancer-controller-protectio
 pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
 /// How long a describe answer is reused by concurrent reconciles of one ASG.
 const AWS_CACHE_TTL: Duration = Duration::from_millis(500);
-/// How often to look at the claimed replacement's readiness (from the cache, no API call).
+/// How often to look at the claimed replacement's readiness (from the Node cache; whether the claimed
+/// instance is still in its ASG is read at most every `--asg-poll-interval`).
 const READY_POLL: Duration = Duration::from_millis(200);
 /// The longest a scale-up call waits for concurrent notices to write their intents.
 const MAX_COALESCE_WAIT: Duration = Duration::from_secs(2);
@@ -286,11 +287,17 @@ impl Context {
         lock(&self.ledger).get(node).cloned()
     }
 
+    /// The ASG as described now (`fresh`), or as described by anyone within [`AWS_CACHE_TTL`].
     pub(super) async fn group(&self, asg: &str, fresh: bool) -> Result<Group> {
+        let max_age = if fresh { Duration::ZERO } else { AWS_CACHE_TTL };
+        self.group_within(asg, max_age).await
+    }
+
+    /// The ASG as described at most `max_age` ago (described now when older).
+    pub(super) async fn group_within(&self, asg: &str, max_age: Duration) -> Result<Group> {
         let state = self.asg(asg);
-        if !fresh
-            && let Some((at, group)) = lock(&state.group).as_ref()
-            && at.elapsed() < AWS_CACHE_TTL
+        if let Some((at, group)) = lock(&state.group).as_ref()
+            && at.elapsed() < max_age
         {
             return Ok(group.clone());
         }
@@ -990,7 +997,8 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
                 record.node = Some(replacement_name.clone());
                 write_record(node, ctx, Phase::AwaitingReady, &record).await?;
             }
-            if record.tainted_at.is_none() {
+            let tainted_before = record.tainted_at.is_some();
+            if !tainted_before {
                 taint(node, ctx, "replacement Ready").await?;
                 record.tainted_at = Some(now);
             }
@@ -998,10 +1006,14 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
             write_record(node, ctx, Phase::Tainted, &record).await?;
             let latency = now.duration_since(record.detected_at).as_secs_f64();
             ctx.metrics.replacement_ready_seconds.observe(latency);
+            let tainted = if tainted_before {
+                "it was tainted before, on its interruption notice".to_owned()
+            } else {
+                format!("tainted {}", taint_text(&ctx.settings.taint))
+            };
             let note = format!(
-                "replacement {} ({instance}) is Ready after {latency:.1} s; tainted {}",
+                "replacement {} ({instance}) is Ready after {latency:.1} s; {tainted}",
                 replacement.name_any(),
-                taint_text(&ctx.settings.taint)
             );
             info!(%note, "tainted");
             ctx.event(node, EventType::Normal, "Tainted", note).await;
@@ -1011,7 +1023,11 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
             let Some(intent) = record.scale.clone() else {
                 return Ok(Step::Wait(READY_POLL));
             };
-            let group = ctx.group(&intent.asg, false).await?;
+            // Waiting may last (a kubelet that never joins): the ASG is read at the poll interval,
+            // not at every look.
+            let group = ctx
+                .group_within(&intent.asg, ctx.settings.asg_poll_interval)
+                .await?;
             if group.instances.iter().any(|i| i.id == instance) {
                 warn_if_slow_to_be_ready(node, ctx, &record, &instance).await;
                 return Ok(Step::Wait(READY_POLL));
