@@ -92,19 +92,7 @@ async fn give_back(ctx: &Context, mut seat: Seat) -> Result<()> {
         ctx.capacity.put(seat.clone()).await?;
     }
     if lifecycle::restore_pending(&undo, &group) {
-        match &undo {
-            Undo::Lower { to, .. } => {
-                ctx.metrics
-                    .aws_calls
-                    .with_label_values(&["SetDesiredCapacity"])
-                    .inc();
-                ctx.aws.set_desired(&asg, *to).await?;
-            }
-            Undo::Terminate { instance } => {
-                ctx.terminate_with_decrement(instance).await?;
-            }
-            Undo::Leave { .. } => {}
-        }
+        ctx.carry_out(&asg, &undo).await?;
         ctx.forget_desired(&asg);
     }
     let (how, type_, reason, note) = match &undo {

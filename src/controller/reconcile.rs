@@ -250,6 +250,22 @@ impl Context {
         Ok(self.aws.terminate_and_decrement(instance).await?)
     }
 
+    /// Carries out `undo` on `asg`: lowers its desired capacity, or removes one instance by id with a
+    /// decrement (never letting the ASG pick which); `Leave` calls nothing.
+    pub(super) async fn carry_out(&self, asg: &str, undo: &Undo) -> Result<()> {
+        match undo {
+            Undo::Lower { to, .. } => {
+                self.metrics
+                    .aws_calls
+                    .with_label_values(&["SetDesiredCapacity"])
+                    .inc();
+                Ok(self.aws.set_desired(asg, *to).await?)
+            }
+            Undo::Terminate { instance } => self.terminate_with_decrement(instance).await,
+            Undo::Leave { .. } => Ok(()),
+        }
+    }
+
     /// Forgets the desired capacity this process last set on `asg`: a retirement or a restore
     /// lowered it, so the next scale-up reads it fresh.
     pub(super) fn forget_desired(&self, asg: &str) {
@@ -946,20 +962,14 @@ async fn finish_undos(node: &Node, ctx: &Context, phase: Phase, record: &mut Rep
         }
         let abandoned = &mut record.abandoned[index];
         if decide::undo_pending(&abandoned.undo, &group) {
-            match &abandoned.undo {
-                Undo::Lower { to, .. } => {
-                    ctx.metrics
-                        .aws_calls
-                        .with_label_values(&["SetDesiredCapacity"])
-                        .inc();
-                    ctx.aws.set_desired(&asg, *to).await?;
-                    *lock(&state.known_desired) = Some(*to);
-                }
-                Undo::Terminate { instance } => {
-                    ctx.terminate_with_decrement(instance).await?;
-                    *lock(&state.known_desired) = Some(group.desired - 1);
-                }
-                Undo::Leave { .. } => {}
+            ctx.carry_out(&asg, &abandoned.undo).await?;
+            let desired = match &abandoned.undo {
+                Undo::Lower { to, .. } => Some(*to),
+                Undo::Terminate { .. } => Some(group.desired - 1),
+                Undo::Leave { .. } => None,
+            };
+            if desired.is_some() {
+                *lock(&state.known_desired) = desired;
             }
         }
         abandoned.undone = true;
