@@ -29,6 +29,8 @@ const TERMINATING_POLL: Duration = Duration::from_secs(1);
 /// How a node's drain is paced between reconciles (in memory: a restart just starts the backoff over).
 #[derive(Debug, Clone, Copy)]
 pub struct Pace {
+    /// Steps taken so far: each starts further along the node's pods.
+    steps: usize,
     blocked_rounds: u32,
     next_at: Instant,
 }
@@ -105,14 +107,16 @@ async fn drain_step(
     record: &mut Replacement,
 ) -> Result<Option<Duration>> {
     let name = node.name_any();
-    if let Some(pace) = lock(&ctx.drain_rounds).get(&name).copied() {
+    let pace = lock(&ctx.drain_rounds).get(&name).copied();
+    if let Some(pace) = pace {
         let left = pace.next_at.saturating_duration_since(Instant::now());
         if !left.is_zero() {
             return Ok(Some(left));
         }
     }
     let pods = pods_on(ctx, &name).await?;
-    let plan = lifecycle::plan_drain(&pods, MAX_EVICTIONS_PER_STEP);
+    let step = pace.map_or(0, |pace| pace.steps);
+    let plan = lifecycle::plan_drain(&pods, MAX_EVICTIONS_PER_STEP, step);
     let now = Timestamp::now();
     let Some(drain) = record.drain.as_mut() else {
         return Ok(None);
@@ -158,9 +162,11 @@ async fn drain_step(
     let wait = {
         let mut paces = lock(&ctx.drain_rounds);
         let pace = paces.entry(name.clone()).or_insert(Pace {
+            steps: 0,
             blocked_rounds: 0,
             next_at: Instant::now(),
         });
+        pace.steps += 1;
         pace.blocked_rounds = if all_refused { pace.blocked_rounds + 1 } else { 0 };
         let wait = if all_refused {
             lifecycle::eviction_backoff(pace.blocked_rounds)

@@ -101,21 +101,26 @@ impl DrainPlan {
 }
 
 /// Which pods a drain step evicts: every running workload pod not already terminating, `limit` at a
-/// time so one step stays short; DaemonSet, mirror and finished pods are left.
-pub fn plan_drain(pods: &[PodFacts], limit: usize) -> DrainPlan {
+/// time so one step stays short; DaemonSet, mirror and finished pods are left. Step `step` starts
+/// `step × limit` pods further along the (sorted) list, so pods a PDB blocks at the front never keep
+/// the rest from being tried.
+pub fn plan_drain(pods: &[PodFacts], limit: usize, step: usize) -> DrainPlan {
     let mut plan = DrainPlan::default();
     let mut candidates: Vec<&PodFacts> = Vec::new();
     for pod in pods {
         if pod.daemon_set || pod.mirror {
             plan.left += 1;
-        } else if pod.finished {
-        } else if pod.terminating {
+        } else if pod.terminating && !pod.finished {
             plan.terminating += 1;
-        } else {
+        } else if !pod.finished {
             candidates.push(pod);
         }
     }
     candidates.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    if !candidates.is_empty() {
+        let start = step.wrapping_mul(limit) % candidates.len();
+        candidates.rotate_left(start);
+    }
     plan.deferred = candidates.len().saturating_sub(limit);
     plan.evict = candidates
         .into_iter()
@@ -461,7 +466,7 @@ mod tests {
             },
             pod("web-a"),
         ];
-        let plan = plan_drain(&pods, 10);
+        let plan = plan_drain(&pods, 10, 0);
         assert_eq!(
             plan.evict,
             vec![("ns".into(), "web-a".into()), ("ns".into(), "web-b".into())]
@@ -473,18 +478,36 @@ mod tests {
     #[test]
     fn a_drain_step_is_bounded_and_done_only_when_no_workload_pod_is_left() {
         let pods = [pod("a"), pod("b"), pod("c")];
-        let plan = plan_drain(&pods, 2);
+        let plan = plan_drain(&pods, 2, 0);
         assert_eq!((plan.evict.len(), plan.deferred), (2, 1));
         let left = [PodFacts {
             daemon_set: true,
             ..pod("logs")
         }];
-        assert!(plan_drain(&left, 2).is_done());
+        assert!(plan_drain(&left, 2, 0).is_done());
         let going = [PodFacts {
             terminating: true,
             ..pod("a")
         }];
-        assert!(!plan_drain(&going, 2).is_done(), "waits for terminating pods");
+        assert!(!plan_drain(&going, 2, 0).is_done(), "waits for terminating pods");
+    }
+
+    #[test]
+    fn later_steps_try_the_pods_further_along_so_blocked_ones_hold_no_one_back() {
+        let pods = [pod("a"), pod("b"), pod("c"), pod("d"), pod("e")];
+        let names = |step| -> Vec<String> {
+            plan_drain(&pods, 2, step)
+                .evict
+                .into_iter()
+                .map(|(_, name)| name)
+                .collect()
+        };
+        assert_eq!(names(0), ["a", "b"]);
+        assert_eq!(names(1), ["c", "d"]);
+        assert_eq!(names(2), ["e", "a"]);
+        assert_eq!(plan_drain(&pods, 2, 2).deferred, 3);
+        // Fewer candidates than the limit: every step tries them all.
+        assert_eq!(plan_drain(&pods[..1], 2, 7).evict.len(), 1);
     }
 
     #[test]
