@@ -151,9 +151,9 @@ async fn a_scale_up_failing_again_and_again_warns_on_the_node_once_and_goes_on_w
     ]);
     controller.wait_ready().await;
 
-    // Eight SetDesiredCapacity calls in a row fail (one attempt each): a streak far past the
-    // threshold, then AWS is back.
-    t.arm_errors_on("server", 1.0, 8, 5, Some(&["SetDesiredCapacity"]))
+    // Four SetDesiredCapacity calls in a row fail (one attempt each, retried after 2, 4, 8 s): a
+    // streak past the threshold of three, then AWS is back.
+    t.arm_errors_on("server", 1.0, 4, 5, Some(&["SetDesiredCapacity"]))
         .await;
     t.notice(&old).await;
     let events = t
@@ -181,6 +181,25 @@ async fn a_scale_up_failing_again_and_again_warns_on_the_node_once_and_goes_on_w
             )
             .await
             >= 3.0
+    );
+    // The retries backed off: 4 s after the second failure, 8 s after the third, plus jitter. (The
+    // first one may come at once: the record written before the call changes the Node, and a change
+    // is reconciled straight away.)
+    let failed: Vec<jiff::Timestamp> = t
+        .all_calls(&spot)
+        .await
+        .iter()
+        .filter(|call| call.action == "SetDesiredCapacity" && call.injected_error.is_some())
+        .map(|call| call.time.parse().expect("a call's time"))
+        .collect();
+    assert_eq!(failed.len(), 4, "{failed:?}");
+    let gap = |i: usize| failed[i + 1].duration_since(failed[i]).as_secs_f64();
+    assert!(
+        gap(1) >= 3.9 && gap(2) >= 7.9,
+        "retried after {:.1} s, {:.1} s, {:.1} s",
+        gap(0),
+        gap(1),
+        gap(2)
     );
     let warnings: BTreeSet<String> = t
         .events(&old)

@@ -142,9 +142,9 @@ struct Streak {
     failures: u32,
 }
 
-/// Counts a failure of `kind` on `node` in `streaks`; returns the streak's length when it has just
-/// reached [`FAILURES_BEFORE_WARNING`] (a different kind of error starts the count over).
-fn count_failure(streaks: &mut HashMap<String, Streak>, node: &str, kind: &'static str) -> Option<u32> {
+/// Counts a failure of `kind` on `node` in `streaks`; returns the streak's length (a different kind
+/// of error starts the count over).
+fn count_failure(streaks: &mut HashMap<String, Streak>, node: &str, kind: &'static str) -> u32 {
     let streak = streaks
         .entry(node.to_owned())
         .and_modify(|streak| {
@@ -155,7 +155,17 @@ fn count_failure(streaks: &mut HashMap<String, Streak>, node: &str, kind: &'stat
             }
         })
         .or_insert(Streak { kind, failures: 1 });
-    (streak.failures == FAILURES_BEFORE_WARNING).then_some(streak.failures)
+    streak.failures
+}
+
+/// The wait before retrying a node whose reconciles failed `failures` times in a row: 2 s, doubling,
+/// at most 30 s, so a lasting failure (a missing permission, AWS throttling) is not hammered. A
+/// change of the Node (an interruption notice) still reconciles it at once.
+fn retry_after(failures: u32) -> Duration {
+    const FIRST: Duration = Duration::from_secs(2);
+    const LONGEST: Duration = Duration::from_secs(30);
+    let doublings = failures.saturating_sub(1).min(8);
+    (FIRST * 2u32.pow(doublings)).min(LONGEST)
 }
 
 /// Failed reconciles in a row (each after the AWS SDK's own retries) before a Warning Event: a
@@ -213,9 +223,9 @@ impl Context {
         }
     }
 
-    /// Counts a failed reconcile of `node`; returns the streak's length when it has just become
-    /// long enough to warn about (once per streak: a new kind of error starts a new one).
-    fn failed(&self, node: &str, kind: &'static str) -> Option<u32> {
+    /// Counts a failed reconcile of `node`; returns the length of its streak (a new kind of error
+    /// starts a new one).
+    fn failed(&self, node: &str, kind: &'static str) -> u32 {
         let mut failing = lock(&self.failing);
         failing.retain(|name, _| name == node || self.all_nodes.get(&ObjectRef::new(name)).is_some());
         count_failure(&mut failing, node, kind)
@@ -550,18 +560,22 @@ pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action
     warn!(node = %node.name_any(), %error, "reconcile failed; retrying");
     let kind = error.metric_label();
     ctx.metrics.reconcile_errors.with_label_values(&[kind]).inc();
-    if let Some(failures) = ctx.failed(&node.name_any(), kind) {
+    let failures = ctx.failed(&node.name_any(), kind);
+    let jitter = Duration::from_millis(u64::from(
+        Timestamp::now().subsec_nanosecond().unsigned_abs() % 1000,
+    ));
+    let wait = retry_after(failures) + jitter;
+    if failures == FAILURES_BEFORE_WARNING {
         // Operators look at the node, not at the controller's log: say there what keeps failing.
-        let note = format!("{failures} attempts in a row failed, retrying every few seconds: {error}");
+        let note = format!(
+            "{failures} attempts in a row failed, retrying with backoff (at most every 30 s): {error}"
+        );
         tokio::spawn(async move {
             ctx.event(&node, EventType::Warning, "ReconcileFailing", note)
                 .await;
         });
     }
-    let jitter = Duration::from_millis(u64::from(
-        Timestamp::now().subsec_nanosecond().unsigned_abs() % 1000,
-    ));
-    Action::requeue(Duration::from_secs(2) + jitter)
+    Action::requeue(wait)
 }
 
 /// A notice arrived: find the node's ASGs and record them (or skip a node in no ASG).
@@ -1211,34 +1225,35 @@ mod tests {
     }
 
     #[test]
-    fn a_streak_warns_once_when_it_reaches_the_threshold() {
+    fn a_streak_counts_up_and_reaches_the_warning_threshold_once() {
         let mut streaks = HashMap::new();
-        let warnings: Vec<_> = (0..6)
+        let counts: Vec<_> = (0..5)
             .map(|_| count_failure(&mut streaks, "n1", "set_desired"))
             .collect();
+        assert_eq!(counts, [1, 2, 3, 4, 5]);
         assert_eq!(
-            warnings,
-            [None, None, Some(FAILURES_BEFORE_WARNING), None, None, None]
+            counts.iter().filter(|n| **n == FAILURES_BEFORE_WARNING).count(),
+            1
         );
+    }
+
+    #[test]
+    fn retries_back_off_from_2_s_to_at_most_30_s() {
+        let waits: Vec<u64> = (1..=7).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_after(u32::MAX), Duration::from_secs(30));
     }
 
     #[test]
     fn another_kind_of_error_starts_a_new_streak_and_nodes_count_apart() {
         let mut streaks = HashMap::new();
-        assert_eq!(count_failure(&mut streaks, "n1", "set_desired"), None);
-        assert_eq!(count_failure(&mut streaks, "n1", "set_desired"), None);
-        assert_eq!(count_failure(&mut streaks, "n2", "set_desired"), None);
+        let mut fail = |node, kind| count_failure(&mut streaks, node, kind);
+        assert_eq!(fail("n1", "set_desired"), 1);
+        assert_eq!(fail("n1", "set_desired"), 2);
+        assert_eq!(fail("n2", "set_desired"), 1);
         // A kube error after two AWS ones: the AWS streak is over, this one starts at 1.
-        assert_eq!(count_failure(&mut streaks, "n1", "kube"), None);
-        assert_eq!(count_failure(&mut streaks, "n1", "kube"), None);
-        assert_eq!(
-            count_failure(&mut streaks, "n1", "kube"),
-            Some(FAILURES_BEFORE_WARNING)
-        );
-        assert_eq!(count_failure(&mut streaks, "n2", "set_desired"), None);
-        assert_eq!(
-            count_failure(&mut streaks, "n2", "set_desired"),
-            Some(FAILURES_BEFORE_WARNING)
-        );
+        assert_eq!(fail("n1", "kube"), 1);
+        assert_eq!(fail("n1", "kube"), 2);
+        assert_eq!(fail("n2", "set_desired"), 2);
     }
 }
