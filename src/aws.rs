@@ -77,6 +77,28 @@ pub struct GroupInstance {
     pub lifecycle_state: String,
 }
 
+#[cfg(test)]
+impl Group {
+    /// A group for unit tests: MinSize 0, no tags, `instances` as `(id, lifecycle state)`.
+    pub fn for_tests(name: &str, desired: i32, max: i32, instances: &[(&str, &str)]) -> Group {
+        Group {
+            name: name.into(),
+            desired,
+            min: 0,
+            max,
+            instances: instances
+                .iter()
+                .map(|(id, state)| GroupInstance {
+                    id: (*id).into(),
+                    lifecycle_state: (*state).into(),
+                })
+                .collect(),
+            tags: Default::default(),
+            capacity_rebalance: false,
+        }
+    }
+}
+
 impl GroupInstance {
     pub fn in_service(&self) -> bool {
         self.lifecycle_state == "InService"

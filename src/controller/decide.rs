@@ -195,28 +195,13 @@ pub fn undo_pending(undo: &Undo, group: &Group) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::GroupInstance;
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + seconds).unwrap()
     }
 
     fn group(name: &str, desired: i32, max: i32, instances: &[(&str, &str)]) -> Group {
-        Group {
-            name: name.into(),
-            desired,
-            min: 0,
-            max,
-            instances: instances
-                .iter()
-                .map(|(id, state)| GroupInstance {
-                    id: (*id).into(),
-                    lifecycle_state: (*state).into(),
-                })
-                .collect(),
-            tags: Default::default(),
-            capacity_rebalance: false,
-        }
+        Group::for_tests(name, desired, max, instances)
     }
 
     fn intent(asg: &str, baseline: i32, target: i32, pre: &[&str]) -> ScaleIntent {

@@ -350,31 +350,14 @@ pub fn prunable(seat: &Seat, node_present: bool, now: Timestamp) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        aws::GroupInstance,
-        controller::record::{Abandoned, CapacityType, ScaleIntent},
-    };
+    use crate::controller::record::{Abandoned, CapacityType, ScaleIntent};
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + seconds).unwrap()
     }
 
     fn group(name: &str, desired: i32, instances: &[(&str, &str)]) -> Group {
-        Group {
-            name: name.into(),
-            desired,
-            min: 0,
-            max: 10,
-            instances: instances
-                .iter()
-                .map(|(id, state)| GroupInstance {
-                    id: (*id).into(),
-                    lifecycle_state: (*state).into(),
-                })
-                .collect(),
-            tags: Default::default(),
-            capacity_rebalance: false,
-        }
+        Group::for_tests(name, desired, 10, instances)
     }
 
     fn intent(asg: &str, baseline: i32, pre: &[&str]) -> ScaleIntent {
