@@ -857,6 +857,24 @@ async fn a_replacement_that_never_turns_ready_is_warned_about_once_and_the_node_
         "the Warning was repeated: {:?}",
         t.events(&old).await
     );
+
+    // A restarted controller (the same pod, so it takes the Lease back at once) reads from the
+    // record that the Warning went out, and does not send it again.
+    let identity = controller.identity.clone();
+    controller.kill();
+    drop(controller);
+    let mut controller = t.start_controller_as(
+        &identity,
+        &["--on-demand-asg-name", &on_demand, "--capacity-timeout", "5s"],
+    );
+    controller.wait_ready().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        t.event_occurrences(&old, "ReplacementNotReady").await,
+        1,
+        "warned again after a restart: {:?}",
+        t.events(&old).await
+    );
     let waiting = t.node(&old).await;
     assert_eq!(
         phase_of(&waiting).as_deref(),

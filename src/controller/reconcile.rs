@@ -129,8 +129,6 @@ pub struct Context {
     /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
     detecting: AtomicUsize,
     warned_rebalancing: Mutex<HashSet<String>>,
-    /// Claimed instances already warned about for not turning Ready.
-    warned_not_ready: Mutex<HashSet<String>>,
     /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
     failing: Mutex<HashMap<String, Streak>>,
 }
@@ -218,7 +216,6 @@ impl Context {
             asgs: Mutex::default(),
             detecting: AtomicUsize::new(0),
             warned_rebalancing: Mutex::default(),
-            warned_not_ready: Mutex::default(),
             failing: Mutex::default(),
         }
     }
@@ -844,6 +841,7 @@ async fn await_instance(node: &Node, ctx: &Context, mut record: Replacement) -> 
         record.instance_id = Some(instance.to_owned());
         record.node = ctx.node_of_instance(instance).map(|n| n.name_any());
         record.claimed_at = Some(Timestamp::now());
+        record.not_ready_warned_at = None;
         write_record(node, ctx, Phase::AwaitingReady, &record).await?;
         drop(guard);
         let note = format!(
@@ -1053,7 +1051,7 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
                 .group_within(&intent.asg, ctx.settings.asg_poll_interval)
                 .await?;
             if group.instances.iter().any(|i| i.id == instance) {
-                warn_if_slow_to_be_ready(node, ctx, &record, &instance).await;
+                warn_if_slow_to_be_ready(node, ctx, &mut record, &instance).await?;
                 return Ok(Step::Wait(READY_POLL));
             }
             // The claimed instance went away before it was Ready: claim another.
@@ -1064,6 +1062,7 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
             record.instance_id = None;
             record.node = None;
             record.claimed_at = None;
+            record.not_ready_warned_at = None;
             write_record(node, ctx, phase, &record).await?;
             let note = format!(
                 "claimed instance {instance} left {} before it was Ready",
@@ -1076,14 +1075,23 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
 }
 
 /// A claimed instance whose Node is still not Ready after `CAPACITY_TIMEOUT` (it failed to join the
-/// cluster, say) is worth a Warning, once: the old node stays untainted and keeps waiting, since
-/// tainting without Ready capacity is what this controller exists to avoid.
-async fn warn_if_slow_to_be_ready(node: &Node, ctx: &Context, record: &Replacement, instance: &str) {
+/// cluster, say) is worth a Warning, once per claim: the old node stays untainted and keeps waiting,
+/// since tainting without Ready capacity is what this controller exists to avoid. The record says it
+/// was sent (written first), so a restarted or new leader does not send it again.
+async fn warn_if_slow_to_be_ready(
+    node: &Node,
+    ctx: &Context,
+    record: &mut Replacement,
+    instance: &str,
+) -> Result<()> {
     let Some(claimed_at) = record.claimed_at else {
-        return;
+        return Ok(());
     };
-    let waited = Timestamp::now().duration_since(claimed_at);
-    if waited > ctx.settings.capacity_timeout && lock(&ctx.warned_not_ready).insert(instance.to_owned()) {
+    let now = Timestamp::now();
+    let waited = now.duration_since(claimed_at);
+    if waited > ctx.settings.capacity_timeout && record.not_ready_warned_at.is_none() {
+        record.not_ready_warned_at = Some(now);
+        write_record(node, ctx, Phase::AwaitingReady, record).await?;
         let note = format!(
             "claimed replacement {instance} has had no Ready Node for {:.0} s; {} stays untainted until it \
              has one (an interruption notice still taints it at once)",
@@ -1093,6 +1101,7 @@ async fn warn_if_slow_to_be_ready(node: &Node, ctx: &Context, record: &Replaceme
         ctx.event(node, EventType::Warning, "ReplacementNotReady", note)
             .await;
     }
+    Ok(())
 }
 
 fn taint_text(taint: &Taint) -> String {

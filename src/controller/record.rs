@@ -182,6 +182,10 @@ pub struct Replacement {
     pub drain: Option<Drain>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at: Option<Timestamp>,
+    /// When the Warning that the claimed replacement is not Ready went out (once per claim, also
+    /// across restarts and leader changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready_warned_at: Option<Timestamp>,
 }
 
 impl Replacement {
@@ -202,6 +206,7 @@ impl Replacement {
             instance_asg: None,
             drain: None,
             retired_at: None,
+            not_ready_warned_at: None,
         }
     }
 }
