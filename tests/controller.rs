@@ -839,10 +839,10 @@ async fn a_replacement_that_never_turns_ready_is_warned_about_once_and_the_node_
         "warned after {waited} s, before --capacity-timeout: {warned:?}"
     );
 
-    // Many poll intervals later (READY_POLL 200 ms, --asg-poll-interval 1s): still that one Warning,
-    // the node still waits in AwaitingReady, never tainted, and nothing else was scaled. The wait
-    // reads the ASG at most once per poll interval (not at every 200 ms look): at most 5 describes
-    // in 5 s, plus one for a look that straddles the window's edges.
+    // Many poll intervals later (--asg-poll-interval 1s): still that one Warning, the node still
+    // waits in AwaitingReady, never tainted, and nothing else was scaled. The wait reads the ASG at
+    // most once per poll interval: at most 5 describes in 5 s, plus one for a look that straddles
+    // the window's edges.
     let describes = || controller.metric(AWS_CALLS, &[("operation", "DescribeAutoScalingGroups")]);
     let describes_before = describes().await;
     tokio::time::sleep(Duration::from_secs(5)).await;

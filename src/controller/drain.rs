@@ -41,8 +41,7 @@ pub struct Pace {
 /// Drains the node when a trigger holds (webhook request, interruption notice, or the taint with
 /// `--drain-after-taint`), then retires it. Returns when to look again, if anything is left to do.
 pub async fn lifecycle(node: &Node, ctx: &Context) -> Result<Option<Duration>> {
-    let name = node.name_any();
-    let stored = match ctx.written(&name) {
+    let stored = match ctx.written(node) {
         Some(state) => Some(state),
         None => read_record(node)?,
     };

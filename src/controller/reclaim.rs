@@ -26,13 +26,7 @@ pub async fn sweep_until(ctx: Arc<Context>, stop: CancellationToken, synced: Can
         _ = synced.cancelled() => {}
     }
     loop {
-        if let Err(error) = sweep(&ctx).await {
-            warn!(%error, "capacity sweep failed; retrying");
-            ctx.metrics
-                .reconcile_errors
-                .with_label_values(&[error.metric_label()])
-                .inc();
-        }
+        sweep(&ctx).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(ctx.settings.asg_poll_interval) => {}
@@ -40,28 +34,44 @@ pub async fn sweep_until(ctx: Arc<Context>, stop: CancellationToken, synced: Can
     }
 }
 
-async fn sweep(ctx: &Context) -> Result<()> {
+/// One look at every seat of the ledger. A seat that fails (its ASG deleted, a call AWS refuses) is
+/// logged and counted, and the others are still looked after.
+async fn sweep(ctx: &Context) {
     for seat in ctx.capacity.seats() {
-        let present = ctx
-            .all_nodes
-            .get(&ObjectRef::new(&seat.node))
-            .is_some_and(|node| old_instance(&node) == Some(seat.instance.as_str()));
-        if lifecycle::prunable(&seat, present, Timestamp::now()) {
-            ctx.capacity.remove(&seat.instance).await?;
-            continue;
+        let instance = seat.instance.clone();
+        if let Err(error) = look_after(ctx, seat).await {
+            warn!(%error, instance, "giving back a seat failed; retrying at the next sweep");
+            ctx.metrics
+                .reconcile_errors
+                .with_label_values(&[error.metric_label()])
+                .inc();
         }
-        // While the Node is there, its own reconcile drains and retires it.
-        if !present && seat.state.is_open() {
-            give_back(ctx, seat).await?;
-        }
+    }
+}
+
+async fn look_after(ctx: &Context, seat: Seat) -> Result<()> {
+    let present = ctx
+        .all_nodes
+        .get(&ObjectRef::new(&seat.node))
+        .is_some_and(|node| old_instance(&node) == Some(seat.instance.as_str()));
+    if lifecycle::prunable(&seat, present, Timestamp::now()) {
+        return Ok(ctx.capacity.remove(&seat.instance).await?);
+    }
+    // While the Node is there, its own reconcile drains and retires it.
+    if !present && seat.state.is_open() {
+        give_back(ctx, seat).await?;
     }
     Ok(())
 }
 
 /// The Node of an open seat is gone: find out what happened to its instance and act on it.
-async fn give_back(ctx: &Context, mut seat: Seat) -> Result<()> {
+async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
     let asg = seat.instance_asg.clone();
     let _sending = ctx.sending_on(&asg).await;
+    // Read again under the ASG's lock: a retirement may have moved the seat on meanwhile.
+    let Some(mut seat) = ctx.capacity.get(&seat.instance).filter(|s| s.state.is_open()) else {
+        return Ok(());
+    };
     let group = ctx.group(&asg, true).await?;
     let node = node_reference(&seat.node);
     let membership = lifecycle::membership(&group, &seat.instance);

@@ -48,8 +48,7 @@ pub const PROTECTION_FIELD_MANAGER: &str = "spot-rebalancer-controller-protectio
 pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
 /// How long a describe answer is reused by concurrent reconciles of one ASG.
 const AWS_CACHE_TTL: Duration = Duration::from_millis(500);
-/// How often to look at the claimed replacement's readiness (from the Node cache; whether the claimed
-/// instance is still in its ASG is read at most every `--asg-poll-interval`).
+/// How soon to look again at a claimed replacement whose scale-up intent is missing from the record.
 const READY_POLL: Duration = Duration::from_millis(200);
 /// The longest a scale-up call waits for concurrent notices to write their intents.
 const MAX_COALESCE_WAIT: Duration = Duration::from_secs(2);
@@ -124,13 +123,23 @@ pub struct Context {
     pub notifier: super::notify::Notifier,
     /// Eviction rounds in a row that PDBs blocked entirely, per draining node (for the backoff).
     pub(super) drain_rounds: Mutex<HashMap<String, drain::Pace>>,
-    ledger: Mutex<HashMap<String, (Phase, Replacement)>>,
+    /// The records this process wrote, by Node name: the cache shows them only later.
+    written: Mutex<HashMap<String, Written>>,
     asgs: Mutex<HashMap<String, Arc<AsgState>>>,
     /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
     detecting: AtomicUsize,
     warned_rebalancing: Mutex<HashSet<String>>,
     /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
     failing: Mutex<HashMap<String, Streak>>,
+}
+
+/// A record this process wrote, with the uid of the Node it went on: a new Node of the same name (EKS
+/// names nodes by IP, and IPs come back) is another node and must not inherit it.
+#[derive(Debug, Clone)]
+struct Written {
+    uid: Option<String>,
+    phase: Phase,
+    record: Replacement,
 }
 
 /// Reconciles of one node failing in a row with errors of one kind.
@@ -212,7 +221,7 @@ impl Context {
             capacity,
             notifier,
             drain_rounds: Mutex::default(),
-            ledger: Mutex::default(),
+            written: Mutex::default(),
             asgs: Mutex::default(),
             detecting: AtomicUsize::new(0),
             warned_rebalancing: Mutex::default(),
@@ -281,17 +290,18 @@ impl Context {
 
     /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
     pub fn claimant_of(&self, instance: &str) -> Option<ObjectRef<Node>> {
-        lock(&self.ledger)
+        lock(&self.written)
             .iter()
-            .find(|(_, (phase, record))| {
-                *phase == Phase::AwaitingReady && record.instance_id.as_deref() == Some(instance)
+            .find(|(_, written)| {
+                written.phase == Phase::AwaitingReady
+                    && written.record.instance_id.as_deref() == Some(instance)
             })
             .map(|(name, _)| ObjectRef::new(name))
     }
 
     /// Every noticed node's phase and record: the cache, overridden by what this process wrote
     /// (always newer, since only the leader writes records). Nodes that are gone are left out, with
-    /// what this process wrote for them.
+    /// what this process wrote for them (also for a gone Node whose name a new Node took).
     pub(super) fn records(&self) -> HashMap<String, (Phase, Replacement)> {
         let mut records: HashMap<String, (Phase, Replacement)> = self
             .all_nodes
@@ -299,15 +309,27 @@ impl Context {
             .iter()
             .filter_map(|node| Some((node.name_any(), read_record(node).ok()??)))
             .collect();
-        let mut written = lock(&self.ledger);
-        written.retain(|name, _| self.all_nodes.get(&ObjectRef::new(name)).is_some());
-        records.extend(written.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut written = lock(&self.written);
+        written.retain(|name, written| {
+            self.all_nodes
+                .get(&ObjectRef::new(name))
+                .is_some_and(|node| node.uid() == written.uid)
+        });
+        records.extend(
+            written
+                .iter()
+                .map(|(name, w)| (name.clone(), (w.phase, w.record.clone()))),
+        );
         records
     }
 
-    /// The phase and record this process last wrote on `node`, if any.
-    pub(super) fn written(&self, node: &str) -> Option<(Phase, Replacement)> {
-        lock(&self.ledger).get(node).cloned()
+    /// The phase and record this process last wrote on `node` (this very Node, not an earlier one
+    /// of the same name), if any.
+    pub(super) fn written(&self, node: &Node) -> Option<(Phase, Replacement)> {
+        lock(&self.written)
+            .get(&node.name_any())
+            .filter(|written| written.uid == node.uid())
+            .map(|written| (written.phase, written.record.clone()))
     }
 
     /// The ASG as described now (`fresh`), or as described by anyone within [`AWS_CACHE_TTL`].
@@ -474,9 +496,11 @@ enum Step {
 
 #[instrument(skip_all, fields(node = %node.name_any()))]
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
-    let replacing = replace(node.clone(), ctx.clone()).await?;
-    // The end of the node's life (drain, retire) goes on next to the replacement flow.
-    let ending = drain::lifecycle(&node, &ctx).await?;
+    let replacing = replace(node.clone(), ctx.clone()).await;
+    // The end of the node's life (drain, retire) goes on next to the replacement flow, also while
+    // that fails: an interruption's drain, or one the webhook promised, must not wait for AWS.
+    let ending = drain::lifecycle(&node, &ctx).await;
+    let (replacing, ending) = (replacing?, ending?);
     ctx.succeeded(&node.name_any());
     Ok(match replacing.into_iter().chain(ending).min() {
         Some(after) => Action::requeue(after),
@@ -486,11 +510,10 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
 
 /// The replacement state machine up to `Tainted`: the wait until the next look, if any.
 async fn replace(node: Arc<Node>, ctx: Arc<Context>) -> Result<Option<Duration>> {
-    let name = node.name_any();
     let annotations = node::annotations(&node);
     let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME);
     let interrupted = annotations.contains_key(keys::INTERRUPTION_TIME);
-    let stored = lock(&ctx.ledger).get(&name).cloned();
+    let stored = ctx.written(&node);
     let mut state = match stored {
         Some(state) => Some(state),
         None => read_record(&node)?,
@@ -1045,14 +1068,13 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
             let Some(intent) = record.scale.clone() else {
                 return Ok(Step::Wait(READY_POLL));
             };
-            // Waiting may last (a kubelet that never joins): the ASG is read at the poll interval,
-            // not at every look.
-            let group = ctx
-                .group_within(&intent.asg, ctx.settings.asg_poll_interval)
-                .await?;
+            // Waiting may last (a kubelet that never joins): look again at the poll interval. The
+            // Node turning Ready wakes this node at once (the claimant waker in `controller`).
+            let poll = ctx.settings.asg_poll_interval;
+            let group = ctx.group_within(&intent.asg, poll).await?;
             if group.instances.iter().any(|i| i.id == instance) {
                 warn_if_slow_to_be_ready(node, ctx, &mut record, &instance).await?;
-                return Ok(Step::Wait(READY_POLL));
+                return Ok(Step::Wait(poll));
             }
             // The claimed instance went away before it was Ready: claim another.
             let phase = match intent.capacity_type {
@@ -1208,9 +1230,15 @@ pub(super) async fn write_record(
             node: name.clone(),
             source,
         })?;
-    let before = lock(&ctx.ledger)
-        .insert(name.clone(), (phase, record.clone()))
-        .map(|(before, _)| before)
+    let written = Written {
+        uid: node.uid(),
+        phase,
+        record: record.clone(),
+    };
+    let before = lock(&ctx.written)
+        .insert(name.clone(), written)
+        .filter(|before| before.uid == node.uid())
+        .map(|before| before.phase)
         .or_else(|| read_record(node).ok().flatten().map(|(before, _)| before));
     if before != Some(phase) {
         let text = super::notify::phase_text(&name, &phase.to_string(), record.reason.as_deref());
