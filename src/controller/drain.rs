@@ -289,6 +289,21 @@ async fn retire(node: &Node, ctx: &Context, mut record: Replacement) -> Result<O
     };
     match lifecycle::retire_outcome(desired_before, &group, instance) {
         RetireOutcome::Pending => {
+            // The drain may have ended a while ago (it waited for the taint, or for AWS): a pod that
+            // tolerates the taint may have landed since. Evict it first; never terminate under it.
+            let landed = pods_on(ctx, &node.name_any())
+                .await?
+                .iter()
+                .filter(|pod| pod.is_workload())
+                .count();
+            if landed > 0 {
+                info!(node = %node.name_any(), landed, "pods landed on the drained node; draining again");
+                if let Some(drain) = record.drain.as_mut() {
+                    drain.completed_at = None;
+                }
+                write_record(node, ctx, Phase::Draining, &record).await?;
+                return Ok(Some(TERMINATING_POLL));
+            }
             if let Some(mut seat) = seat.filter(|s| !matches!(s.state, SeatState::Retiring { .. })) {
                 seat.state = SeatState::Retiring { desired_before };
                 seat.updated_at = Timestamp::now();
