@@ -107,17 +107,52 @@ impl Ledger {
         Ok(())
     }
 
+    /// Merge-patches one key. A ConfigMap deleted under a running controller is created again from
+    /// this process's copy (the leader's copy is the whole ledger), then patched.
     async fn patch(&self, key: &str, value: Value) -> Result<(), Error> {
         let patch = json!({"data": {key: value}});
-        self.api
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|source| Error::Write {
-                name: self.name.clone(),
-                key: key.to_owned(),
-                source,
-            })?;
+        let write_error = |source| Error::Write {
+            name: self.name.clone(),
+            key: key.to_owned(),
+            source,
+        };
+        let params = PatchParams::default();
+        match self.api.patch(&self.name, &params, &Patch::Merge(&patch)).await {
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
+                tracing::warn!(name = %self.name, "the capacity ledger ConfigMap is gone; writing it again");
+                self.recreate().await.map_err(write_error)?;
+                self.api
+                    .patch(&self.name, &params, &Patch::Merge(&patch))
+                    .await
+                    .map_err(write_error)?;
+            }
+            other => {
+                other.map_err(write_error)?;
+            }
+        }
         Ok(())
+    }
+
+    async fn recreate(&self) -> Result<(), kube::Error> {
+        let data: BTreeMap<String, String> = lock(&self.seats)
+            .iter()
+            .map(|(key, seat)| {
+                (
+                    key.clone(),
+                    serde_json::to_string(seat).expect("a seat serialises"),
+                )
+            })
+            .collect();
+        let config_map: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": self.name, "labels": {"app.kubernetes.io/managed-by": super::reconcile::FIELD_MANAGER}},
+            "data": data,
+        }))
+        .expect("a ConfigMap");
+        match self.api.create(&PostParams::default(), &config_map).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 }
 

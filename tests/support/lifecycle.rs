@@ -41,6 +41,15 @@ impl Scenario {
         Some(serde_json::from_str(&raw).expect("a ledger entry is JSON"))
     }
 
+    /// Deletes the controller's capacity ledger ConfigMap (as a careless operator would).
+    pub async fn delete_ledger(&self) {
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.bed.kube.clone(), identity::NAMESPACE);
+        config_maps
+            .delete(&format!("{}-capacity", self.lease), &Default::default())
+            .await
+            .expect("delete the capacity ledger");
+    }
+
     /// Waits until the ledger entry of `instance` is in state `kind`; returns it.
     pub async fn wait_for_seat(&self, instance: &str, kind: &str, timeout: Duration) -> Value {
         eventually(
