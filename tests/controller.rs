@@ -382,14 +382,7 @@ async fn warns_at_start_about_an_asg_with_capacity_rebalancing_on() {
     let t = Scenario::new("rebalancing").await;
     let spot = t.spot_asg("spot", 2, 5).await;
     let on_demand = t.on_demand_asg("od", 0, 5).await;
-    t.bed
-        .autoscaling
-        .update_auto_scaling_group()
-        .auto_scaling_group_name(&spot)
-        .capacity_rebalance(true)
-        .send()
-        .await
-        .expect("switch Capacity Rebalancing on");
+    t.capacity_rebalance_on(&spot).await;
     let nodes: Vec<String> = t.ready_nodes(&spot, 2).await.iter().map(name_of).collect();
     let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand]);
     controller.wait_ready().await;
@@ -763,8 +756,8 @@ async fn a_replacement_that_never_turns_ready_is_warned_about_once_and_the_node_
     // Spot capacity is there, but each new instance's kubelet registers and never turns Ready.
     t.arm_not_ready(&spot).await;
     let capacity_timeout = Duration::from_secs(5);
-    let mut controller =
-        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "5s"]);
+    let flags = ["--on-demand-asg-name", &on_demand, "--capacity-timeout", "5s"];
+    let mut controller = t.start_controller(&flags);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
 
@@ -863,10 +856,7 @@ async fn a_replacement_that_never_turns_ready_is_warned_about_once_and_the_node_
     let identity = controller.identity.clone();
     controller.kill();
     drop(controller);
-    let mut controller = t.start_controller_as(
-        &identity,
-        &["--on-demand-asg-name", &on_demand, "--capacity-timeout", "5s"],
-    );
+    let mut controller = t.start_controller_as(&identity, &flags);
     controller.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(

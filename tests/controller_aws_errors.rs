@@ -84,14 +84,7 @@ async fn a_failed_look_at_the_asgs_at_start_is_logged_and_the_first_notice_still
     let t = Scenario::new("audit-fails").await;
     let spot = t.spot_asg("spot", 1, 5).await;
     let on_demand = t.on_demand_asg("od", 0, 5).await;
-    t.bed
-        .autoscaling
-        .update_auto_scaling_group()
-        .auto_scaling_group_name(&spot)
-        .capacity_rebalance(true)
-        .send()
-        .await
-        .expect("switch Capacity Rebalancing on");
+    t.capacity_rebalance_on(&spot).await;
     let old = name_of(&t.ready_nodes(&spot, 1).await[0]);
 
     // Every attempt of the start-up DescribeAutoScalingInstances fails (3 attempts: the SDK's retries).

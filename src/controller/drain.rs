@@ -80,8 +80,9 @@ pub async fn lifecycle(node: &Node, ctx: &Context) -> Result<Option<Duration>> {
         info!(%note, "drain started");
         ctx.event(node, EventType::Normal, "DrainStarted", note).await;
     }
-    let done = record.drain.as_ref().is_some_and(|d| d.completed_at.is_some());
-    if !done && let Some(wait) = drain_step(node, ctx, phase, &mut record).await? {
+    // Drained before this reconcile: pods may have landed since, so retiring looks once more.
+    let drained_before = record.drain.as_ref().is_some_and(|d| d.completed_at.is_some());
+    if !drained_before && let Some(wait) = drain_step(node, ctx, phase, &mut record).await? {
         return Ok(Some(wait));
     }
     if phase != Phase::Draining {
@@ -89,7 +90,7 @@ pub async fn lifecycle(node: &Node, ctx: &Context) -> Result<Option<Duration>> {
         // flow goes on, and retiring waits until it reaches Tainted.
         return Ok(None);
     }
-    retire(node, ctx, record).await
+    retire(node, ctx, record, drained_before).await
 }
 
 fn trigger_label(trigger: DrainTrigger) -> &'static str {
@@ -266,7 +267,12 @@ pub(super) async fn pods_on(ctx: &Context, node: &str) -> Result<Vec<PodFacts>> 
 
 /// The node is drained: remove its instance with a decrement when a replacement of ours stands in for
 /// it (phase Retired), else leave the instance to its owner (phase Drained).
-async fn retire(node: &Node, ctx: &Context, mut record: Replacement) -> Result<Option<Duration>> {
+async fn retire(
+    node: &Node,
+    ctx: &Context,
+    mut record: Replacement,
+    look_again: bool,
+) -> Result<Option<Duration>> {
     let (Some(instance), true) = (old_instance(node), lifecycle::retirable(&record)) else {
         write_record(node, ctx, Phase::Drained, &record).await?;
         let note = "drained; no replacement of this controller stands in for it, so its instance is left to \
@@ -289,13 +295,18 @@ async fn retire(node: &Node, ctx: &Context, mut record: Replacement) -> Result<O
     };
     match lifecycle::retire_outcome(desired_before, &group, instance) {
         RetireOutcome::Pending => {
-            // The drain may have ended a while ago (it waited for the taint, or for AWS): a pod that
-            // tolerates the taint may have landed since. Evict it first; never terminate under it.
-            let landed = pods_on(ctx, &node.name_any())
-                .await?
-                .iter()
-                .filter(|pod| pod.is_workload())
-                .count();
+            // The drain ended in an earlier reconcile (it waited for the taint, or for AWS): a pod
+            // that tolerates the taint may have landed since. Evict it first; never terminate under
+            // it. (A drain that ended just now has just listed the pods.)
+            let landed = if look_again {
+                pods_on(ctx, &node.name_any())
+                    .await?
+                    .iter()
+                    .filter(|pod| pod.is_workload())
+                    .count()
+            } else {
+                0
+            };
             if landed > 0 {
                 info!(node = %node.name_any(), landed, "pods landed on the drained node; draining again");
                 if let Some(drain) = record.drain.as_mut() {

@@ -998,13 +998,10 @@ async fn finish_undos(node: &Node, ctx: &Context, phase: Phase, record: &mut Rep
         let abandoned = &mut record.abandoned[index];
         if decide::undo_pending(&abandoned.undo, &group) {
             ctx.carry_out(&asg, &abandoned.undo).await?;
-            let desired = match &abandoned.undo {
-                Undo::Lower { to, .. } => Some(*to),
-                Undo::Terminate { .. } => Some(group.desired - 1),
-                Undo::Leave { .. } => None,
-            };
-            if desired.is_some() {
-                *lock(&state.known_desired) = desired;
+            match &abandoned.undo {
+                Undo::Lower { to, .. } => *lock(&state.known_desired) = Some(*to),
+                Undo::Terminate { .. } => *lock(&state.known_desired) = Some(group.desired - 1),
+                Undo::Leave { .. } => {}
             }
         }
         abandoned.undone = true;

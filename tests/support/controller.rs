@@ -369,6 +369,18 @@ impl Scenario {
             .expect("CreateOrUpdateTags");
     }
 
+    /// Switches EC2 Capacity Rebalancing on for `asg` (the ASG launches its own replacements).
+    pub async fn capacity_rebalance_on(&self, asg: &str) {
+        self.bed
+            .autoscaling
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(asg)
+            .capacity_rebalance(true)
+            .send()
+            .await
+            .expect("switch Capacity Rebalancing on");
+    }
+
     /// A spot instance in no ASG, opted in through its instance tag; returns its Ready Node.
     pub async fn standalone_instance(&self) -> Node {
         let tag = format!("{NODE_LABEL_TAG_PREFIX}{}", self.opt_in_key);

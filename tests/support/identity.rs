@@ -89,50 +89,29 @@ pub fn apply_chart_identities(bed: &Bed) {
     APPLIED.get_or_init(|| {
         let documents = rendered_documents(&IDENTITY_KINDS);
         assert!(documents.len() >= 15, "too few identity objects in {RENDERED}");
-        let output = kubectl(
-            bed,
-            &[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager",
-                "e2e-chart",
-                "-f",
-                "-",
-            ],
-            &documents.join("\n---\n"),
-        );
-        assert!(output.success, "applying the chart's RBAC: {}", output.stderr);
+        apply(bed, &documents, "the chart's RBAC");
         // The API server's authorizer follows RBAC objects through a watch: wait until it knows the
         // last binding, so a role started next is not refused for a moment.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let webhook = Role::Webhook.username();
-        let args = [
-            "auth",
-            "can-i",
-            "watch",
-            "poddisruptionbudgets.policy",
-            "-A",
-            "--as",
-            &webhook,
-        ];
-        while kubectl(bed, &args, "").stdout != "yes\n" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the chart's RBAC is not in force after 30 s"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        wait_until_allowed(
+            bed,
+            &["watch", "poddisruptionbudgets.policy", "-A", "--as", &webhook],
+            "the chart's RBAC",
+        );
     });
 }
 
 /// The chart's capacity-ledger rule names one ConfigMap, `<leaseName>-capacity`. Each scenario runs
 /// its controller with a lease of its own, so it gets the chart's Role and RoleBinding for its own
 /// ledger: the rendered documents with only the names changed (same verbs, same `resourceNames`
-/// shape), applied once per lease. Returns when the API server's authorizer lets it read the ledger.
+/// shape), applied once per lease. Returns when the API server's authorizer lets it write the ledger.
 pub fn grant_capacity_ledger(bed: &Bed, lease: &str) {
     const CHART_LEDGER: &str = "spot-rebalancer-controller-capacity";
     const CHART_ROLE: &str = "spot-rebalancer-controller-capacity-ledger";
+    static GRANTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    if GRANTED.lock().unwrap().iter().any(|granted| granted == lease) {
+        return;
+    }
     let documents: Vec<String> = rendered_documents(&["Role", "RoleBinding"])
         .into_iter()
         .filter(|doc| doc.contains(&format!("name: {CHART_ROLE}\n")))
@@ -147,11 +126,27 @@ pub fn grant_capacity_ledger(bed: &Bed, lease: &str) {
         "the capacity-ledger Role and RoleBinding in {RENDERED}"
     );
     apply_chart_identities(bed);
+    let what = format!("the ledger grant of {lease}");
+    apply(bed, &documents, &what);
+    let ledger = format!("configmaps/{lease}-capacity");
+    let controller = Role::Controller.username();
+    wait_until_allowed(
+        bed,
+        &["patch", &ledger, "-n", NAMESPACE, "--as", &controller],
+        &what,
+    );
+    GRANTED.lock().unwrap().push(lease.to_owned());
+}
+
+/// Server-side applies `documents` as the bed's admin (field manager `e2e-chart`, taking over
+/// fields a demo or an earlier run applied).
+fn apply(bed: &Bed, documents: &[String], what: &str) {
     let output = kubectl(
         bed,
         &[
             "apply",
             "--server-side",
+            "--force-conflicts",
             "--field-manager",
             "e2e-chart",
             "-f",
@@ -159,28 +154,21 @@ pub fn grant_capacity_ledger(bed: &Bed, lease: &str) {
         ],
         &documents.join("\n---\n"),
     );
-    assert!(
-        output.success,
-        "granting the ledger of {lease}: {}",
-        output.stderr
-    );
+    assert!(output.success, "applying {what}: {}", output.stderr);
+}
+
+/// Waits (at most 30 s) until `kubectl auth can-i ARGS` says yes: the API server's authorizer
+/// learns of new RBAC objects through a watch.
+fn wait_until_allowed(bed: &Bed, can_i: &[&str], what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let ledger = format!("configmaps/{lease}-capacity");
-    let controller = Role::Controller.username();
-    let args = [
-        "auth",
-        "can-i",
-        "patch",
-        &ledger,
-        "-n",
-        NAMESPACE,
-        "--as",
-        &controller,
-    ];
+    let args: Vec<&str> = ["auth", "can-i"]
+        .into_iter()
+        .chain(can_i.iter().copied())
+        .collect();
     while kubectl(bed, &args, "").stdout != "yes\n" {
         assert!(
             std::time::Instant::now() < deadline,
-            "the ledger grant of {lease} is not in force after 30 s"
+            "{what} is not in force after 30 s"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -287,15 +275,9 @@ pub fn can_i(bed: &Bed, role: Role<'_>, verb: &str, resource: &str, namespace: O
         Some(namespace) => args.extend(["-n", namespace]),
         None => args.push("--all-namespaces"),
     }
-    let output = kubectl_as(bed, role, &args);
-    match String::from_utf8_lossy(&output.stdout).trim() {
-        "yes" => true,
-        "no" => false,
-        other => panic!(
-            "kubectl auth can-i {verb} {resource} as {role:?}: {other} {}",
-            stderr(&output)
-        ),
-    }
+    answer(&kubectl_as(bed, role, &args), || {
+        format!("{verb} {resource} as {role:?}")
+    })
 }
 
 /// `kubectl auth can-i` as `role` on one named object (`resource` such as `configmaps`).
@@ -309,13 +291,15 @@ pub fn can_i_named(
 ) -> bool {
     let object = format!("{resource}/{name}");
     let output = kubectl_as(bed, role, &["auth", "can-i", verb, &object, "-n", namespace]);
+    answer(&output, || format!("{verb} {object} as {role:?}"))
+}
+
+/// The yes or no of `kubectl auth can-i`; anything else fails the test, saying what was asked.
+fn answer(output: &std::process::Output, asked: impl Fn() -> String) -> bool {
     match String::from_utf8_lossy(&output.stdout).trim() {
         "yes" => true,
         "no" => false,
-        other => panic!(
-            "kubectl auth can-i {verb} {object} as {role:?}: {other} {}",
-            stderr(&output)
-        ),
+        other => panic!("kubectl auth can-i {}: {other} {}", asked(), stderr(output)),
     }
 }
 
