@@ -46,7 +46,7 @@ async fn main() {
     let bed = Bed::connect().await;
     println!(
         "spot-rebalancer agent benchmark (binary: {})",
-        support::agent::BINARY
+        support::process::BINARY
     );
 
     let latencies = detection_latency(&bed, notices).await;

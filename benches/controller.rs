@@ -113,7 +113,7 @@ async fn main() {
     let burst = env_or("BENCH_BURST", 100);
     println!(
         "spot-rebalancer controller benchmark (binary: {})",
-        support::controller::BINARY
+        support::process::BINARY
     );
     latency(runs).await;
     scale(extra_nodes, burst).await;

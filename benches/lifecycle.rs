@@ -341,7 +341,7 @@ async fn main() {
     let other_pods = env_or("BENCH_OTHER_PODS", 2000);
     println!(
         "spot-rebalancer end-of-life benchmark (binary: {})",
-        support::controller::BINARY
+        support::process::BINARY
     );
     let started = Instant::now();
     retirements(runs, pods).await;

@@ -20,8 +20,6 @@ use spot_rebalancer::{
 };
 use support::{Bed, eventually, is_ready, unique};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_spot-rebalancer");
-
 /// One test's Nodes: opted in with a label only this test uses, deleted when dropped.
 struct Nodes {
     bed: Bed,
@@ -120,27 +118,16 @@ impl Drop for Nodes {
 }
 
 fn status_command(bed: &Bed, opt_in_label: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(BINARY);
+    // No variable any flag reads (from the CLI definition), nor kube's own KUBECONFIG.
+    let mut command = support::process::command();
     command
         .arg("status")
         .args(["--kubeconfig", &bed.vars["BED_KUBECONFIG"]])
         .args(["--opt-in-label", opt_in_label])
         .args(args)
         .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1");
-    for inherited in [
-        "KUBECONFIG",
-        "OPT_IN_LABEL",
-        "TAINT_KEY",
-        "NODEGROUP_LABEL",
-        "STATUS_NODES",
-        "STATUS_OUTPUT",
-        "STATUS_ALL",
-        "STATUS_WATCH",
-        "STATUS_UNTIL",
-    ] {
-        command.env_remove(inherited);
-    }
+        .env("NO_COLOR", "1")
+        .env_remove("KUBECONFIG");
     command
 }
 

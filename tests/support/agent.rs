@@ -3,7 +3,7 @@
 //! that cuts the agent off from the API server and lets it back. Loopback only.
 use std::{
     collections::BTreeMap,
-    net::{SocketAddr, TcpListener as StdTcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -26,10 +26,8 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::process::{RoleCommand, RoleProcess};
 use super::{Bed, eventually};
-
-/// The agent binary under test.
-pub const BINARY: &str = env!("CARGO_BIN_EXE_spot-rebalancer");
 
 /// The instance id amazon-ec2-metadata-mock serves.
 pub const MOCK_INSTANCE_ID: &str = "i-1234567890abcdef0";
@@ -40,13 +38,7 @@ pub const REBALANCE_NOTICE_TIME: &str = "spot-rebalancer.io/rebalance-notice-tim
 pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
 pub const INSTANCE_ID: &str = "spot-rebalancer.io/instance-id";
 
-pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::process::free_port;
 
 /// Waits until something accepts TCP connections on `port`.
 pub async fn wait_for_port(port: u16, what: &str) {
@@ -73,88 +65,44 @@ pub struct AgentConfig<'a> {
     pub extra: &'a [&'a str],
 }
 
-/// A running `spot-rebalancer agent`, killed when dropped; its log is printed if the test failed.
+/// A running `spot-rebalancer agent` ([`RoleProcess`]: killed when dropped, its log printed if the
+/// test failed).
 pub struct AgentProcess {
-    child: Child,
-    pub admin: String,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
-    http: reqwest::Client,
+    process: RoleProcess,
+}
+
+impl std::ops::Deref for AgentProcess {
+    type Target = RoleProcess;
+    fn deref(&self) -> &RoleProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for AgentProcess {
+    fn deref_mut(&mut self) -> &mut RoleProcess {
+        &mut self.process
+    }
 }
 
 impl AgentProcess {
     pub fn start(config: AgentConfig<'_>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let admin_port = free_port();
-        let mut command = Command::new(BINARY);
-        command
-            .arg("agent")
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+        let process = RoleCommand::new("agent")
+            .label(format!("agent {}", config.node))
             .args(["--node-name", config.node])
             .args(["--imds-endpoint", config.imds_endpoint])
             .arg("--kubeconfig")
             .arg(config.kubeconfig)
             .args(config.extra)
-            .env("RUST_LOG", "info,spot_rebalancer=debug")
-            .env_remove("LOG_FORMAT")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for inherited in [
-            "POLL_INTERVAL",
-            "BACKOFF_MAX",
-            "NODE_NAME",
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-        ] {
-            command.env_remove(inherited);
-        }
-        let child = command.spawn().expect("start the spot-rebalancer agent");
-        AgentProcess {
-            child,
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            log_path,
-            _dir: dir,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let response = self.http.get(format!("{}{path}", self.admin)).send().await.ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.ok()?))
+            // The AWS SDK's IMDS client reads this; the agent must use the endpoint it is given.
+            .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .spawn();
+        AgentProcess { process }
     }
 
     /// `/readyz` said ready.
     pub async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some((200, body)) = self.get("/readyz").await {
-                assert_eq!(body, "ready");
-                return;
-            }
-            assert!(self.is_running(), "the agent exited:\n{}", self.log());
-            assert!(
-                Instant::now() < deadline,
-                "the agent was not ready within 30 s:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let body = self.process.wait_ready(Duration::from_secs(30)).await;
+        assert_eq!(body, "ready");
     }
 
     pub async fn readyz(&self) -> Option<(u16, String)> {
@@ -167,22 +115,19 @@ impl AgentProcess {
 
     /// One sample, e.g. `metric("spot_rebalancer_imds_errors_total{kind=\"timeout\"}")`.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let (status, text) = self.get("/metrics").await.expect("the agent serves /metrics");
-        assert_eq!(status, 200);
+        let text = self.metrics().await;
         metric_value(&text, sample).unwrap_or_else(|| panic!("{sample} is not in /metrics:\n{text}"))
-    }
-
-    /// The sample, or `None` while the admin server is not up yet.
-    async fn try_metric(&self, sample: &str) -> Option<f64> {
-        let (_, text) = self.get("/metrics").await?;
-        metric_value(&text, sample)
     }
 
     /// Waits until `sample` reaches at least `value`.
     pub async fn wait_for_metric(&mut self, sample: &str, value: f64) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let now = self.try_metric(sample).await.unwrap_or(f64::NAN);
+            let now = self
+                .try_metrics()
+                .await
+                .and_then(|text| metric_value(&text, sample))
+                .unwrap_or(f64::NAN);
             if now >= value {
                 return now;
             }
@@ -193,33 +138,6 @@ impl AgentProcess {
                 self.log()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("----- agent log -----\n{}\n---------------------", self.log());
         }
     }
 }

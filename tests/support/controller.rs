@@ -6,7 +6,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -23,13 +22,11 @@ use kube::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::process::{RoleCommand, RoleProcess};
 use super::{
     AsgSpec, Bed, NODE_LABEL_TAG_PREFIX, autoscaling_client, eventually, identity, instance_id, is_ready,
     unique,
 };
-
-/// The binary under test.
-pub const BINARY: &str = env!("CARGO_BIN_EXE_spot-rebalancer");
 
 // The contract with the cluster, spelled out here on purpose: the tests pin the strings.
 pub const REBALANCE_NOTICE_TIME: &str = "spot-rebalancer.io/rebalance-notice-time";
@@ -58,16 +55,24 @@ pub mod phase {
 
 // ----- the controller process -------------------------------------------------------------------
 
-/// A running `spot-rebalancer controller`, SIGKILLed when dropped; its log (stdout and stderr) is
-/// printed when the test is failing.
+/// A running `spot-rebalancer controller` ([`RoleProcess`]: SIGKILLed when dropped, its log printed
+/// when the test is failing).
 pub struct ControllerProcess {
-    child: Child,
-    /// `http://127.0.0.1:PORT` of its admin server.
-    pub admin: String,
+    process: RoleProcess,
     pub identity: String,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
-    http: reqwest::Client,
+}
+
+impl std::ops::Deref for ControllerProcess {
+    type Target = RoleProcess;
+    fn deref(&self) -> &RoleProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for ControllerProcess {
+    fn deref_mut(&mut self) -> &mut RoleProcess {
+        &mut self.process
+    }
 }
 
 impl ControllerProcess {
@@ -75,14 +80,9 @@ impl ControllerProcess {
     /// AWS endpoint, `--log-format plain`, and `args` (the opt-in label, lease, ASG names and
     /// timeouts are the caller's).
     pub fn start(bed: &Bed, identity: &str, args: &[String]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("controller.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let admin_port = free_port();
-        let mut command = Command::new(BINARY);
-        command
-            .arg("controller")
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+        let command = RoleCommand::new("controller").label(format!("controller {identity}"));
+        let dir = command.dir();
+        let process = command
             .args(["--identity", identity])
             .args(["--log-format", "plain"])
             .args(args)
@@ -90,162 +90,33 @@ impl ControllerProcess {
                 "KUBECONFIG",
                 identity::role_kubeconfig(bed, identity::Role::Controller),
             )
+            // The AWS SDK's own configuration: the bed's endpoint and dummy credentials, and nothing
+            // from the test's environment or home directory.
             .env("AWS_ENDPOINT_URL", &bed.aws_endpoint)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", dir.path().join("no-aws-config"))
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                dir.path().join("no-aws-credentials"),
-            )
-            .env("RUST_LOG", "info,spot_rebalancer=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for inherited in [
-            "ADMIN_ADDR",
-            "LOG_FORMAT",
-            "OPT_IN_LABEL",
-            "LEASE_NAME",
-            "LEASE_NAMESPACE",
-            "IDENTITY",
-            "SPOT_ASG_NAME",
-            "ON_DEMAND_ASG_NAME",
-            "CAPACITY_TIMEOUT",
-            "SCALE_UP_TIMEOUT",
-            "RETRY_ATTEMPTS",
-            "ASG_POLL_INTERVAL",
-            "FOREIGN_ACTIVITY_TIMEOUT",
-            "TAINT_KEY",
-            "TAINT_VALUE",
-            "TAINT_EFFECT",
-            "POD_NAME",
-            "POD_NAMESPACE",
-            "SURGE_ABOVE_MAX",
-            "DRAIN_AFTER_TAINT",
-            "DRAIN_TIMEOUT",
-            "NOTIFY_URL_FILE",
-            "AWS_PROFILE",
-            "AWS_SESSION_TOKEN",
-        ] {
-            command.env_remove(inherited);
-        }
-        let child = command.spawn().expect("start the spot-rebalancer controller");
+            .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-aws-credentials"))
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .spawn();
         ControllerProcess {
-            child,
-            admin: format!("http://127.0.0.1:{admin_port}"),
+            process,
             identity: identity.to_owned(),
-            log_path,
-            _dir: dir,
-            http: reqwest::Client::new(),
         }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let response = self.http.get(format!("{}{path}", self.admin)).send().await.ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.ok()?))
     }
 
     /// Waits until `/readyz` answers 200: caches synced, and leader or follower.
     pub async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some((200, _)) = self.get("/readyz").await {
-                return;
-            }
-            assert!(
-                self.is_running(),
-                "the controller {} exited before it was ready",
-                self.identity
-            );
-            assert!(
-                Instant::now() < deadline,
-                "the controller {} was not ready within 60 s",
-                self.identity
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// The Prometheus text of `/metrics`.
-    pub async fn metrics(&self) -> String {
-        let (status, text) = self
-            .get("/metrics")
-            .await
-            .expect("the controller serves /metrics");
-        assert_eq!(status, 200, "/metrics answered {status}: {text}");
-        text
+        self.process.wait_ready(Duration::from_secs(60)).await;
     }
 
     /// The sum of the samples of `name` whose labels include all of `labels` (0 when there is none).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.metrics().await, name, labels)
     }
-
-    /// SIGKILL: no chance to clean up, as when a node dies under the pod.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then the exit status (within 10 s).
-    pub fn terminate(&mut self) -> ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the controller did not exit within 10 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() || std::env::var_os("E2E_SHOW_LOGS").is_some() {
-            eprintln!(
-                "----- controller {} log -----\n{}\n----- end of controller {} log -----",
-                self.identity,
-                self.log(),
-                self.identity
-            );
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The sum of the samples of metric `name` (exact name, so `_bucket`/`_count` are separate names)

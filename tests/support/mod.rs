@@ -129,6 +129,51 @@ impl Bed {
         self.control(reqwest::Method::DELETE, "faults/errors", None).await;
     }
 
+    /// Timings of `asg` (seconds; any of `launch_delay`, `termination_delay`, `boot_delay`,
+    /// `spot_wait`, `retry_delay`). May be set before the ASG is created.
+    pub async fn set_timing(&self, asg: &str, timing: Value) -> Value {
+        self.control(reqwest::Method::PUT, &format!("timing/{asg}"), Some(timing))
+            .await
+    }
+
+    /// A capacity fault limited as `limits` says (`count`: the next N launches; `zone`: one AZ;
+    /// `seconds`: clears itself; `message`): each launch it takes gets a Failed activity.
+    pub async fn arm_capacity_fault_with(&self, asg: &str, limits: Value) {
+        let mut body = json!({ "asg": asg });
+        if let (Some(body), Some(limits)) = (body.as_object_mut(), limits.as_object()) {
+            body.extend(limits.clone());
+        }
+        self.control(reqwest::Method::POST, "faults/capacity", Some(body))
+            .await;
+    }
+
+    /// The neighbour (another actor in the account) sets `asg`'s desired capacity; AWS's bounds apply.
+    pub async fn neighbour_set_desired(&self, asg: &str, desired: i64) -> Value {
+        let body = json!({"asg": asg, "desired": desired});
+        self.control(reqwest::Method::POST, "neighbour/desired", Some(body))
+            .await
+    }
+
+    /// The neighbour scales `asg` in as cluster-autoscaler does: TerminateInstanceInAutoScalingGroup
+    /// with a decrement, of `instance` or else the first unprotected InService instance. The answer
+    /// names the instance and the activity.
+    pub async fn neighbour_terminate(&self, asg: &str, instance: Option<&str>) -> Value {
+        let body = json!({"asg": asg, "instance": instance});
+        self.control(reqwest::Method::POST, "neighbour/terminate", Some(body))
+            .await
+    }
+
+    /// AWS-like throttling: a token bucket of `burst` calls refilled at `rate` per second, for
+    /// `action` (all when `None`) on `asg` (all when `None`).
+    pub async fn throttle(&self, action: Option<&str>, asg: Option<&str>, burst: f64, rate: f64) {
+        let body = json!({"action": action, "asg": asg, "burst": burst, "rate": rate});
+        self.control(reqwest::Method::POST, "throttle", Some(body)).await;
+    }
+
+    pub async fn clear_throttle(&self) {
+        self.control(reqwest::Method::DELETE, "throttle", None).await;
+    }
+
     /// AWS calls the launcher saw, filtered by action and ASG.
     pub async fn calls(&self, action: &str, asg: &str) -> Vec<Call> {
         let value = self
@@ -141,7 +186,9 @@ impl Bed {
         serde_json::from_value(value).expect("the call log is a list of calls")
     }
 
-    /// Creates an ASG from a fresh launch template, with node labels carried as tags.
+    /// Creates an ASG from a fresh launch template, with node labels carried as tags. Its instances
+    /// start `Pending` (the bed's launch delay): wait for them with [`Bed::in_service_instances`] or
+    /// for their Nodes.
     pub async fn create_asg(&self, spec: AsgSpec<'_>) {
         let template = format!("{}-lt", spec.name);
         self.create_launch_template(&template, spec.spot).await;
@@ -212,6 +259,18 @@ pub struct Call {
     pub status: u16,
     #[serde(default)]
     pub desired_capacity: Option<i64>,
+    /// The request's parameters (`InstanceId`, `ShouldDecrementDesiredCapacity`, ...).
+    #[serde(default)]
+    pub params: HashMap<String, String>,
+    /// AWS's error code when the call failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The scaling activities the call produced.
+    #[serde(default)]
+    pub activity_ids: Vec<String>,
+    /// `client` (an SDK through the endpoint) or `neighbour` (the bed's other actor).
+    #[serde(default)]
+    pub actor: Option<String>,
 }
 
 /// An Auto Scaling client for the bed's moto, as the controller will build one: endpoint override,
@@ -280,6 +339,9 @@ pub fn instance_id(node: &Node) -> Option<String> {
         .nth(1)
         .map(str::to_owned)
 }
+
+// ----- every role's process: start, ready, metrics, SIGTERM, SIGKILL, logs ------------------------
+pub mod process;
 
 // ----- the node agent (issue 3) ----------------------------------------------------------------
 // The agent's own test parts live in their own file so these helpers stay the lead's.

@@ -4,9 +4,8 @@
 //! and PDBs, and kubectl.
 use std::{
     collections::BTreeMap,
-    net::TcpListener,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -26,19 +25,13 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+use super::process::{RoleCommand, RoleProcess};
 use super::{Bed, eventually, identity, unique};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_spot-rebalancer");
 /// Label key each test opts its own Nodes in with (the value is unique to the test).
 pub const TEST_OPT_IN_KEY: &str = "spot-rebalancer.io/webhook-test";
 
-pub fn free_loopback_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::process::free_port as free_loopback_port;
 
 // ----- certificates -----------------------------------------------------------------------------
 
@@ -92,21 +85,32 @@ impl TestCerts {
 
 // ----- the webhook process ----------------------------------------------------------------------
 
-/// `spot-rebalancer webhook` on loopback ports, guarding Nodes with `opt_in`; killed when dropped.
+/// `spot-rebalancer webhook` on loopback ports, guarding Nodes with `opt_in` ([`RoleProcess`]:
+/// killed when dropped, its log printed if the test failed).
 pub struct WebhookProcess {
-    child: Option<Child>,
+    process: RoleProcess,
     pub port: u16,
     pub admin_port: u16,
+}
+
+impl std::ops::Deref for WebhookProcess {
+    type Target = RoleProcess;
+    fn deref(&self) -> &RoleProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for WebhookProcess {
+    fn deref_mut(&mut self) -> &mut RoleProcess {
+        &mut self.process
+    }
 }
 
 impl WebhookProcess {
     /// Starts the webhook and waits until it is ready (caches synced, HTTPS listening).
     pub async fn start(bed: &Bed, certs: &TestCerts, opt_in: &str) -> Self {
         let port = free_loopback_port();
-        let admin_port = free_loopback_port();
-        let child = Command::new(BINARY)
-            .arg("webhook")
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+        let mut process = RoleCommand::new("webhook")
             .args(["--listen-addr", &format!("127.0.0.1:{port}")])
             .arg("--tls-cert-file")
             .arg(certs.cert_path())
@@ -116,60 +120,36 @@ impl WebhookProcess {
             .arg("--kubeconfig")
             .arg(identity::role_kubeconfig(bed, identity::Role::Webhook))
             .args(["--opt-in-label", opt_in])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the spot-rebalancer binary");
-        let process = WebhookProcess {
-            child: Some(child),
+            .spawn();
+        process.wait_ready(Duration::from_secs(30)).await;
+        let admin_port = process.admin_port;
+        WebhookProcess {
+            process,
             port,
             admin_port,
-        };
-        let url = format!("http://127.0.0.1:{admin_port}/readyz");
-        eventually("the webhook to be ready", Duration::from_secs(30), || async {
-            let response = reqwest::get(&url).await.ok()?;
-            response.status().is_success().then_some(())
-        })
-        .await;
-        process
+        }
     }
 
-    /// Stops the process with SIGTERM and waits for it to exit.
+    /// Stops the process with SIGTERM and waits for it to exit (SIGKILL after 15 s).
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        if !self.process.is_running() {
             return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        }
+        self.process.sigterm();
         let deadline = Instant::now() + Duration::from_secs(15);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
+        while self.process.is_running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = child.wait();
+        self.process.kill();
     }
 
     /// The value of one series of `/metrics` (0 when absent).
     pub async fn metric(&self, series: &str) -> f64 {
-        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        text.lines()
+        self.metrics()
+            .await
+            .lines()
             .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or(0.0)
-    }
-}
-
-impl Drop for WebhookProcess {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
