@@ -39,7 +39,7 @@ pub struct Args {
     pub admin: AdminArgs,
 
     #[command(flatten)]
-    pub policy_check: policy_check::Args,
+    pub policy_check: policy_check::PolicyCheckArgs,
 
     /// Name of the Node this agent runs on (from the downward API, `spec.nodeName`).
     #[arg(long, env = "NODE_NAME", value_parser = parse_node_name)]

@@ -24,7 +24,7 @@ const RETRY: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, ClapArgs)]
-pub struct Args {
+pub struct PolicyCheckArgs {
     /// Do not check at start that the agent's ValidatingAdmissionPolicy is enforced. Only for
     /// clusters that cannot run the policy (before Kubernetes 1.30) and accept that any node's
     /// agent can then change any Node.
@@ -91,7 +91,7 @@ pub fn outcome(answer: Result<(), kube::Error>) -> Outcome {
 /// allows the probe `--admission-policy-wait` after it first answered it; returns `Ok` without running
 /// `then` when `work` is cancelled first.
 pub async fn then_run(
-    args: Args,
+    args: PolicyCheckArgs,
     client: Client,
     node: &str,
     then: impl Future<Output = ()>,
