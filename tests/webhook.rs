@@ -311,8 +311,23 @@ async fn the_agent_may_annotate_only_its_own_node_and_only_with_its_own_keys() {
         let output = annotate(&own, key, "2026-11-25T10:00:00Z");
         assert!(output.success, "{key} on its own node: {}", output.stderr);
     }
-    let output = annotate(&own, keys::INSTANCE_ID, "i-0abc");
+    let output = annotate(&own, keys::INSTANCE_ID, "i-0123456789abcdef0");
     assert!(output.success, "instance id on its own node: {}", output.stderr);
+
+    // Its own keys, but values of another shape or size: denied (the controller reads them).
+    for (key, value) in [
+        (keys::INSTANCE_ID, "i-0abc"),
+        (keys::INSTANCE_ID, "i-0123456789abcdef0 i-0fedcba9876543210"),
+        (keys::REBALANCE_NOTICE_TIME, "soon"),
+        (keys::INTERRUPTION_TIME, "2026-11-25T10:00:00.123456789012345678Z"),
+    ] {
+        let output = annotate(&own, key, value);
+        assert!(
+            !output.success && output.stderr.contains("must be an RFC 3339 time"),
+            "{key}={value}: {}",
+            output.stderr
+        );
+    }
 
     // Its own node, but someone else's annotation, a label or a taint: denied.
     let foreign = annotate(&own, keys::PHASE, "Tainted");
