@@ -1,5 +1,5 @@
 # Thin entry points; the logic lives in scripts/ and bed/.
-.PHONY: test demo bed-build bed-up bed-down lint check-chart manifests e2e-kind
+.PHONY: test demo bed-build bed-up bed-down lint check-chart check-advisories manifests e2e-kind
 
 test:       ## every check and test, against a real bed it brings up and takes down
 	scripts/test
@@ -22,6 +22,9 @@ lint:
 
 check-chart: ## helm lint, kubeconform -strict, rendered manifests up to date, shellcheck
 	scripts/check-chart
+
+check-advisories: ## cargo deny check advisories (needs GitHub for the RustSec database; not in `test`)
+	scripts/check-advisories
 
 manifests:  ## re-render manifests/rendered/ from the Helm chart
 	scripts/render-manifests

@@ -7,7 +7,9 @@
 //! open loop, half `/mutate` (a NoExecute termination taint: the full PDB arithmetic over the node's
 //! pods) and half `/validate` (the termination taint while the controller is scaling: denied), and
 //! prints latency percentiles (client side: TLS, HTTP, JSON and decision) and the server's resident
-//! memory. The in-process cost of one decision (no network) is printed too.
+//! memory. The in-process cost of one decision (no network) is printed too. Then hostile load: 1,000
+//! slow connections and a flood of 3 MiB bodies, with the server's memory and the latency of the
+//! valid reviews sent meanwhile.
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
@@ -15,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use axum::body::Bytes;
 use k8s_openapi::api::{
     core::v1::{Node, Pod},
     policy::v1::PodDisruptionBudget,
@@ -29,6 +32,9 @@ use spot_rebalancer::webhook::{
     taints::NTH_TAINT_KEYS,
     tls::{ReloadingTls, TlsFiles},
 };
+
+#[path = "../tests/fixtures/webhook/large_node.rs"]
+mod large_node;
 
 const NAMESPACES: usize = 50;
 
@@ -177,7 +183,7 @@ async fn serve(cert: String, key: String, pods: usize, pdbs: usize, nodes: usize
     let port = listener.local_addr().unwrap().port();
     let router = server::router(Arc::new(webhook));
     println!("READY {port}");
-    axum_server::from_tcp_rustls(listener, tls.config.clone())
+    server::https_server(listener, tls.config.clone())
         .unwrap()
         .serve(router.into_make_service())
         .await
@@ -352,6 +358,142 @@ async fn main() {
         rss_kib(pid, "VmRSS:") as f64 / 1024.0,
         rss_kib(pid, "VmHWM:") as f64 / 1024.0
     );
+
+    // 3. Hostile load: 1,000 slow connections (900 that never start TLS, 100 requests that stop
+    // half-way through their body) and a flood of 3 MiB bodies from 32 senders for
+    // BENCH_FLOOD_SECONDS (10), while valid reviews keep coming at 50/s.
+    let flood_seconds = env_or("BENCH_FLOOD_SECONDS", 10);
+    let large = large_node::review();
+    println!(
+        "largest realistic Node review: {:.1} KiB (body limit {} KiB)",
+        large.len() as f64 / 1024.0,
+        server::MAX_REVIEW_BYTES >> 10
+    );
+    let before = rss_kib(pid, "VmRSS:");
+    let mut silent = Vec::with_capacity(900);
+    for _ in 0..900 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            silent.push(stream);
+        }
+    }
+    let half_sent: Vec<_> = (0..100)
+        .map(|_| {
+            let request = client
+                .post(format!("{base}/mutate"))
+                .body(reqwest::Body::wrap(StallingBody(Some(Bytes::from_static(
+                    b"{\"apiVersion\":",
+                )))));
+            tokio::spawn(async move { request.send().await.map(|response| response.status().as_u16()) })
+        })
+        .collect();
+    let oversized = Bytes::from(vec![b' '; 3 << 20]);
+    let stop = Instant::now() + Duration::from_secs(flood_seconds as u64);
+    let flood_answers = Arc::new(Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
+    let senders: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, url, body, answers) = (
+                client.clone(),
+                format!("{base}/validate"),
+                oversized.clone(),
+                flood_answers.clone(),
+            );
+            tokio::spawn(async move {
+                while Instant::now() < stop {
+                    let answer = match client.post(&url).body(body.clone()).send().await {
+                        Ok(response) => response.status().as_u16().to_string(),
+                        Err(_) => "closed".to_owned(),
+                    };
+                    *answers.lock().unwrap().entry(answer).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    let mut peak = before;
+    let mut valid = Vec::new();
+    let mut valid_failed = 0usize;
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut n = 0;
+    while Instant::now() < stop {
+        ticker.tick().await;
+        let (url, body) = &bodies[n % bodies.len()];
+        n += 1;
+        let sent = Instant::now();
+        match client.post(url).body(body.clone()).send().await {
+            Ok(response) if response.status().is_success() => valid.push(sent.elapsed()),
+            _ => valid_failed += 1,
+        }
+        peak = peak.max(rss_kib(pid, "VmRSS:"));
+    }
+    for sender in senders {
+        let _ = sender.await;
+    }
+    let during = rss_kib(pid, "VmRSS:");
+    valid.sort();
+    println!(
+        "under attack ({flood_seconds} s, 900 silent connections + 100 half-sent requests + 32 senders of 3 MiB bodies): \
+         3 MiB bodies answered {:?}",
+        flood_answers.lock().unwrap()
+    );
+    println!(
+        "valid reviews meanwhile: {} answered, {valid_failed} failed, p50 {}  p99 {}  max {}",
+        valid.len(),
+        ms(percentile(&valid, 0.5)),
+        ms(percentile(&valid, 0.99)),
+        ms(*valid.last().unwrap_or(&Duration::ZERO)),
+    );
+    let mut half_sent_answers = std::collections::BTreeMap::<String, usize>::new();
+    for request in half_sent {
+        let answer = match tokio::time::timeout(Duration::from_secs(30), request).await {
+            Ok(Ok(Ok(status))) => status.to_string(),
+            Ok(_) => "closed".to_owned(),
+            Err(_) => "still open after 30 s".to_owned(),
+        };
+        *half_sent_answers.entry(answer).or_default() += 1;
+    }
+    let mut silent_closed = 0;
+    for mut stream in silent {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = [0u8; 16];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buffer)).await
+        {
+            silent_closed += 1;
+        }
+    }
+    println!(
+        "half-sent requests ended with {half_sent_answers:?}; silent connections closed by the server: {silent_closed} of 900"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "server resident memory: before the attack {:.1} MiB, peak during {:.1} MiB, at its end {:.1} MiB, \
+         after {:.1} MiB",
+        before as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        during as f64 / 1024.0,
+        rss_kib(pid, "VmRSS:") as f64 / 1024.0
+    );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A request body that sends its first bytes and then nothing: a client that stops half-way.
+struct StallingBody(Option<Bytes>);
+
+impl http_body::Body for StallingBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        match self.0.take() {
+            Some(first) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(100_000)
+    }
 }

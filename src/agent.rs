@@ -12,6 +12,7 @@ pub mod annotations;
 pub mod backoff;
 pub mod metrics;
 pub mod node;
+pub mod policy_check;
 pub mod poller;
 pub mod writer;
 
@@ -36,6 +37,9 @@ const API_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Args {
     #[command(flatten)]
     pub admin: AdminArgs,
+
+    #[command(flatten)]
+    pub policy_check: policy_check::PolicyCheckArgs,
 
     /// Name of the Node this agent runs on (from the downward API, `spec.nodeName`).
     #[arg(long, env = "NODE_NAME", value_parser = parse_node_name)]
@@ -79,6 +83,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error(transparent)]
+    PolicyNotEnforced(#[from] policy_check::Error),
     #[error("annotating Node {node}: {source}")]
     AnnotateNode {
         node: String,
@@ -91,6 +97,7 @@ pub enum Error {
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     let Args {
         admin,
+        policy_check: policy,
         node_name,
         poll_interval,
         backoff_max,
@@ -119,7 +126,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         seen,
     };
     let writer = writer::Writer {
-        node: node::OwnNode::new(client, node_name),
+        node: node::OwnNode::new(client.clone(), node_name),
         interval: poll_interval,
         backoff_max,
         metrics,
@@ -138,11 +145,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     };
     // Every line the agent logs names its node.
     let span = tracing::info_span!("agent", node = %writer.node.name());
-    let (served, (), ()) = tokio::join!(
+    let (node, written) = (
+        writer.node.name().to_owned(),
+        writer.run(seen_by_writer, work.clone()),
+    );
+    let (served, (), proven) = tokio::join!(
         served,
         poller.run(work.clone()).instrument(span.clone()),
-        writer.run(seen_by_writer, work.clone()).instrument(span)
+        policy_check::then_run(policy, client, &node, written, &work, &shutdown).instrument(span)
     );
+    proven.map_err(Error::from)?;
     served?;
     Ok(())
 }

@@ -258,8 +258,7 @@ async fn serve(
     let addr = listener.local_addr().unwrap_or(listen_addr);
     let config = tls.config.clone();
     tokio::spawn(tls.follow_files(tls_reload_interval, metrics.clone(), stop.clone()));
-    let server =
-        axum_server::from_tcp_rustls(listener, config).map_err(|source| Error::Bind { addr, source })?;
+    let server = server::https_server(listener, config).map_err(|source| Error::Bind { addr, source })?;
     let handle = axum_server::Handle::new();
     {
         let (handle, stop) = (handle.clone(), stop.clone());

@@ -16,7 +16,8 @@ use support::{
         REBALANCE_NOTICE_TIME, TcpProxy, TestNode, apiserver_addr, kubeconfig_through,
     },
     eventually,
-    identity::{Role, role_kubeconfig},
+    identity::{NAMESPACE, Role, node_bound_kubeconfig, rendered_documents, role_kubeconfig},
+    webhook::{kubectl, kubectl_with_input},
 };
 
 /// The rebalance recommendation's notice time, pinned (`-r`) so the annotation can be checked.
@@ -391,4 +392,189 @@ async fn an_agent_whose_node_does_not_exist_is_alive_but_not_ready() {
     .await;
     assert_eq!(agent.readyz().await.map(|(status, _)| status), Some(503));
     assert!(agent.is_running());
+}
+
+/// A twin of the agent's identity: its own ServiceAccount bound to the chart's agent ClusterRole,
+/// which the chart's admission policy does not match (it names the agent's username). Optionally
+/// the chart's policy and binding, copied for the twin. All removed when dropped.
+struct AgentTwin<'a> {
+    bed: &'a Bed,
+    account: String,
+    policy_copied: bool,
+}
+
+impl<'a> AgentTwin<'a> {
+    fn create(bed: &'a Bed) -> Self {
+        support::identity::apply_chart_identities(bed);
+        let account = support::unique("agent-twin");
+        let username = format!("system:serviceaccount:{NAMESPACE}:{account}");
+        for args in [
+            vec!["create", "serviceaccount", &account, "-n", NAMESPACE],
+            vec![
+                "create",
+                "clusterrolebinding",
+                &account,
+                "--clusterrole",
+                "spot-rebalancer-agent",
+                "--serviceaccount",
+                &format!("{NAMESPACE}:{account}"),
+            ],
+        ] {
+            let output = kubectl(bed, &args);
+            assert!(output.success, "{args:?}: {}", output.stderr);
+        }
+        let deadline = Instant::now() + SOON;
+        while kubectl(bed, &["auth", "can-i", "patch", "nodes", "--as", &username]).stdout != "yes\n" {
+            assert!(Instant::now() < deadline, "the twin's RBAC is not in force");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        AgentTwin {
+            bed,
+            account,
+            policy_copied: false,
+        }
+    }
+
+    /// The chart's policy and binding with the twin's name and username in place of the agent's.
+    fn copy_the_chart_policy(&mut self) {
+        let documents: Vec<String> =
+            rendered_documents(&["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
+                .into_iter()
+                .map(|doc| {
+                    doc.replace("spot-rebalancer-agent-own-node", &self.account)
+                        .replace(
+                            &Role::UnboundAgent.username(),
+                            &format!("system:serviceaccount:{NAMESPACE}:{}", self.account),
+                        )
+                })
+                .collect();
+        assert_eq!(documents.len(), 2, "the chart's agent policy and binding");
+        let output = kubectl_with_input(self.bed, &["apply", "-f", "-"], &documents.join("\n---\n"));
+        assert!(output.success, "{}", output.stderr);
+        self.policy_copied = true;
+    }
+}
+
+impl Drop for AgentTwin<'_> {
+    fn drop(&mut self) {
+        let account = self.account.as_str();
+        let mut deletions = vec![
+            vec!["delete", "clusterrolebinding", account, "--ignore-not-found"],
+            vec![
+                "delete",
+                "serviceaccount",
+                account,
+                "-n",
+                NAMESPACE,
+                "--ignore-not-found",
+            ],
+        ];
+        if self.policy_copied {
+            deletions.push(vec![
+                "delete",
+                "validatingadmissionpolicybinding",
+                account,
+                "--ignore-not-found",
+            ]);
+            deletions.push(vec![
+                "delete",
+                "validatingadmissionpolicy",
+                account,
+                "--ignore-not-found",
+            ]);
+        }
+        for args in deletions {
+            kubectl(self.bed, &args);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_agent_whose_admission_policy_is_not_enforced_exits_naming_it_and_writes_nothing() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-unguarded").await;
+    let mock = ImdsMock::start(
+        &bed,
+        &[
+            "spot",
+            "-d",
+            NEVER,
+            "--rebalance-delay-sec",
+            "1",
+            "-r",
+            NOTICE_TIME,
+        ],
+    )
+    .await;
+    let mut twin = AgentTwin::create(&bed);
+    let kubeconfig = node_bound_kubeconfig(&bed, &twin.account, &node.name);
+    let args = ["--poll-interval", "1s", "--admission-policy-wait", "3s"];
+
+    // No policy matches the twin: RBAC alone would let it change any Node.
+    let mut agent = start_agent(&node, &mock.endpoint(), &kubeconfig, &args);
+    let status = agent.wait_for_exit(SOON).await;
+    let log = agent.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("the agent's ValidatingAdmissionPolicy is not enforced"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "annotation spot-rebalancer.io/admission-policy-probe on Node {}",
+            node.name
+        )),
+        "{log}"
+    );
+    assert!(log.contains("--skip-admission-policy-check"), "{log}");
+    assert_eq!(
+        node.agent_annotations().await,
+        BTreeMap::new(),
+        "it wrote before the proof"
+    );
+    assert!(
+        !node
+            .annotations()
+            .await
+            .contains_key("spot-rebalancer.io/admission-policy-probe"),
+        "the probe was written"
+    );
+
+    // The chart's policy bound for the twin: the same agent proves it, starts and writes the notice.
+    twin.copy_the_chart_policy();
+    let mut agent = start_agent(&node, &mock.endpoint(), &kubeconfig, &args);
+    agent.wait_ready().await;
+    assert!(
+        agent.log().contains("the agent's admission policy is enforced"),
+        "{}",
+        agent.log()
+    );
+    eventually("the notice on the Node", SOON, || async {
+        let written = node.agent_annotations().await;
+        (written.get(REBALANCE_NOTICE_TIME).map(String::as_str) == Some(NOTICE_TIME)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_told_to_skip_the_policy_check_runs_without_the_policy() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-skip-check").await;
+    let mock = ImdsMock::start(&bed, &["spot", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
+    let twin = AgentTwin::create(&bed);
+    let kubeconfig = node_bound_kubeconfig(&bed, &twin.account, &node.name);
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        &kubeconfig,
+        &["--skip-admission-policy-check"],
+    );
+    agent.wait_ready().await;
+    assert!(
+        agent
+            .log()
+            .contains("not checking that the agent's admission policy is enforced"),
+        "{}",
+        agent.log()
+    );
 }

@@ -311,8 +311,23 @@ async fn the_agent_may_annotate_only_its_own_node_and_only_with_its_own_keys() {
         let output = annotate(&own, key, "2026-11-25T10:00:00Z");
         assert!(output.success, "{key} on its own node: {}", output.stderr);
     }
-    let output = annotate(&own, keys::INSTANCE_ID, "i-0abc");
+    let output = annotate(&own, keys::INSTANCE_ID, "i-0123456789abcdef0");
     assert!(output.success, "instance id on its own node: {}", output.stderr);
+
+    // Its own keys, but values of another shape or size: denied (the controller reads them).
+    for (key, value) in [
+        (keys::INSTANCE_ID, "i-0abc"),
+        (keys::INSTANCE_ID, "i-0123456789abcdef0 i-0fedcba9876543210"),
+        (keys::REBALANCE_NOTICE_TIME, "soon"),
+        (keys::INTERRUPTION_TIME, "2026-11-25T10:00:00.123456789012345678Z"),
+    ] {
+        let output = annotate(&own, key, value);
+        assert!(
+            !output.success && output.stderr.contains("must be an RFC 3339 time"),
+            "{key}={value}: {}",
+            output.stderr
+        );
+    }
 
     // Its own node, but someone else's annotation, a label or a taint: denied.
     let foreign = annotate(&own, keys::PHASE, "Tainted");
@@ -325,4 +340,118 @@ async fn the_agent_may_annotate_only_its_own_node_and_only_with_its_own_keys() {
     assert!(!label.success, "the agent relabelled its node");
     let taint = kubectl_with(&bed, &agent, &["taint", "node", &own.name, "evil=true:NoExecute"]);
     assert!(!taint.success, "the agent tainted its node");
+}
+
+/// A request body that sends its first bytes and then nothing, for ever: a client that stops
+/// half-way through its request.
+struct StallingBody(Option<axum::body::Bytes>);
+
+impl http_body::Body for StallingBody {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.0.take() {
+            Some(first) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(100_000)
+    }
+}
+
+#[tokio::test]
+async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still_guards() {
+    let bed = Bed::connect().await;
+    let guarded = Guarded::start(&bed).await;
+    let record = Replacement::new("spot-a".into(), None, jiff::Timestamp::now());
+    let old = KwokNode::opted_in(
+        &bed,
+        &guarded,
+        "wh-flood",
+        json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: serde_json::to_string(&record).unwrap()}),
+    )
+    .await;
+    guarded.wait_until_registered(&bed, &old.name).await;
+    let port = guarded.webhook.port;
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(guarded.certs.ca_pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
+
+    // 200 connections that never start TLS, and 16 requests that stop half-way through their body.
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    let stalled: Vec<_> = (0..16)
+        .map(|_| {
+            let request = client
+                .post(url("/mutate"))
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap(StallingBody(Some(
+                    axum::body::Bytes::from_static(b"{\"apiVersion\":"),
+                ))));
+            tokio::spawn(async move { request.send().await.map(|response| response.status()) })
+        })
+        .collect();
+
+    // A flood of 3 MiB bodies: every one refused, none judged.
+    let oversized = axum::body::Bytes::from(vec![b' '; 3 << 20]);
+    let flood: Vec<_> = (0..40)
+        .map(|_| {
+            let request = client.post(url("/validate")).body(oversized.clone());
+            tokio::spawn(async move { request.send().await.map(|response| response.status()) })
+        })
+        .collect();
+    for sent in flood {
+        // The webhook may answer and close before the client has sent it all: an error then.
+        if let Ok(status) = sent.await.unwrap() {
+            assert_eq!(status, reqwest::StatusCode::PAYLOAD_TOO_LARGE);
+        }
+    }
+
+    // Meanwhile the guard still answers the API server within its 2 s: the termination taint is
+    // denied, not let through by `failurePolicy: Ignore`.
+    let denied = run_kubectl(&bed, &taint_arg(&old, "NoSchedule"));
+    assert!(!denied.success, "the taint went on: the webhook did not answer");
+    assert!(
+        denied.stderr.contains("replacement not Ready"),
+        "{}",
+        denied.stderr
+    );
+    assert_eq!(old.taint_effect(&bed, DEFAULT_TAINT_KEY).await, None);
+
+    // The slow clients are dropped: the half-sent requests end (408 or a closed connection), and the
+    // silent connections are closed by the server (bounded waits; the timeouts are 5 s).
+    for request in stalled {
+        let ended = tokio::time::timeout(Duration::from_secs(20), request)
+            .await
+            .expect("a half-sent request still open after 20 s")
+            .unwrap();
+        if let Ok(status) = ended {
+            assert_eq!(status, reqwest::StatusCode::REQUEST_TIMEOUT);
+        }
+    }
+    for mut connection in silent {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(20), connection.read(&mut buffer))
+            .await
+            .expect("a connection that never started TLS still open after 20 s");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    assert!(
+        guarded
+            .webhook
+            .metric("spot_rebalancer_admission_reviews_total{route=\"validate\",verdict=\"too_large\"}")
+            .await
+            >= 1.0
+    );
 }

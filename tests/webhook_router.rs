@@ -23,6 +23,9 @@ use spot_rebalancer::{
 };
 use tower::ServiceExt;
 
+#[path = "fixtures/webhook/large_node.rs"]
+mod large_node;
+
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/webhook/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -126,6 +129,43 @@ async fn a_no_execute_taint_within_the_pdb_is_allowed_unchanged() {
 }
 
 #[tokio::test]
+async fn a_no_execute_taint_the_order_guard_refuses_gets_no_pdb_warning() {
+    // No interruption notice and no phase: the order guard denies the termination taint, so the PDB
+    // guard neither softens it nor warns about a drain that will not happen.
+    let mut review: Value = serde_json::from_slice(&fixture("taint-no-execute.json")).unwrap();
+    for object in ["object", "oldObject"] {
+        let annotations = review["request"][object]["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap();
+        annotations.remove(keys::INTERRUPTION_TIME);
+    }
+    let body = serde_json::to_vec(&review).unwrap();
+    let (status, mutated) = post(router(0), "/mutate", body.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(mutated["response"]["allowed"], true);
+    assert!(mutated["response"].get("patch").is_none(), "{mutated}");
+    assert!(mutated["response"].get("warnings").is_none(), "{mutated}");
+    let (_, validated) = post(router(0), "/validate", body).await;
+    assert_eq!(validated["response"]["allowed"], false, "{validated}");
+}
+
+#[tokio::test]
+async fn a_review_of_a_large_real_node_fits_the_body_limit_and_is_judged() {
+    let body = large_node::review();
+    assert!(body.len() > 64 << 10, "{} bytes: not large", body.len());
+    assert!(
+        body.len() * 4 < server::MAX_REVIEW_BYTES,
+        "{} bytes: too close to the limit",
+        body.len()
+    );
+    for path in ["/mutate", "/validate"] {
+        let (status, review) = post(router(0), path, body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {review}");
+        assert_eq!(review["response"]["allowed"], true, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn an_update_that_adds_no_taint_is_allowed_by_both_guards() {
     for path in ["/mutate", "/validate"] {
         let (status, review) = post(router(0), path, fixture("label-change.json")).await;
@@ -186,7 +226,7 @@ async fn an_oversized_review_is_refused_with_413() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
         answer["response"]["status"]["message"],
-        "the AdmissionReview is larger than 3 MiB"
+        "the AdmissionReview is larger than 512 KiB"
     );
 }
 

@@ -16,7 +16,7 @@ impl Metrics {
         let reviews = IntCounterVec::new(
             Opts::new(
                 "admission_reviews_total",
-                "Admission reviews answered, by route and verdict (allowed, patched, denied, bad_request, too_large).",
+                "Admission reviews answered, by route and verdict (allowed, patched, denied, left_to_order_guard, bad_request, too_large; route \"any\": shed, timed_out).",
             ),
             &["route", "verdict"],
         )?;

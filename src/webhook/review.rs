@@ -2,7 +2,7 @@
 //! are judged; anything else is a clear client error, never a panic.
 use k8s_openapi::api::core::v1::Node;
 use kube::core::{
-    DynamicObject,
+    GroupVersionResource,
     admission::{
         AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND, Operation,
     },
@@ -11,7 +11,7 @@ use kube::core::{
 /// Why a request body is not a review this webhook can judge.
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
-    #[error("the body is not an AdmissionReview: {0}")]
+    #[error("the body is not an AdmissionReview of a Node: {0}")]
     Malformed(#[source] serde_json::Error),
     #[error(
         "expected kind AdmissionReview, apiVersion {META_API_VERSION_V1}; got kind {kind:?}, apiVersion {api_version:?}"
@@ -23,18 +23,12 @@ pub enum ReviewError {
     WrongResource { resource: String },
     #[error("the AdmissionReview of an UPDATE lacks {0}")]
     MissingObject(&'static str),
-    #[error("the {field} in the AdmissionReview is not a Node: {source}")]
-    NotANode {
-        field: &'static str,
-        #[source]
-        source: serde_json::Error,
-    },
 }
 
 /// A review this webhook judges: an update of a Node, before and after.
 #[derive(Debug)]
 pub struct NodeUpdate {
-    pub request: AdmissionRequest<DynamicObject>,
+    pub request: AdmissionRequest<Node>,
     pub old: Node,
     pub new: Node,
 }
@@ -63,48 +57,79 @@ pub enum Review {
     Other(Box<AdmissionResponse>),
 }
 
-/// Parses an AdmissionReview body.
+/// Parses an AdmissionReview body, once: straight into Nodes. Only a body that fails is read again,
+/// for the resource it names, so a review of pods is refused as one.
 pub fn parse(body: &[u8]) -> Result<Review, ReviewError> {
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
+    let review: AdmissionReview<Node> = match serde_json::from_slice(body) {
+        Ok(review) => review,
+        Err(error) => {
+            let named = serde_json::from_slice::<ResourceOnly>(body)
+                .ok()
+                .and_then(|only| only.request);
+            return Err(match named {
+                Some(named) => match check_resource(&named.resource, named.sub_resource.as_deref()) {
+                    Err(wrong) => wrong,
+                    Ok(()) => ReviewError::Malformed(error),
+                },
+                None => ReviewError::Malformed(error),
+            });
+        }
+    };
     if review.types.kind != META_KIND || review.types.api_version != META_API_VERSION_V1 {
         return Err(ReviewError::NotAdmissionReviewV1 {
             kind: review.types.kind,
             api_version: review.types.api_version,
         });
     }
-    let mut request: AdmissionRequest<DynamicObject> =
-        review.try_into().map_err(|_| ReviewError::NoRequest)?;
-    let resource = &request.resource;
-    let sub_resource = request.sub_resource.as_deref().unwrap_or_default();
-    let is_nodes = resource.group.is_empty() && resource.version == "v1" && resource.resource == "nodes";
-    if !is_nodes || !sub_resource.is_empty() {
-        let group = if resource.group.is_empty() {
-            "core"
-        } else {
-            &resource.group
-        };
-        let sub = if sub_resource.is_empty() {
-            String::new()
-        } else {
-            format!("/{sub_resource}")
-        };
-        return Err(ReviewError::WrongResource {
-            resource: format!("{group}/{}/{}{sub}", resource.version, resource.resource),
-        });
-    }
+    let mut request: AdmissionRequest<Node> = review.try_into().map_err(|_| ReviewError::NoRequest)?;
+    check_resource(&request.resource, request.sub_resource.as_deref())?;
     if !matches!(request.operation, Operation::Update) {
         return Ok(Review::Other(Box::new(AdmissionResponse::from(&request))));
     }
-    let new = node(request.object.take(), "object")?;
-    let old = node(request.old_object.take(), "oldObject")?;
+    let new = request
+        .object
+        .take()
+        .ok_or(ReviewError::MissingObject("object"))?;
+    let old = request
+        .old_object
+        .take()
+        .ok_or(ReviewError::MissingObject("oldObject"))?;
     Ok(Review::Update(Box::new(NodeUpdate { request, old, new })))
 }
 
-fn node(object: Option<DynamicObject>, field: &'static str) -> Result<Node, ReviewError> {
-    let object = object.ok_or(ReviewError::MissingObject(field))?;
-    let value = serde_json::to_value(object).map_err(|source| ReviewError::NotANode { field, source })?;
-    serde_json::from_value(value).map_err(|source| ReviewError::NotANode { field, source })
+/// The resource a review names, read only from a body that is not a review of Nodes.
+#[derive(serde::Deserialize)]
+struct ResourceOnly {
+    request: Option<RequestedResource>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestedResource {
+    resource: GroupVersionResource,
+    sub_resource: Option<String>,
+}
+
+/// Nodes (core/v1) and no subresource, or the error naming what it is.
+fn check_resource(resource: &GroupVersionResource, sub_resource: Option<&str>) -> Result<(), ReviewError> {
+    let sub_resource = sub_resource.unwrap_or_default();
+    let is_nodes = resource.group.is_empty() && resource.version == "v1" && resource.resource == "nodes";
+    if is_nodes && sub_resource.is_empty() {
+        return Ok(());
+    }
+    let group = if resource.group.is_empty() {
+        "core"
+    } else {
+        &resource.group
+    };
+    let sub = if sub_resource.is_empty() {
+        String::new()
+    } else {
+        format!("/{sub_resource}")
+    };
+    Err(ReviewError::WrongResource {
+        resource: format!("{group}/{}/{}{sub}", resource.version, resource.resource),
+    })
 }
 
 #[cfg(test)]
@@ -160,16 +185,17 @@ mod tests {
             error.to_string(),
             "this webhook reviews nodes (core/v1, no subresource); got core/v1/pods"
         );
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}});
+        let error = parse(&review("pods", "UPDATE", pod)).unwrap_err();
+        assert!(matches!(error, ReviewError::WrongResource { .. }), "{error}");
     }
 
     #[test]
     fn an_object_that_is_not_a_node_is_refused() {
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}});
         let error = parse(&review("nodes", "UPDATE", pod)).unwrap_err();
-        assert!(
-            matches!(error, ReviewError::NotANode { field: "object", .. }),
-            "{error}"
-        );
+        assert!(matches!(error, ReviewError::Malformed(_)), "{error}");
+        assert!(error.to_string().contains("Pod"), "{error}");
     }
 
     #[test]

@@ -7,17 +7,24 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::net::SocketAddr;
+
 use axum::{
-    Router,
+    BoxError, Router,
     body::Bytes,
+    error_handling::HandleErrorLayer,
     extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
 };
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use jiff::Timestamp;
 use kube::core::admission::AdmissionResponse;
-use tracing::{info, warn};
+use tower::{
+    ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::error::Overloaded, timeout::error::Elapsed,
+};
+use tracing::{debug, info, warn};
 
 use super::{
     Settings,
@@ -28,10 +35,31 @@ use super::{
     review::{self, NodeUpdate, Review},
 };
 
-/// Largest review body accepted. A review carries the Node twice (object and old object); real Nodes
-/// are tens of KiB. A bigger body is answered 413 (and, with `failurePolicy: Ignore`, the update
-/// goes through unguarded rather than blocked).
-pub const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
+/// Largest review body accepted. A review carries the Node twice (object and old object). A large
+/// real Node (50 images, 39 attached volumes, 60 labels, 20 long annotations, five managers' fields)
+/// makes a review of about 90 KiB (`large_node_review` in the tests, printed by
+/// `scripts/bench-webhook`); this leaves five times that. A bigger body is answered 413 after reading
+/// at most this much (and, with `failurePolicy: Ignore`, the update goes through unguarded rather
+/// than blocked).
+pub const MAX_REVIEW_BYTES: usize = 512 * 1024;
+
+/// Requests read and judged at once; one more is answered 503 at once (shed) instead of queueing.
+/// Judging takes well under a millisecond and the API server sends a review in one go, so only
+/// bodies that arrive slowly fill these, each for at most [`REQUEST_TIMEOUT`]. With the body limit
+/// they bound the memory held by requests to 64 × 512 KiB.
+pub const MAX_CONCURRENT_REVIEWS: usize = 64;
+
+/// Longest a request may take from its headers to its answer (reading the body included). The API
+/// server sends a review at once and waits `timeoutSeconds` (2 s in the chart) for the answer; a
+/// client still sending after this is answered 408 and its connection closed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for a request's headers, on a new connection and between requests on a kept-alive
+/// one: slow and idle connections are closed after this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything a review is judged with.
 pub struct Webhook {
@@ -106,14 +134,68 @@ impl IntoResponse for Answer {
     }
 }
 
-/// The routes, without a socket, so tests drive them with `oneshot`.
+/// The routes, without a socket, so tests drive them with `oneshot`: the body limit, then a
+/// concurrency limit that sheds load, then the request timeout, then the guards.
 pub fn router(webhook: Arc<Webhook>) -> Router {
+    let metrics = webhook.metrics.clone();
+    let overload = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(move |error: BoxError| {
+            let answer = refused_by_a_limit(&error);
+            metrics.review("any", answer.verdict, Duration::ZERO);
+            async move { answer }
+        }))
+        .load_shed()
+        // One limit for both routes (`concurrency_limit` would give each route its own).
+        .layer(GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_REVIEWS))
+        .timeout(REQUEST_TIMEOUT);
     Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
+        .layer(overload)
         .with_state(webhook)
 }
+
+/// The answer to a request the limits refused before any guard saw it. Logged at debug only: a
+/// flood must not become a flood of log lines (the metric counts them).
+fn refused_by_a_limit(error: &BoxError) -> Answer {
+    let (status, message, verdict) = if error.is::<Overloaded>() {
+        let message = format!("overloaded: {MAX_CONCURRENT_REVIEWS} reviews are being judged; try again");
+        (StatusCode::SERVICE_UNAVAILABLE, message, "shed")
+    } else if error.is::<Elapsed>() {
+        let message = format!(
+            "the request was not received and answered within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        );
+        (StatusCode::REQUEST_TIMEOUT, message, "timed_out")
+    } else {
+        (StatusCode::INTERNAL_SERVER_ERROR, error.to_string(), "error")
+    };
+    debug!(%status, "{message}");
+    Answer::refuse(status, &message, verdict)
+}
+
+/// The HTTPS server of the routes, with the limits a hostile client meets below HTTP: a TLS
+/// handshake timeout, HTTP/1.1 only with a header-read timeout that also closes idle kept-alive
+/// connections (hyper's HTTP/2 server has neither), and a small read buffer.
+pub fn https_server(
+    listener: std::net::TcpListener,
+    tls: RustlsConfig,
+) -> std::io::Result<axum_server::Server<SocketAddr, RustlsAcceptor>> {
+    let mut server = axum_server::from_tcp_rustls(listener, tls)?
+        .map(|acceptor| acceptor.handshake_timeout(TLS_HANDSHAKE_TIMEOUT))
+        .http1_only();
+    server
+        .http_builder()
+        .http1()
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_READ_BUFFER_BYTES);
+    Ok(server)
+}
+
+/// Largest read buffer of a connection, which must hold the request head (hyper's default is about
+/// 400 KiB, which 1,000 slow clients sending an endless head would each fill). One TLS record.
+const MAX_READ_BUFFER_BYTES: usize = 16 * 1024;
 
 async fn mutate(State(webhook): State<Arc<Webhook>>, body: Result<Bytes, BytesRejection>) -> Answer {
     handle(Route::Mutate, &webhook, body)
@@ -129,8 +211,8 @@ fn handle(route: Route, webhook: &Webhook, body: Result<Bytes, BytesRejection>) 
         Ok(body) => admit(route, &body, webhook, Timestamp::now()),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let message = format!(
-                "the AdmissionReview is larger than {} MiB",
-                MAX_REVIEW_BYTES >> 20
+                "the AdmissionReview is larger than {} KiB",
+                MAX_REVIEW_BYTES >> 10
             );
             warn!(route = route.as_str(), "{message}");
             Answer::refuse(StatusCode::PAYLOAD_TOO_LARGE, &message, "too_large")
@@ -172,6 +254,12 @@ fn guard_pdbs(update: &NodeUpdate, webhook: &Webhook, now: Timestamp) -> Answer 
     if pdb_guard::guarded_additions(update, &settings.guarded).is_empty() {
         return Answer::review(update.allow(), "allowed");
     }
+    // The API server runs this mutating guard before the validating order guard. When the order
+    // guard will refuse the update, softening it would only print a warning ("made NoSchedule …")
+    // for an update that never happens: leave it to the order guard.
+    if let order_guard::Decision::Deny(_) = order_decision(update, webhook) {
+        return Answer::review(update.allow(), "left_to_order_guard");
+    }
     let pods = webhook.caches.pods_on(update.name());
     let namespaces: BTreeSet<&str> = pods
         .iter()
@@ -203,9 +291,13 @@ fn guard_pdbs(update: &NodeUpdate, webhook: &Webhook, now: Timestamp) -> Answer 
     }
 }
 
-fn guard_order(update: &NodeUpdate, webhook: &Webhook) -> Answer {
+fn order_decision(update: &NodeUpdate, webhook: &Webhook) -> order_guard::Decision {
     let settings = &webhook.settings.order;
-    match order_guard::decide(update, settings, |name| webhook.caches.node_is_ready(name)) {
+    order_guard::decide(update, settings, |name| webhook.caches.node_is_ready(name))
+}
+
+fn guard_order(update: &NodeUpdate, webhook: &Webhook) -> Answer {
+    match order_decision(update, webhook) {
         order_guard::Decision::Allow(_) => Answer::review(update.allow(), "allowed"),
         order_guard::Decision::Deny(message) => {
             info!(node = update.name(), user = update.username(), %message, "termination taint denied");

@@ -5,6 +5,7 @@
 //! served.
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -63,6 +64,16 @@ impl TlsFiles {
     }
 }
 
+/// A serving configuration of the pair that offers HTTP/1.1 only (ALPN): the server speaks nothing
+/// else, because hyper's HTTP/2 server closes neither slow nor idle connections
+/// (see `server::https_server`).
+async fn http1_config(pem: &Pem) -> std::io::Result<RustlsConfig> {
+    let parsed = RustlsConfig::from_pem(pem.cert.clone(), pem.key.clone()).await?;
+    let mut config = (*parsed.get_inner()).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(RustlsConfig::from_config(Arc::new(config)))
+}
+
 async fn read(path: &Path) -> std::io::Result<Vec<u8>> {
     tokio::fs::read(path).await
 }
@@ -78,7 +89,7 @@ impl ReloadingTls {
     /// Loads the certificate and key, or fails naming the flag and the problem.
     pub async fn load(files: TlsFiles) -> Result<Self, TlsError> {
         let loaded = files.read().await?;
-        let config = RustlsConfig::from_pem(loaded.cert.clone(), loaded.key.clone())
+        let config = http1_config(&loaded)
             .await
             .map_err(|source| files.invalid(source))?;
         Ok(ReloadingTls {
@@ -108,12 +119,9 @@ impl ReloadingTls {
             if pem == self.loaded || refused.as_ref() == Some(&pem) {
                 continue;
             }
-            match self
-                .config
-                .reload_from_pem(pem.cert.clone(), pem.key.clone())
-                .await
-            {
-                Ok(()) => {
+            match http1_config(&pem).await {
+                Ok(config) => {
+                    self.config.reload_from_config(config.get_inner());
                     tracing::info!(cert = %self.files.cert.display(), "serving the rotated certificate");
                     metrics.tls_reload(true);
                     self.loaded = pem;

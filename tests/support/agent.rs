@@ -140,6 +140,11 @@ impl AgentProcess {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// The exit status, once the agent exits by itself (at most `within`).
+    pub async fn wait_for_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        self.process.wait_exit(within)
+    }
 }
 
 /// The value of one sample line in Prometheus text.

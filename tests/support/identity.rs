@@ -219,6 +219,30 @@ pub fn role_kubeconfig(bed: &Bed, role: Role<'_>) -> PathBuf {
     path
 }
 
+/// A kubeconfig for ServiceAccount `account` of [`NAMESPACE`] (which must exist) with a token bound
+/// to Node `node`, as an agent pod's projected token is.
+pub fn node_bound_kubeconfig(bed: &Bed, account: &str, node: &str) -> PathBuf {
+    let output = kubectl(
+        bed,
+        &[
+            "create",
+            "token",
+            account,
+            "-n",
+            NAMESPACE,
+            "--duration",
+            TOKEN_SECONDS,
+            "--bound-object-kind",
+            "Node",
+            "--bound-object-name",
+            node,
+        ],
+        "",
+    );
+    assert!(output.success, "a token for {account}: {}", output.stderr);
+    write_kubeconfig(bed, account, output.stdout.trim())
+}
+
 /// Writes a kubeconfig with the bed's server and CA and `token` (in the bed's state folder, which
 /// `bed/down.sh` removes).
 fn write_kubeconfig(bed: &Bed, user: &str, token: &str) -> PathBuf {
