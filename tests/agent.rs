@@ -13,10 +13,11 @@ use support::{
     Bed,
     agent::{
         AgentConfig, AgentProcess, INSTANCE_ID, INTERRUPTION_TIME, ImdsMock, MOCK_INSTANCE_ID,
-        REBALANCE_NOTICE_TIME, TcpProxy, TestNode, apiserver_addr, kubeconfig_through,
+        REBALANCE_NOTICE_TIME, TestNode,
     },
     eventually,
     identity::{Role, role_kubeconfig},
+    proxy::{TcpProxy, apiserver_addr, kubeconfig_through},
 };
 
 /// The rebalance recommendation's notice time, pinned (`-r`) so the annotation can be checked.
