@@ -171,6 +171,14 @@ async fn after_an_api_server_outage_the_flow_resumes_within_seconds_of_its_retur
         || async { (t.lease_holder().await == controller.identity).then_some(()) },
     )
     .await;
+    // The outage starts once the controller runs its flows, not during its start.
+    eventually("the controller reconciles", Duration::from_secs(30), || async {
+        controller
+            .log()
+            .contains("reconciling opted-in nodes")
+            .then_some(())
+    })
+    .await;
 
     // The notice arrives while the controller cannot see the API server.
     proxy.cut();
