@@ -2,11 +2,20 @@
 //!
 //! Retries (exponential backoff with jitter) and per-call timeouts come from the SDK's own retry and
 //! timeout configuration, set once in [`AutoScaling::from_env`]; nothing here loops.
+//!
+//! Every attempt of every call passes the leader's [`Fence`] first (an SDK interceptor, so no call
+//! site can forget): a leader whose Lease is not freshly renewed sends nothing to AWS.
 use std::{collections::BTreeMap, time::Duration};
 
 use aws_config::{BehaviorVersion, retry::RetryConfig, timeout::TimeoutConfig};
-use aws_sdk_autoscaling::{Client, error::DisplayErrorContext};
+use aws_sdk_autoscaling::{
+    Client,
+    config::{ConfigBag, Intercept, RuntimeComponents, interceptors::BeforeTransmitInterceptorContextRef},
+    error::{BoxError, DisplayErrorContext},
+};
 use jiff::Timestamp;
+
+use crate::fence::{Fence, Fenced, fenced_cause};
 
 /// DescribeAutoScalingInstances takes at most this many instance ids a call.
 pub const DESCRIBE_INSTANCES_BATCH: usize = 50;
@@ -36,6 +45,10 @@ pub enum Error {
     Activities { asg: String, message: String },
     #[error("TerminateInstanceInAutoScalingGroup for {instance}: {message}")]
     Terminate { instance: String, message: String },
+    /// Nothing was sent: this replica may not act now. Transient: try again once the Lease is renewed
+    /// (or stop, when another replica leads); never a reason to fall back or fail a flow.
+    #[error(transparent)]
+    Fenced(Fenced),
 }
 
 impl Error {
@@ -49,12 +62,41 @@ impl Error {
             Error::RaiseMax { .. } => "raise_max",
             Error::Activities { .. } => "activities",
             Error::Terminate { .. } => "terminate",
+            Error::Fenced(_) => "fenced",
         }
+    }
+
+    /// The call was stopped by the fence before it was sent.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Fenced(_))
     }
 }
 
-fn describe(error: impl std::error::Error) -> String {
-    DisplayErrorContext(error).to_string()
+/// `Error::Fenced` when the fence stopped the call, else the error `failed` makes of the SDK's message.
+fn failure(error: impl std::error::Error + 'static, failed: impl FnOnce(String) -> Error) -> Error {
+    match fenced_cause(&error) {
+        Some(fenced) => Error::Fenced(fenced.clone()),
+        None => failed(DisplayErrorContext(error).to_string()),
+    }
+}
+
+/// Checks the fence right before each attempt is sent, retries included.
+#[derive(Debug)]
+struct FenceCheck(Fence);
+
+impl Intercept for FenceCheck {
+    fn name(&self) -> &'static str {
+        "FenceCheck"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _config: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        Ok(self.0.check()?)
+    }
 }
 
 /// An Auto Scaling group as the controller needs it.
@@ -125,8 +167,9 @@ pub struct AutoScaling {
 impl AutoScaling {
     /// Credentials and region from the default chain (IRSA, EKS Pod Identity, environment), the
     /// endpoint from `AWS_ENDPOINT_URL` when set; `attempts` tries per call with the SDK's standard
-    /// backoff and jitter, each attempt bounded by `attempt_timeout`.
-    pub async fn from_env(attempts: u32, attempt_timeout: Duration) -> Self {
+    /// backoff and jitter, each attempt bounded by `attempt_timeout`; each attempt sent only while
+    /// `fence` is open.
+    pub async fn from_env(attempts: u32, attempt_timeout: Duration, fence: Fence) -> Self {
         let config = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(attempts))
             .timeout_config(
@@ -137,8 +180,15 @@ impl AutoScaling {
             )
             .load()
             .await;
+        AutoScaling::new(&config, fence)
+    }
+
+    fn new(config: &aws_config::SdkConfig, fence: Fence) -> Self {
+        let config = aws_sdk_autoscaling::config::Builder::from(config)
+            .interceptor(FenceCheck(fence))
+            .build();
         AutoScaling {
-            client: Client::new(&config),
+            client: Client::from_conf(config),
         }
     }
 
@@ -150,9 +200,11 @@ impl AutoScaling {
             .instance_ids(instance)
             .send()
             .await
-            .map_err(|e| Error::DescribeInstance {
-                instance: instance.to_owned(),
-                message: describe(e),
+            .map_err(|e| {
+                failure(e, |message| Error::DescribeInstance {
+                    instance: instance.to_owned(),
+                    message,
+                })
             })?;
         Ok(response
             .auto_scaling_instances()
@@ -172,9 +224,11 @@ impl AutoScaling {
                 .set_instance_ids(Some(batch.to_vec()))
                 .send()
                 .await
-                .map_err(|e| Error::DescribeInstance {
-                    instance: batch.join(","),
-                    message: describe(e),
+                .map_err(|e| {
+                    failure(e, |message| Error::DescribeInstance {
+                        instance: batch.join(","),
+                        message,
+                    })
                 })?;
             for instance in response.auto_scaling_instances() {
                 if let (Some(id), Some(asg)) = (instance.instance_id(), instance.auto_scaling_group_name()) {
@@ -192,9 +246,11 @@ impl AutoScaling {
             .auto_scaling_group_names(asg)
             .send()
             .await
-            .map_err(|e| Error::DescribeGroup {
-                asg: asg.to_owned(),
-                message: describe(e),
+            .map_err(|e| {
+                failure(e, |message| Error::DescribeGroup {
+                    asg: asg.to_owned(),
+                    message,
+                })
             })?;
         let group = response
             .auto_scaling_groups()
@@ -234,10 +290,12 @@ impl AutoScaling {
             .honor_cooldown(false)
             .send()
             .await
-            .map_err(|e| Error::SetDesired {
-                asg: asg.to_owned(),
-                desired,
-                message: describe(e),
+            .map_err(|e| {
+                failure(e, |message| Error::SetDesired {
+                    asg: asg.to_owned(),
+                    desired,
+                    message,
+                })
             })?;
         Ok(())
     }
@@ -252,10 +310,12 @@ impl AutoScaling {
             .desired_capacity(desired)
             .send()
             .await
-            .map_err(|e| Error::RaiseMax {
-                asg: asg.to_owned(),
-                desired,
-                message: describe(e),
+            .map_err(|e| {
+                failure(e, |message| Error::RaiseMax {
+                    asg: asg.to_owned(),
+                    desired,
+                    message,
+                })
             })?;
         Ok(())
     }
@@ -269,9 +329,11 @@ impl AutoScaling {
             .max_records(50)
             .send()
             .await
-            .map_err(|e| Error::Activities {
-                asg: asg.to_owned(),
-                message: describe(e),
+            .map_err(|e| {
+                failure(e, |message| Error::Activities {
+                    asg: asg.to_owned(),
+                    message,
+                })
             })?;
         Ok(response
             .activities()
@@ -297,10 +359,70 @@ impl AutoScaling {
             .should_decrement_desired_capacity(true)
             .send()
             .await
-            .map_err(|e| Error::Terminate {
-                instance: instance.to_owned(),
-                message: describe(e),
+            .map_err(|e| {
+                failure(e, |message| Error::Terminate {
+                    instance: instance.to_owned(),
+                    message,
+                })
             })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_config::Region;
+    use aws_sdk_autoscaling::config::{Credentials, SharedCredentialsProvider};
+
+    /// An AWS endpoint on loopback that counts the connections it is sent.
+    async fn counting_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        (url, connections)
+    }
+
+    #[tokio::test]
+    async fn a_closed_fence_stops_every_call_before_anything_is_sent() {
+        let (endpoint, connections) = counting_endpoint().await;
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::for_tests()))
+            .build();
+        let aws = AutoScaling::new(&config, Fence::closed(crate::fence::FENCE_AFTER));
+        let error = aws.set_desired("spot", 3).await.expect_err("fenced");
+        assert!(error.is_fenced(), "{error}");
+        assert_eq!(error.metric_label(), "fenced");
+        assert!(aws.group("spot").await.expect_err("fenced").is_fenced());
+        assert!(
+            aws.terminate_and_decrement("i-0abc")
+                .await
+                .expect_err("fenced")
+                .is_fenced()
+        );
+        assert_eq!(
+            connections.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "nothing reached AWS"
+        );
+
+        // The same client with the fence open does reach the endpoint (which hangs up on it).
+        let open = AutoScaling::new(&config, Fence::open_for_tests());
+        let error = open
+            .set_desired("spot", 3)
+            .await
+            .expect_err("the endpoint hangs up");
+        assert!(!error.is_fenced(), "{error}");
+        assert!(connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     }
 }

@@ -35,11 +35,17 @@ use kube::{
         reflector, watcher,
     },
 };
-use kube_lease_manager::LeaseManagerBuilder;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{admin, aws::AutoScaling, cli::AdminArgs, keys, node::OptInLabel};
+use crate::{
+    admin,
+    aws::AutoScaling,
+    cli::AdminArgs,
+    fence::{Fence, FencedWrites},
+    keys,
+    node::OptInLabel,
+};
 use reconcile::{Context, Settings};
 
 /// How long a SIGTERM waits for in-flight work and the lease hand-back.
@@ -240,17 +246,17 @@ async fn lead_and_reconcile(
     readiness: admin::Readiness,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
-    let (client, evictions) = kube_clients(args.kubeconfig.as_deref()).await?;
-    let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let lease = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
-        .with_namespace(&args.lease_namespace)
-        .with_identity(&identity)
-        .with_duration(15)
-        .with_grace(5)
-        .build()
+    let config = crate::kube_config::load(args.kubeconfig.as_deref())
         .await
         .map_err(Error::from)?;
-    let (mut leader, lease_task) = lease.watch().await;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    // Rule 13: the fence is open only while the Lease is ours and freshly renewed; the clients below
+    // write nothing and AWS is sent nothing while it is closed.
+    let ((mut leader, lease_task), fence) =
+        crate::lease::elect(&config, &args.lease_namespace, &args.lease_name, &identity)
+            .await
+            .map_err(Error::from)?;
+    let (client, evictions) = kube_clients(config, &fence)?;
     readiness.set(true);
     info!(lease = %args.lease_name, %identity, "waiting for the leader lease");
     loop {
@@ -261,6 +267,10 @@ async fn lead_and_reconcile(
             _ = shutdown.cancelled() => return release(leader, lease_task).await,
             changed = leader.changed() => if changed.is_err() { return Err(Error::LostLease(args.lease_name).into()) },
         }
+    }
+    tokio::select! {
+        _ = fence.opened() => {}
+        _ = shutdown.cancelled() => return release(leader, lease_task).await,
     }
     info!(lease = %args.lease_name, "leading");
 
@@ -286,7 +296,7 @@ async fn lead_and_reconcile(
 
     // Loading AWS configuration may probe IMDS for a region; a SIGTERM meanwhile must not wait.
     let aws = tokio::select! {
-        aws = AutoScaling::from_env(args.retry_attempts, args.scale_up_timeout) => aws,
+        aws = AutoScaling::from_env(args.retry_attempts, args.scale_up_timeout, fence.clone()) => aws,
         _ = stop.cancelled() => {
             let leader = lease_watch.await.map_err(|_| Error::LostLease(args.lease_name.clone()))?;
             if lost.is_cancelled() {
@@ -344,7 +354,7 @@ async fn lead_and_reconcile(
     let waker_ctx = ctx.clone();
     let opt_in = ctx.settings.opt_in.clone();
     let opted_in_nodes = watcher(nodes, watcher::Config::default())
-        .default_backoff()
+        .backoff(crate::kube_config::watch_backoff())
         // Only labels, annotations, providerID, taints and conditions are read: keep the cache lean.
         .modify(|node| {
             node.managed_fields_mut().clear();
@@ -417,13 +427,18 @@ async fn release(
 
 /// The controller's client, and one for the Eviction API: kube's default retry layer retries a 429
 /// up to 15 times (backing off up to 1000 s), which would hold a drain step inside one refused
-/// eviction; the drain must see the 429 and requeue instead.
-async fn kube_clients(kubeconfig: Option<&std::path::Path>) -> Result<(Client, Client), Error> {
-    let config = crate::kube_config::load(kubeconfig).await?;
+/// eviction; the drain must see the 429 and requeue instead. Both refuse writes while `fence` is
+/// closed.
+fn kube_clients(config: kube::Config, fence: &Fence) -> Result<(Client, Client), Error> {
     let mut evictions = config.clone();
     evictions.default_retry = false;
-    let client = Client::try_from(config).map_err(Error::Kube)?;
-    Ok((client, Client::try_from(evictions).map_err(Error::Kube)?))
+    let fenced = |config: kube::Config| -> Result<Client, Error> {
+        Ok(kube::client::ClientBuilder::try_from(config)
+            .map_err(Error::Kube)?
+            .with_layer(&FencedWrites(fence.clone()))
+            .build())
+    };
+    Ok((fenced(config)?, fenced(evictions)?))
 }
 
 fn default_identity() -> String {

@@ -171,7 +171,7 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
     let keys = args.keys();
     eprintln!("watching the Nodes labelled {selector} (Ctrl-C to stop)");
     let mut events = watcher(nodes, watcher::Config::default().labels(&selector))
-        .default_backoff()
+        .backoff(crate::kube_config::watch_backoff())
         .boxed();
     let mut watch = Watch::default();
     let mut current: BTreeMap<String, Row> = BTreeMap::new();

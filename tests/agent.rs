@@ -13,10 +13,11 @@ use support::{
     Bed,
     agent::{
         AgentConfig, AgentProcess, INSTANCE_ID, INTERRUPTION_TIME, ImdsMock, MOCK_INSTANCE_ID,
-        REBALANCE_NOTICE_TIME, TcpProxy, TestNode, apiserver_addr, kubeconfig_through,
+        REBALANCE_NOTICE_TIME, TestNode,
     },
     eventually,
     identity::{NAMESPACE, Role, node_bound_kubeconfig, rendered_documents, role_kubeconfig},
+    proxy::{TcpProxy, apiserver_addr, kubeconfig_through},
     webhook::{kubectl, kubectl_with_input},
 };
 

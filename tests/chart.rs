@@ -80,6 +80,7 @@ async fn the_controller_may_do_what_replacing_and_draining_needs_and_nothing_els
             ("get", "leases.coordination.k8s.io", Some(NAMESPACE), true),
             ("create", "leases.coordination.k8s.io", Some(NAMESPACE), true),
             ("patch", "leases.coordination.k8s.io", Some(NAMESPACE), true),
+            ("watch", "leases.coordination.k8s.io", Some(NAMESPACE), true),
             ("delete", "leases.coordination.k8s.io", Some(NAMESPACE), false),
             ("get", "leases.coordination.k8s.io", Some("kube-system"), false),
             // Events about Nodes, which go to `default`.

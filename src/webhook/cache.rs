@@ -39,18 +39,18 @@ impl Caches {
         let (nodes, nodes_writer) = reflector::store();
         let pods_config = watcher::Config::default().fields(UNFINISHED_PODS);
         let pods_watch = watcher(Api::<Pod>::all(client.clone()), pods_config)
-            .default_backoff()
+            .backoff(crate::kube_config::watch_backoff())
             .modify(slim_pod)
             .reflect(pods_writer);
         let pdbs_watch = watcher(
             Api::<PodDisruptionBudget>::all(client.clone()),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(crate::kube_config::watch_backoff())
         .modify(slim_pdb)
         .reflect(pdbs_writer);
         let nodes_watch = watcher(Api::<Node>::all(client), watcher::Config::default())
-            .default_backoff()
+            .backoff(crate::kube_config::watch_backoff())
             .modify(slim_node)
             .reflect(nodes_writer);
         let driven = async move {

@@ -343,6 +343,9 @@ pub fn instance_id(node: &Node) -> Option<String> {
 // ----- every role's process: start, ready, metrics, SIGTERM, SIGKILL, logs ------------------------
 pub mod process;
 
+// ----- cutting a role off from the API server ---------------------------------------------------
+pub mod proxy;
+
 // ----- the node agent (issue 3) ----------------------------------------------------------------
 // The agent's own test parts live in their own file so these helpers stay the lead's.
 pub mod agent;
