@@ -87,7 +87,7 @@ async fn serves_admin_endpoints_and_stops_on_sigterm(role: &str, extra: &[&str])
     assert_eq!(wait_for_ok(&format!("{base}/readyz")).await, "ready");
     let metrics = wait_for_ok(&format!("{base}/metrics")).await;
     assert!(
-        metrics.contains("spot_rebalancer_process_resident_memory_bytes"),
+        metrics.contains("\nprocess_resident_memory_bytes "),
         "process metrics missing from /metrics:\n{metrics}"
     );
 

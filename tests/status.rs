@@ -249,6 +249,7 @@ async fn status_shows_each_noticed_node_with_its_phase_replacement_taint_and_rea
             "TAINTED",
             "AGE",
             "READY",
+            "AGENT",
             "REASON"
         ]
     );

@@ -88,7 +88,9 @@ impl AgentProcess {
         let log_path = dir.path().join("agent.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let admin_port = free_port();
-        let mut command = Command::new(BINARY);
+        // The benches compare builds (an agent-only binary, another profile) by pointing here.
+        let binary = std::env::var("BENCH_AGENT_BINARY").unwrap_or_else(|_| BINARY.to_owned());
+        let mut command = Command::new(binary);
         command
             .arg("agent")
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
@@ -165,7 +167,7 @@ impl AgentProcess {
         self.get("/healthz").await
     }
 
-    /// One sample, e.g. `metric("spot_rebalancer_imds_errors_total{kind=\"timeout\"}")`.
+    /// One sample, e.g. `metric("spot_rebalancer_agent_imds_errors_total{kind=\"timeout\"}")`.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (status, text) = self.get("/metrics").await.expect("the agent serves /metrics");
         assert_eq!(status, 200);
