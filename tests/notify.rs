@@ -119,13 +119,13 @@ fn count(registry: &Registry, result: &str) -> u64 {
     registry
         .gather()
         .iter()
-        .filter(|family| family.get_name() == "notifications_total")
+        .filter(|family| family.name() == "notifications_total")
         .flat_map(|family| family.get_metric())
         .find(|metric| {
             metric
                 .get_label()
                 .iter()
-                .any(|label| label.get_name() == "result" && label.get_value() == result)
+                .any(|label| label.name() == "result" && label.value() == result)
         })
         .map(|metric| metric.get_counter().get_value() as u64)
         .unwrap_or_else(|| panic!("notifications_total{{result={result:?}}} is not registered"))

@@ -39,7 +39,11 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("start the Tokio runtime");
-    let result = runtime.block_on(async { agent::run(args, shutdown::on_signal()).await });
+    let result = runtime.block_on(async move {
+        // The signal handlers need the runtime: installed inside it.
+        let shutdown = shutdown::on_signal();
+        agent::run(args, shutdown).await
+    });
     runtime.shutdown_timeout(EXIT_GRACE);
     match result {
         Ok(()) => ExitCode::SUCCESS,
