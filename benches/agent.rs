@@ -46,14 +46,266 @@ async fn main() {
     let bed = Bed::connect().await;
     println!(
         "spot-rebalancer agent benchmark (binary: {})",
-        support::process::BINARY
+        std::env::var("BENCH_AGENT_BINARY").unwrap_or_else(|_| support::process::BINARY.to_owned())
     );
 
-    let latencies = detection_latency(&bed, notices).await;
-    report_latency(&latencies);
+    let idle: Duration = env_or("BENCH_IDLE", Duration::from_secs(100), |v| {
+        humantime::parse_duration(v).ok()
+    });
+    let side_by_side: Duration = env_or("BENCH_SIDE_BY_SIDE", Duration::from_secs(180), |v| {
+        humantime::parse_duration(v).ok()
+    });
 
-    let cost = resource_use(&bed, soak).await;
-    report_cost(&cost, soak);
+    if notices > 0 {
+        let latencies = detection_latency(&bed, notices).await;
+        report_latency(&latencies);
+    }
+
+    if !idle.is_zero() {
+        first_write_after_idle(&bed, idle).await;
+    }
+
+    if !soak.is_zero() {
+        let cost = resource_use(&bed, soak).await;
+        report_cost(&cost, soak);
+    }
+
+    match std::env::var("BENCH_NTH_BINARY") {
+        Ok(nth) if !side_by_side.is_zero() => beside_nth(&bed, Path::new(&nth), side_by_side).await,
+        _ => println!("\n== beside NTH: skipped (BENCH_NTH_BINARY not set; scripts/bench-agent sets it)"),
+    }
+}
+
+/// The first write after an idle period, with and without `--api-keepalive`: the API server closes
+/// connections idle for 90 s, so without a keep-alive the write pays a new TCP + TLS connection.
+/// Both agents run at once (each with its own node and IMDS), idle for `idle`, then see a notice.
+async fn first_write_after_idle(bed: &Bed, idle: Duration) {
+    println!(
+        "\n== first write after {} idle, with and without --api-keepalive",
+        humantime::format_duration(idle)
+    );
+    let mut runs = Vec::new();
+    for keepalive in ["60s", "0s"] {
+        let node = TestNode::create(bed, "bench-idle").await;
+        let imds = FakeImds::start().await;
+        let seen = watch_annotation(bed, &node.name);
+        let mut agent = AgentProcess::start(AgentConfig {
+            node: &node.name,
+            imds_endpoint: &imds.endpoint,
+            kubeconfig: Path::new(&bed.vars["BED_KUBECONFIG"]),
+            extra: &["--poll-interval", POLL_FOR_LATENCY, "--api-keepalive", keepalive],
+        });
+        agent.wait_ready().await;
+        runs.push((keepalive, node, imds, seen, agent));
+    }
+    tokio::time::sleep(idle).await;
+    for (keepalive, _node, imds, seen, _agent) in &mut runs {
+        let notice_time = jiff::Timestamp::now().to_string();
+        let (visible, _) =
+            imds.set(|serve| serve.rebalance = Answer::json(json!({"noticeTime": notice_time})));
+        let arrived = loop {
+            let (at, value) = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+                .await
+                .expect("the annotation arrives within 30 s")
+                .expect("the watch runs");
+            if value == notice_time {
+                break at;
+            }
+        };
+        let read = imds
+            .seen_at(REBALANCE_PATH)
+            .into_iter()
+            .find(|seen| seen.at >= visible)
+            .map(|seen| seen.at)
+            .expect("the agent read the notice");
+        println!(
+            "  --api-keepalive {keepalive:>3}: IMDS read -> annotation on the Node {:.1} ms",
+            arrived.saturating_duration_since(read).as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// `/proc/<pid>/status` `RssAnon` and `RssFile` in KiB.
+fn rss_breakdown_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
+/// AWS Node Termination Handler (IMDS mode, built from its Go module by scripts/bench-agent) and our
+/// agent side by side: the same IMDS mock (AWS's), the same API server, the same duration; each
+/// process's resident memory sampled every 5 s. NTH polls every 2 s (fixed); ours at 5 s.
+///
+/// NTH reads its API server credentials only the in-cluster way (fixed paths under
+/// `/var/run/secrets/kubernetes.io/serviceaccount`): it runs in a private mount namespace
+/// (`unshare`, root) whose own tmpfs on `/run` holds the agent ServiceAccount's token and the bed's
+/// CA, so nothing on the host changes.
+async fn beside_nth(bed: &Bed, nth: &Path, duration: Duration) {
+    use support::agent::ImdsMock;
+    println!(
+        "\n== beside NTH ({}): {} against one amazon-ec2-metadata-mock",
+        nth.display(),
+        humantime::format_duration(duration)
+    );
+    let mock = ImdsMock::start(
+        bed,
+        &["spot", "-I", "-d", "86400", "--rebalance-delay-sec", "86400"],
+    )
+    .await;
+    let ours_node = TestNode::create(bed, "bench-beside-ours").await;
+    let nth_node = TestNode::create(bed, "bench-beside-nth").await;
+    let mut agent = AgentProcess::start(AgentConfig {
+        node: &ours_node.name,
+        imds_endpoint: &mock.endpoint(),
+        kubeconfig: Path::new(&bed.vars["BED_KUBECONFIG"]),
+        extra: &["--poll-interval", POLL_FOR_SOAK],
+    });
+    agent.wait_ready().await;
+
+    // NTH's in-cluster identity: a token of the agent's ServiceAccount bound to NTH's node (the
+    // rights our agent has), the bed's API server and CA.
+    support::identity::apply_chart_identities(bed);
+    let kubectl = |args: &[&str]| {
+        let output = std::process::Command::new(&bed.vars["BED_KUBECTL"])
+            .args(["--kubeconfig", &bed.vars["BED_KUBECONFIG"]])
+            .args(args)
+            .output()
+            .expect("run kubectl");
+        assert!(
+            output.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    let token = kubectl(&[
+        "create",
+        "token",
+        "spot-rebalancer-agent",
+        "-n",
+        "spot-rebalancer",
+        "--bound-object-kind",
+        "Node",
+        "--bound-object-name",
+        &nth_node.name,
+        "--duration",
+        "2h",
+    ]);
+    let server = kubectl(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]);
+    let (host, port) = server
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map(|(host, port)| (host.to_owned(), port.to_owned()))
+        .expect("the API server as https://host:port");
+    let ca_data = kubectl(&[
+        "config",
+        "view",
+        "--raw",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+    ]);
+    let ca_file = kubectl(&[
+        "config",
+        "view",
+        "--raw",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.certificate-authority}",
+    ]);
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("token"), token).unwrap();
+    if ca_data.is_empty() {
+        std::fs::copy(&ca_file, secrets.path().join("ca.crt")).expect("the bed's CA file");
+    } else {
+        std::fs::write(secrets.path().join("ca.b64"), ca_data).unwrap();
+        let decoded = std::process::Command::new("base64")
+            .args(["-d"])
+            .arg(secrets.path().join("ca.b64"))
+            .output()
+            .expect("base64 -d");
+        std::fs::write(secrets.path().join("ca.crt"), decoded.stdout).unwrap();
+    }
+    std::fs::write(secrets.path().join("namespace"), "spot-rebalancer").unwrap();
+    let log = std::fs::File::create(secrets.path().join("nth.log")).unwrap();
+    let script = format!(
+        "mount -t tmpfs none /run && mkdir -p {sa} && cp {src}/token {src}/ca.crt {src}/namespace {sa}/ && exec {nth}",
+        sa = "/run/secrets/kubernetes.io/serviceaccount",
+        src = secrets.path().display(),
+        nth = nth.display(),
+    );
+    let mut nth_process = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("KUBERNETES_SERVICE_HOST", &host)
+        .env("KUBERNETES_SERVICE_PORT", &port)
+        .env("NODE_NAME", &nth_node.name)
+        .env("POD_NAME", "nth-bench")
+        .env("POD_NAMESPACE", "spot-rebalancer")
+        .env("INSTANCE_METADATA_URL", mock.endpoint())
+        // Like our agent: both notice kinds read, and an HTTP server for health.
+        .env("ENABLE_SPOT_INTERRUPTION_DRAINING", "true")
+        .env("ENABLE_REBALANCE_MONITORING", "true")
+        .env("ENABLE_SCHEDULED_EVENT_DRAINING", "false")
+        .env("ENABLE_ASG_LIFECYCLE_DRAINING", "false")
+        .env("ENABLE_PROBES_SERVER", "true")
+        .env("PROBES_SERVER_PORT", support::agent::free_port().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start NTH under unshare");
+    let nth_pid = nth_process.id();
+
+    let started = Instant::now();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if let Ok(Some(status)) = nth_process.try_wait() {
+            let log = std::fs::read_to_string(secrets.path().join("nth.log")).unwrap_or_default();
+            panic!("NTH exited ({status}):\n{log}");
+        }
+        ours.push(rss_kib(agent.pid()));
+        theirs.push(rss_kib(nth_pid));
+    }
+    let (ours_anon, ours_file) = rss_breakdown_kib(agent.pid());
+    let (nth_anon, nth_file) = rss_breakdown_kib(nth_pid);
+    let _ = nth_process.kill();
+    let _ = nth_process.wait();
+    assert!(agent.is_running());
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mean = |samples: &[u64]| samples.iter().sum::<u64>() / samples.len().max(1) as u64;
+    let peak = |samples: &[u64]| samples.iter().copied().max().unwrap_or(0);
+    println!(
+        "  ours: resident mean {:.1} MiB, peak {:.1} MiB (RssAnon {:.1}, RssFile {:.1} MiB at the end)",
+        mib(mean(&ours)),
+        mib(peak(&ours)),
+        mib(ours_anon),
+        mib(ours_file)
+    );
+    println!(
+        "  NTH:  resident mean {:.1} MiB, peak {:.1} MiB (RssAnon {:.1}, RssFile {:.1} MiB at the end)",
+        mib(mean(&theirs)),
+        mib(peak(&theirs)),
+        mib(nth_anon),
+        mib(nth_file)
+    );
+    println!(
+        "  NTH / ours (mean resident): {:.1}x   (goal: >= 3x; ours <= 8 MiB)",
+        mean(&theirs) as f64 / mean(&ours).max(1) as f64
+    );
 }
 
 /// Annotation values on `node` as a watch sees them, with the instant each arrived.
@@ -138,7 +390,7 @@ async fn detection_latency(bed: &Bed, notices: usize) -> Vec<Duration> {
     // The watch can deliver the annotation before the agent has counted its write.
     let writes = agent
         .wait_for_metric(
-            "spot_rebalancer_annotation_writes_total{result=\"ok\"}",
+            "spot_rebalancer_agent_annotation_writes_total{result=\"ok\"}",
             notices as f64,
         )
         .await;
@@ -249,7 +501,7 @@ async fn resource_use(bed: &Bed, soak: Duration) -> Cost {
         .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
         .join(", ");
-    let polls = agent.metric("spot_rebalancer_polls_total").await;
+    let polls = agent.metric("spot_rebalancer_agent_polls_total").await;
     let annotated = node.annotations().await.contains_key(REBALANCE_NOTICE_TIME);
     assert!(annotated, "the notice shown halfway was written");
     assert!(agent.is_running());
@@ -287,7 +539,7 @@ fn report_cost(cost: &Cost, soak: Duration) {
         1000.0 * cost.cpu_seconds / cost.polls.max(1.0),
     );
     println!(
-        "  goal: resident memory < 15 MiB (run: {})",
+        "  goal: resident memory <= 8 MiB (run: {})",
         humantime::format_duration(soak)
     );
 }

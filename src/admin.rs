@@ -43,7 +43,10 @@ impl Readiness {
 
 #[derive(Clone)]
 struct AdminState {
+    /// The role's own metrics, prefixed `spot_rebalancer_`.
     registry: Registry,
+    /// The process collector, unprefixed: `process_*` as stock dashboards expect.
+    process: Registry,
     readiness: Readiness,
 }
 
@@ -53,7 +56,11 @@ pub fn router(registry: Registry, readiness: Readiness) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { registry, readiness })
+        .with_state(AdminState {
+            registry,
+            process: process_registry(),
+            readiness,
+        })
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
@@ -67,7 +74,9 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     let encoder = TextEncoder::new();
     let mut body = Vec::new();
-    match encoder.encode(&state.registry.gather(), &mut body) {
+    let mut families = state.process.gather();
+    families.extend(state.registry.gather());
+    match encoder.encode(&families, &mut body) {
         Ok(()) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
@@ -97,11 +106,38 @@ pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken
         .map_err(|source| Error::Serve { addr, source })
 }
 
-/// A registry with the process collector (resident memory, CPU seconds, open fds) and a common
-/// metric name prefix, so every role reports what it costs.
-pub fn registry() -> Registry {
+/// The role names of `build_info`'s `role` label.
+pub const AGENT: &str = "agent";
+pub const CONTROLLER: &str = "controller";
+pub const WEBHOOK: &str = "webhook";
+
+/// A role's registry: every metric name prefixed `spot_rebalancer_`, starting with
+/// `spot_rebalancer_build_info{version, role}` (always 1), so a dashboard sees which version runs
+/// where and an alert can tell a role that is gone from one that is quiet. The router adds the
+/// process metrics (resident memory, CPU seconds, open fds) under their standard `process_*` names.
+pub fn registry(role: &'static str) -> Registry {
     let registry = Registry::new_custom(Some("spot_rebalancer".to_owned()), None)
         .expect("a static prefix is a valid metric prefix");
+    let build_info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "build_info",
+            "Always 1; the labels say which build runs, and in which role",
+        ),
+        &["version", "role"],
+    )
+    .expect("valid metric");
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), role])
+        .set(1);
+    registry
+        .register(Box::new(build_info))
+        .expect("build_info registers once on a fresh registry");
+    registry
+}
+
+/// The process collector on a registry of its own: a prefix would rename `process_*`.
+fn process_registry() -> Registry {
+    let registry = Registry::new();
     #[cfg(target_os = "linux")]
     registry
         .register(Box::new(
@@ -131,7 +167,7 @@ mod tests {
     #[tokio::test]
     async fn readyz_follows_readiness() {
         let readiness = Readiness::default();
-        let router = router(registry(), readiness.clone());
+        let router = router(registry(WEBHOOK), readiness.clone());
         assert_eq!(
             get(router.clone(), "/readyz").await.0,
             StatusCode::SERVICE_UNAVAILABLE
@@ -143,12 +179,32 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_are_prefixed_prometheus_text() {
-        let registry = registry();
+        let registry = registry(AGENT);
         let counter = prometheus::IntCounter::new("probes_total", "test counter").unwrap();
         registry.register(Box::new(counter.clone())).unwrap();
         counter.inc();
         let (status, body) = get(router(registry, Readiness::default()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("spot_rebalancer_probes_total 1"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn every_role_says_its_build_and_process_metrics_keep_their_standard_names() {
+        for role in [AGENT, CONTROLLER, WEBHOOK] {
+            let (_, body) = get(router(registry(role), Readiness::default()), "/metrics").await;
+            let build_info = format!(
+                "spot_rebalancer_build_info{{role=\"{role}\",version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            );
+            assert!(body.contains(&build_info), "{build_info} missing from\n{body}");
+            #[cfg(target_os = "linux")]
+            for name in ["process_resident_memory_bytes ", "process_cpu_seconds_total "] {
+                assert!(
+                    body.lines().any(|line| line.starts_with(name)),
+                    "{name} missing from\n{body}"
+                );
+            }
+            assert!(!body.contains("spot_rebalancer_process_"), "{body}");
+        }
     }
 }

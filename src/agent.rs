@@ -9,7 +9,6 @@
 //! Ready (`/readyz`) once the instance id is known from IMDS and the Node's annotations were read
 //! from the API server; later trouble with either shows in the metrics and logs, not in readiness.
 pub mod annotations;
-pub mod backoff;
 pub mod metrics;
 pub mod node;
 pub mod policy_check;
@@ -53,6 +52,12 @@ pub struct Args {
     /// poll interval).
     #[arg(long, env = "BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
     pub backoff_max: Duration,
+
+    /// While idle, make a tiny request (`GET /version`) this often so the API server connection
+    /// stays open and a notice's write needs no new TLS handshake (`0s`: never). The API server
+    /// closes connections idle for 90 s, so keep it below that.
+    #[arg(long, env = "API_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
+    pub api_keepalive: Duration,
 
     /// Base URL of the instance metadata service.
     #[arg(
@@ -101,10 +106,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         node_name,
         poll_interval,
         backoff_max,
+        api_keepalive,
         imds_endpoint,
         kubeconfig,
     } = args;
-    let registry = admin::registry();
+    let registry = admin::registry(admin::AGENT);
     let metrics = metrics::Metrics::register(&registry);
     let readiness = admin::Readiness::default();
     let client = kube_client(kubeconfig).await?;
@@ -129,6 +135,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         node: node::OwnNode::new(client.clone(), node_name),
         interval: poll_interval,
         backoff_max,
+        keepalive: (!api_keepalive.is_zero()).then_some(api_keepalive),
         metrics,
         readiness: readiness.clone(),
     };
@@ -221,6 +228,7 @@ mod tests {
         assert_eq!(args.node_name, "ip-10-0-0-1.ec2.internal");
         assert_eq!(args.poll_interval, std::time::Duration::from_secs(5));
         assert_eq!(args.backoff_max, std::time::Duration::from_secs(30));
+        assert_eq!(args.api_keepalive, std::time::Duration::from_secs(60));
         assert_eq!(args.imds_endpoint, "http://169.254.169.254");
     }
 

@@ -138,10 +138,9 @@ pub struct Args {
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
     pub drain_timeout: Duration,
 
-    /// File holding a Slack-compatible webhook URL (a mounted Secret): each phase is posted there as
-    /// `{"text": …}`. The URL is never logged.
-    #[arg(long, env = "NOTIFY_URL_FILE")]
-    pub notify_url_file: Option<std::path::PathBuf>,
+    /// Notifications of each phase a noticed node enters (see `notify`).
+    #[command(flatten)]
+    pub notify: notify::NotifyArgs,
 
     /// Nodes carrying this `KEY=VALUE` label are acted on; others only serve as replacements.
     #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
@@ -208,8 +207,8 @@ impl Args {
 /// Runs the controller until `shutdown` is cancelled (or the lease is lost).
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     let settings = args.settings();
-    let notifier = notify::Notifier::from_file(args.notify_url_file.as_deref()).map_err(Error::from)?;
-    let registry = admin::registry();
+    let registry = admin::registry(admin::CONTROLLER);
+    let notifier = notify::Notifier::new(&args.notify, &registry).map_err(Error::from)?;
     let metrics = metrics::Metrics::register(&registry).map_err(Error::from)?;
     let readiness = admin::Readiness::default();
     let admin_server = tokio::spawn(admin::serve(

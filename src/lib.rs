@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod agent;
 pub mod aws;
+pub mod backoff;
 pub mod cli;
 pub mod controller;
 pub mod fence;

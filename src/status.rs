@@ -19,7 +19,7 @@ use std::{
 use clap::{Args as ClapArgs, ValueEnum};
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, ResourceExt,
     api::ListParams,
@@ -28,7 +28,7 @@ use kube::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{controller::record::Phase, keys, node::OptInLabel};
-use row::{Keys, Row};
+use row::{Agent, Keys, Row};
 use timeline::Watch;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,6 +75,15 @@ pub struct Args {
     #[arg(long, env = "TAINT_KEY", default_value = keys::DEFAULT_TAINT_KEY)]
     pub taint_key: String,
 
+    /// Label selector of the agent's pods (in any namespace): the AGENT column says whether each
+    /// node has a Ready one.
+    #[arg(
+        long,
+        env = "AGENT_SELECTOR",
+        default_value = "app.kubernetes.io/name=spot-rebalancer,app.kubernetes.io/component=agent"
+    )]
+    pub agent_selector: String,
+
     /// Only these Nodes (repeat the flag for more).
     #[arg(long = "node", env = "STATUS_NODES", value_delimiter = ',')]
     pub nodes: Vec<String>,
@@ -109,11 +118,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         config.read_timeout = Some(READ_TIMEOUT);
     }
     let client = Client::try_from(config).map_err(Error::Client)?;
-    let nodes: Api<Node> = Api::all(client);
+    let nodes: Api<Node> = Api::all(client.clone());
     if args.watch {
         watch(&args, nodes, shutdown).await?;
     } else {
-        print_once(&args, nodes).await?;
+        print_once(&args, nodes, Api::all(client)).await?;
     }
     Ok(())
 }
@@ -143,7 +152,39 @@ pub fn rows(nodes: &[Node], keys: &Keys, all: bool, wanted: impl Fn(&str) -> boo
     rows
 }
 
-async fn print_once(args: &Args, nodes: Api<Node>) -> Result<(), Error> {
+/// Each node's agent, from the agent pods: Ready wins over not Ready when a node has two (a rollout).
+pub fn agents_by_node(pods: &[Pod]) -> BTreeMap<String, Agent> {
+    let mut agents = BTreeMap::new();
+    for pod in pods {
+        let Some(node) = pod.spec.as_ref().and_then(|spec| spec.node_name.clone()) else {
+            continue;
+        };
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|status| status.conditions.as_ref())
+            .is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+        let agent = if ready { Agent::Ready } else { Agent::NotReady };
+        let entry = agents.entry(node).or_insert(agent);
+        if agent == Agent::Ready {
+            *entry = Agent::Ready;
+        }
+    }
+    agents
+}
+
+/// Fills each row's AGENT cell: a node with no agent pod is `Missing`.
+pub fn with_agents(rows: &mut [Row], agents: &BTreeMap<String, Agent>) {
+    for row in rows {
+        row.agent = agents.get(&row.node).copied().unwrap_or(Agent::Missing);
+    }
+}
+
+async fn print_once(args: &Args, nodes: Api<Node>, pods: Api<Pod>) -> Result<(), Error> {
     let selector = args.opt_in_label.selector();
     let list = nodes
         .list(&ListParams::default().labels(&selector))
@@ -152,7 +193,16 @@ async fn print_once(args: &Args, nodes: Api<Node>) -> Result<(), Error> {
             selector: selector.clone(),
             source,
         })?;
-    let rows = rows(&list.items, &args.keys(), args.all, |name| args.wants(name));
+    let mut rows = rows(&list.items, &args.keys(), args.all, |name| args.wants(name));
+    // One list of the agent pods (one per opted-in node), in every namespace; without the right to
+    // list pods, the column says `?` and the rest of the table is still shown.
+    match pods
+        .list(&ListParams::default().labels(&args.agent_selector))
+        .await
+    {
+        Ok(list) => with_agents(&mut rows, &agents_by_node(&list.items)),
+        Err(error) => eprintln!("(AGENT unknown: listing the agent pods failed: {error})"),
+    }
     let now = Timestamp::now();
     let text = match args.output {
         Output::Table => table::render_table(&rows, now),
@@ -287,6 +337,43 @@ mod tests {
         assert_eq!(
             names(rows(&nodes, &keys, true, |name| name == "b-quiet")),
             ["b-quiet"]
+        );
+    }
+
+    fn agent_pod(node: &str, ready: bool) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("agent-{node}-{ready}")},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_node_without_an_agent_pod_shows_none_and_a_rollout_counts_as_ready() {
+        let nodes = [
+            node("with-agent", json!({}), None, true),
+            node("rolling", json!({}), None, true),
+            node("stuck", json!({}), None, true),
+            node("bare", json!({}), None, true),
+        ];
+        let pods = [
+            agent_pod("with-agent", true),
+            agent_pod("rolling", false),
+            agent_pod("rolling", true),
+            agent_pod("stuck", false),
+        ];
+        let mut rows = rows(&nodes, &Keys::default(), true, |_| true);
+        with_agents(&mut rows, &agents_by_node(&pods));
+        let agents: Vec<(&str, Agent)> = rows.iter().map(|row| (row.node.as_str(), row.agent)).collect();
+        assert_eq!(
+            agents,
+            [
+                ("bare", Agent::Missing),
+                ("rolling", Agent::Ready),
+                ("stuck", Agent::NotReady),
+                ("with-agent", Agent::Ready),
+            ]
         );
     }
 }

@@ -172,7 +172,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         controller_usernames,
     } = args;
     let settings = Settings::new(opt_in_label, taint_key, guarded_taint_keys, controller_usernames);
-    let registry = admin::registry();
+    let registry = admin::registry(admin::WEBHOOK);
     let metrics = metrics::Metrics::register(&registry).map_err(Error::from)?;
     let readiness = admin::Readiness::default();
     let admin_server = async {

@@ -30,11 +30,11 @@ const NEVER: &str = "86400";
 /// Generous functional timeout for something that takes a poll or two.
 const SOON: Duration = Duration::from_secs(30);
 
-const NOTICES_REBALANCE: &str = "spot_rebalancer_notices_total{kind=\"rebalance\"}";
-const WRITES_OK: &str = "spot_rebalancer_annotation_writes_total{result=\"ok\"}";
-const WRITES_FAILED: &str = "spot_rebalancer_annotation_writes_total{result=\"error\"}";
-const WRITE_PENDING: &str = "spot_rebalancer_annotation_write_pending";
-const POLLS: &str = "spot_rebalancer_polls_total";
+const NOTICES_REBALANCE: &str = "spot_rebalancer_agent_notices_total{kind=\"rebalance\"}";
+const WRITES_OK: &str = "spot_rebalancer_agent_annotation_writes_total{result=\"ok\"}";
+const WRITES_FAILED: &str = "spot_rebalancer_agent_annotation_writes_total{result=\"error\"}";
+const WRITE_PENDING: &str = "spot_rebalancer_agent_annotation_write_pending";
+const POLLS: &str = "spot_rebalancer_agent_polls_total";
 
 fn start_agent(node: &TestNode, imds: &str, kubeconfig: &Path, extra: &[&str]) -> AgentProcess {
     AgentProcess::start(AgentConfig {
@@ -159,6 +159,107 @@ async fn the_same_notice_seen_again_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_rebalance_notice_time_that_moves_at_every_poll_is_written_once() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-moving").await;
+    // Without `-r`, AWS's mock answers each request with the time of that request.
+    let mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", "0"]).await;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        &agent_kubeconfig(&bed, &node),
+        &["--poll-interval", "1s"],
+    );
+    let written = node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await;
+    agent.wait_for_metric(WRITES_OK, 1.0).await;
+    let first_write = last_agent_write(&node)
+        .await
+        .expect("the agent's field manager wrote");
+
+    // Each of these polls reads another noticeTime (one-second resolution, one poll a second).
+    let polls = agent.metric(POLLS).await;
+    agent.wait_for_metric(POLLS, polls + 4.0).await;
+
+    assert_eq!(
+        node.annotations().await.get(REBALANCE_NOTICE_TIME),
+        Some(&written),
+        "the first notice time stays"
+    );
+    assert_eq!(agent.metric(WRITES_OK).await, 1.0, "one write, not one per poll");
+    assert_eq!(agent.metric(NOTICES_REBALANCE).await, 1.0);
+    assert_eq!(
+        last_agent_write(&node).await.as_deref(),
+        Some(first_write.as_str()),
+        "the Node was not written again"
+    );
+}
+
+#[tokio::test]
+async fn the_chart_places_an_agent_on_an_opted_in_node_with_an_unrelated_taint() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, ListParams, Patch, PatchParams};
+    use support::webhook::{kubectl, kubectl_with_input};
+
+    let bed = Bed::connect().await;
+    support::identity::apply_chart_identities(&bed);
+    // A kwok Node carries the taint `kwok.x-k8s.io/node=fake:NoSchedule`, which the chart knows
+    // nothing about: its node group's own taint, as far as the agent is concerned.
+    let node = TestNode::create(&bed, "agent-tainted").await;
+    let placement = support::unique("placement");
+    bed.nodes()
+        .patch(
+            &node.name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                "spot-rebalancer.io/enabled": "true",
+                "spot-rebalancer.io/e2e-placement": placement,
+            }}})),
+        )
+        .await
+        .unwrap();
+
+    // The chart's DaemonSet as rendered with its defaults, renamed and narrowed to this test's node
+    // (so it places no pod on other tests' nodes); tolerations, host network and the rest untouched.
+    let rendered = support::identity::rendered_documents(&["DaemonSet"]).remove(0);
+    let opt_in = "        spot-rebalancer.io/enabled: \"true\"\n";
+    assert!(rendered.contains(opt_in), "{rendered}");
+    let daemonset_name = support::unique("agent-placement");
+    let daemonset = rendered
+        .replace(
+            "  name: spot-rebalancer-agent\n",
+            &format!("  name: {daemonset_name}\n"),
+        )
+        .replace(
+            opt_in,
+            &format!("{opt_in}        spot-rebalancer.io/e2e-placement: {placement}\n"),
+        );
+    let applied = kubectl_with_input(&bed, &["apply", "-f", "-"], &daemonset);
+    assert!(applied.success, "{}", applied.stderr);
+
+    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), support::identity::NAMESPACE);
+    let on_node = ListParams::default().fields(&format!("spec.nodeName={}", node.name));
+    let phase = eventually("an agent pod running on the tainted node", SOON, || async {
+        let pod = pods.list(&on_node).await.ok()?.items.into_iter().next()?;
+        let phase = pod.status?.phase?;
+        (phase == "Running").then_some(phase)
+    })
+    .await;
+    let deleted = kubectl(
+        &bed,
+        &[
+            "delete",
+            "daemonset",
+            "-n",
+            support::identity::NAMESPACE,
+            &daemonset_name,
+            "--wait=false",
+        ],
+    );
+    assert_eq!(phase, "Running");
+    assert!(deleted.success, "{}", deleted.stderr);
+}
+
+#[tokio::test]
 async fn an_imdsv2_only_imds_is_read_with_session_tokens() {
     let bed = Bed::connect().await;
     let node = TestNode::create(&bed, "agent-v2").await;
@@ -179,7 +280,7 @@ async fn an_imdsv2_only_imds_is_read_with_session_tokens() {
     assert_eq!(node.annotations().await[INSTANCE_ID], MOCK_INSTANCE_ID);
     assert_eq!(
         agent
-            .metric("spot_rebalancer_imds_errors_total{kind=\"token_rejected\"}")
+            .metric("spot_rebalancer_agent_imds_errors_total{kind=\"token_rejected\"}")
             .await,
         0.0
     );
@@ -226,7 +327,7 @@ async fn a_spot_interruption_notice_is_annotated() {
     );
     assert_eq!(
         agent
-            .metric("spot_rebalancer_notices_total{kind=\"interruption\"}")
+            .metric("spot_rebalancer_agent_notices_total{kind=\"interruption\"}")
             .await,
         1.0
     );
@@ -247,12 +348,18 @@ async fn the_agent_recovers_when_imds_stops_and_comes_back() {
     );
     agent.wait_ready().await;
     let last_good = agent
-        .wait_for_metric("spot_rebalancer_last_successful_poll_timestamp_seconds", 1.0)
+        .wait_for_metric(
+            "spot_rebalancer_agent_last_successful_poll_timestamp_seconds",
+            1.0,
+        )
         .await;
 
     mock.stop();
     agent
-        .wait_for_metric("spot_rebalancer_imds_errors_total{kind=\"unreachable\"}", 2.0)
+        .wait_for_metric(
+            "spot_rebalancer_agent_imds_errors_total{kind=\"unreachable\"}",
+            2.0,
+        )
         .await;
     assert_eq!(
         agent.healthz().await,
@@ -270,14 +377,14 @@ async fn the_agent_recovers_when_imds_stops_and_comes_back() {
     );
     assert!(
         agent
-            .metric("spot_rebalancer_last_successful_poll_timestamp_seconds")
+            .metric("spot_rebalancer_agent_last_successful_poll_timestamp_seconds")
             .await
             > last_good,
         "polls succeed again"
     );
     assert!(
         agent
-            .metric("spot_rebalancer_imds_errors_total{kind=\"token_rejected\"}")
+            .metric("spot_rebalancer_agent_imds_errors_total{kind=\"token_rejected\"}")
             .await
             >= 1.0,
         "the stale session token was rejected, and renewed"

@@ -20,10 +20,10 @@ use support::{
 const NOTICE_TIME: &str = "2026-03-01T10:00:00Z";
 const SOON: Duration = Duration::from_secs(30);
 const REBALANCE_PATH: &str = "events/recommendations/rebalance";
-const POLLS: &str = "spot_rebalancer_polls_total";
+const POLLS: &str = "spot_rebalancer_agent_polls_total";
 
 fn errors(kind: &str) -> String {
-    format!("spot_rebalancer_imds_errors_total{{kind=\"{kind}\"}}")
+    format!("spot_rebalancer_agent_imds_errors_total{{kind=\"{kind}\"}}")
 }
 
 fn good_rebalance() -> Answer {

@@ -246,3 +246,43 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         "{status}"
     );
 }
+
+/// The agent's DaemonSet as `kubectl apply -f manifests/rendered/…` installs it (chart defaults).
+fn rendered_agent_daemonset() -> String {
+    let documents = support::identity::rendered_documents(&["DaemonSet"]);
+    assert_eq!(documents.len(), 1, "one DaemonSet, the agent's");
+    documents.into_iter().next().unwrap()
+}
+
+/// The lines of the block under `key:` (more indented than it), trimmed.
+fn block(document: &str, key: &str) -> Vec<String> {
+    let mut lines = document.lines().skip_while(|line| line.trim() != key);
+    let header = lines
+        .next()
+        .unwrap_or_else(|| panic!("no `{key}` in\n{document}"));
+    let indent = header.len() - header.trim_start().len();
+    lines
+        .take_while(|line| line.len() - line.trim_start().len() > indent)
+        .map(|line| line.trim().to_owned())
+        .filter(|line| !line.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn by_default_the_agent_runs_on_the_host_network_on_a_port_clear_of_node_daemons() {
+    let daemonset = rendered_agent_daemonset();
+    let spec_lines: Vec<&str> = daemonset.lines().map(str::trim).collect();
+    assert!(spec_lines.contains(&"hostNetwork: true"), "{daemonset}");
+    assert!(
+        spec_lines.contains(&"dnsPolicy: ClusterFirstWithHostNet"),
+        "{daemonset}"
+    );
+    assert!(spec_lines.contains(&"value: \"0.0.0.0:24090\""), "{daemonset}");
+    assert!(spec_lines.contains(&"containerPort: 24090"), "{daemonset}");
+}
+
+#[test]
+fn by_default_the_agent_tolerates_every_taint() {
+    let tolerations = block(&rendered_agent_daemonset(), "tolerations:");
+    assert_eq!(tolerations, ["- operator: Exists"]);
+}

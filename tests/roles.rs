@@ -17,7 +17,7 @@ async fn serves_admin_endpoints_and_stops_on_sigterm(role: &str, extra: &[&str])
     assert_eq!(process.wait_ok("/readyz", wait).await, "ready");
     let metrics = process.wait_ok("/metrics", wait).await;
     assert!(
-        metrics.contains("spot_rebalancer_process_resident_memory_bytes"),
+        metrics.contains("\nprocess_resident_memory_bytes "),
         "process metrics missing from /metrics:\n{metrics}"
     );
 

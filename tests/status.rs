@@ -164,8 +164,8 @@ fn row_cells(table: &str, node: &str) -> Vec<String> {
         .lines()
         .find(|line| line.starts_with(&format!("{node} ")))
         .unwrap_or_else(|| panic!("no row for {node} in\n{table}"));
-    let mut cells: Vec<String> = line.split_whitespace().take(8).map(str::to_owned).collect();
-    let reason = line.split_whitespace().skip(8).collect::<Vec<_>>().join(" ");
+    let mut cells: Vec<String> = line.split_whitespace().take(9).map(str::to_owned).collect();
+    let reason = line.split_whitespace().skip(9).collect::<Vec<_>>().join(" ");
     cells.push(reason);
     cells
 }
@@ -236,6 +236,7 @@ async fn status_shows_each_noticed_node_with_its_phase_replacement_taint_and_rea
             "TAINTED",
             "AGE",
             "READY",
+            "AGENT",
             "REASON"
         ]
     );
@@ -261,19 +262,23 @@ async fn status_shows_each_noticed_node_with_its_phase_replacement_taint_and_rea
         ]
     );
     assert!(row[6].ends_with('s'), "an age in seconds: {row:?}");
-    assert_eq!((row[7].as_str(), row[8].as_str()), ("yes", ""));
+    // No agent pod runs on these test nodes: the AGENT column says so.
+    assert_eq!(
+        (row[7].as_str(), row[8].as_str(), row[9].as_str()),
+        ("yes", "none", "")
+    );
 
     let row = row_cells(&table, &failed_node);
     assert_eq!(row[3..6], ["Failed", "-", "no"]);
     assert_eq!(
-        row[8],
+        row[9],
         "no spot or on-demand capacity: InsufficientInstanceCapacity"
     );
 
     let row = row_cells(&table, &malformed);
     assert_eq!(row[3..5], ["ScalingSpot", "<malformed>"]);
     assert!(
-        row[8].contains("spot-rebalancer.io/replacement is not a replacement record"),
+        row[9].contains("spot-rebalancer.io/replacement is not a replacement record"),
         "{row:?}"
     );
 

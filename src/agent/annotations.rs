@@ -94,7 +94,12 @@ impl Observed {
 /// The annotations to write, or `None` when the Node already says everything IMDS has shown.
 ///
 /// - A notice is written once; seeing it again writes nothing.
-/// - A rebalance recommendation with another notice time is a new recommendation: it is written.
+/// - A rebalance recommendation is written once per instance: a later `noticeTime` does not
+///   replace the written one. EC2 issues one recommendation per instance and IMDS keeps serving it,
+///   but some metadata proxies and mocks serve a `noticeTime` that moves at every poll, and each
+///   rewrite would be a Node update every Node watcher in the cluster receives. (A recommendation
+///   for the same instance after the first was handled is therefore not recorded again; the
+///   interruption notice and queue mode's events still are.)
 /// - An interruption keeps the time first written while that time is still to come (the notice
 ///   does not move); once it has passed, a new interruption notice (after a stop and start) is
 ///   written.
@@ -116,10 +121,9 @@ pub fn annotations_to_write(
         written.clone()
     };
 
-    let rebalance_notice_time = observed
-        .rebalance
-        .map(|notice| notice.notice_time)
-        .or(kept.rebalance_notice_time);
+    let rebalance_notice_time = kept
+        .rebalance_notice_time
+        .or(observed.rebalance.map(|notice| notice.notice_time));
     let interruption_time = match (observed.interruption, kept.interruption_time) {
         (Some(_), Some(written_time)) if written_time > now => Some(written_time),
         (Some(notice), _) => Some(notice.time),
@@ -243,16 +247,38 @@ mod tests {
     }
 
     #[test]
-    fn a_new_rebalance_recommendation_replaces_the_old_time() {
+    fn a_rebalance_notice_time_that_moves_at_every_poll_is_written_once() {
+        let first = Observed {
+            rebalance: rebalance("2026-01-01T11:59:00Z"),
+            ..observed()
+        };
+        let written_once = annotations_to_write(&first, &AgentAnnotations::default(), now())
+            .expect("the first recommendation is written");
+        for moved in [
+            "2026-01-01T11:59:05Z",
+            "2026-01-01T11:59:10Z",
+            "2026-01-01T12:30:00Z",
+        ] {
+            let seen = Observed {
+                rebalance: rebalance(moved),
+                ..observed()
+            };
+            assert_eq!(
+                annotations_to_write(&seen, &written_once, now()),
+                None,
+                "noticeTime {moved} rewrote the Node"
+            );
+        }
+    }
+
+    #[test]
+    fn a_later_rebalance_time_after_a_restart_keeps_the_written_one() {
         let seen = Observed {
             rebalance: rebalance("2026-01-01T11:59:00Z"),
             ..observed()
         };
         let already = written(Some("2026-01-01T10:00:00Z"), None);
-        assert_eq!(
-            annotations_to_write(&seen, &already, now()),
-            Some(written(Some("2026-01-01T11:59:00Z"), None))
-        );
+        assert_eq!(annotations_to_write(&seen, &already, now()), None);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The agent's metrics (prefixed `spot_rebalancer_` by the admin registry): one per outcome, so a
-//! dashboard shows whether IMDS is read, what it said, and whether the Node was told.
+//! dashboard shows whether IMDS is read, what it said, and whether the Node was told. Every name
+//! starts `agent_`: no name means one thing on an agent and another on the controller.
 use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::imds;
 
-/// Notice kinds, the `kind` label of `notices_total`.
+/// Notice kinds, the `kind` label of `agent_notices_total`.
 pub const REBALANCE: &str = "rebalance";
 pub const INTERRUPTION: &str = "interruption";
 
@@ -28,32 +29,32 @@ impl Metrics {
     /// Registers the agent's metrics; at start-up, on a fresh registry.
     pub fn register(registry: &Registry) -> Self {
         let metrics = Metrics {
-            polls: IntCounter::new("polls_total", "IMDS polls attempted").expect("valid metric"),
+            polls: IntCounter::new("agent_polls_total", "IMDS polls attempted").expect("valid metric"),
             notices: IntCounterVec::new(
-                Opts::new("notices_total", "New notices seen at IMDS, by kind"),
+                Opts::new("agent_notices_total", "New notices seen at IMDS, by kind"),
                 &["kind"],
             )
             .expect("valid metric"),
             imds_errors: IntCounterVec::new(
-                Opts::new("imds_errors_total", "Failed IMDS reads, by kind"),
+                Opts::new("agent_imds_errors_total", "Failed IMDS reads, by kind"),
                 &["kind"],
             )
             .expect("valid metric"),
             last_successful_poll: Gauge::new(
-                "last_successful_poll_timestamp_seconds",
+                "agent_last_successful_poll_timestamp_seconds",
                 "Unix time of the last IMDS poll that read every notice document",
             )
             .expect("valid metric"),
             annotation_writes: IntCounterVec::new(
                 Opts::new(
-                    "annotation_writes_total",
+                    "agent_annotation_writes_total",
                     "Server-side applies of the agent's annotations to its Node, by result",
                 ),
                 &["result"],
             )
             .expect("valid metric"),
             annotation_write_pending: IntGauge::new(
-                "annotation_write_pending",
+                "agent_annotation_write_pending",
                 "1 while a notice seen at IMDS is not yet on the Node",
             )
             .expect("valid metric"),
@@ -89,18 +90,18 @@ mod tests {
 
     #[test]
     fn every_label_shows_zero_before_anything_happens() {
-        let registry = crate::admin::registry();
+        let registry = crate::admin::registry(crate::admin::AGENT);
         Metrics::register(&registry);
         let mut text = Vec::new();
         TextEncoder::new().encode(&registry.gather(), &mut text).unwrap();
         let text = String::from_utf8(text).unwrap();
         for line in [
-            "spot_rebalancer_polls_total 0",
-            "spot_rebalancer_notices_total{kind=\"rebalance\"} 0",
-            "spot_rebalancer_imds_errors_total{kind=\"timeout\"} 0",
-            "spot_rebalancer_annotation_writes_total{result=\"ok\"} 0",
-            "spot_rebalancer_last_successful_poll_timestamp_seconds 0",
-            "spot_rebalancer_annotation_write_pending 0",
+            "spot_rebalancer_agent_polls_total 0",
+            "spot_rebalancer_agent_notices_total{kind=\"rebalance\"} 0",
+            "spot_rebalancer_agent_imds_errors_total{kind=\"timeout\"} 0",
+            "spot_rebalancer_agent_annotation_writes_total{result=\"ok\"} 0",
+            "spot_rebalancer_agent_last_successful_poll_timestamp_seconds 0",
+            "spot_rebalancer_agent_annotation_write_pending 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

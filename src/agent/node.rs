@@ -16,15 +16,23 @@ use crate::keys;
 #[derive(Clone)]
 pub struct OwnNode {
     api: Api<Node>,
+    client: Client,
     name: String,
 }
 
 impl OwnNode {
     pub fn new(client: Client, name: String) -> Self {
         OwnNode {
-            api: Api::all(client),
+            api: Api::all(client.clone()),
+            client,
             name,
         }
+    }
+
+    /// The cheapest request there is (`GET /version`: public, no etcd read), made only to keep the
+    /// pooled TLS connection open, so the next notice's write does not pay a new handshake.
+    pub async fn keep_connection_warm(&self) -> Result<(), kube::Error> {
+        self.client.apiserver_version().await.map(|_| ())
     }
 
     pub fn name(&self) -> &str {

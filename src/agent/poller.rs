@@ -8,8 +8,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{annotations::Observed, backoff, metrics};
-use crate::imds::{self, Imds};
+use super::{annotations::Observed, metrics};
+use crate::{
+    backoff::{self, Backoff},
+    imds::{self, Imds},
+};
 
 pub struct Poller {
     pub imds: Imds,
@@ -37,7 +40,7 @@ impl Poller {
         };
         self.seen.send_replace(Some(Observed::new(instance_id)));
 
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(backoff::exponential(self.interval, self.backoff_max));
         let mut next = Instant::now();
         loop {
             tokio::select! {
@@ -47,23 +50,24 @@ impl Poller {
             let started = Instant::now();
             let outcome = tokio::select! {
                 () = shutdown.cancelled() => return,
-                outcome = self.poll_once(&mut log, failures) => outcome,
+                outcome = self.poll_once(&mut log, backoff.failures()) => outcome,
             };
             if outcome.clean {
                 self.metrics
                     .last_successful_poll
                     .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
             }
-            if outcome.unavailable {
-                failures = failures.saturating_add(1);
-            } else {
-                if failures > 0 {
-                    tracing::info!(failed_polls = failures, "IMDS answers again");
-                }
-                failures = 0;
-            }
             // Measured from the start of this poll, so polls keep a steady cadence.
-            next = started + backoff::jittered(self.interval, self.backoff_max, failures);
+            let wait = if outcome.unavailable {
+                backoff.failed().unwrap_or(self.backoff_max)
+            } else {
+                if backoff.failures() > 0 {
+                    tracing::info!(failed_polls = backoff.failures(), "IMDS answers again");
+                }
+                backoff.succeeded();
+                self.interval
+            };
+            next = started + wait;
         }
     }
 
@@ -72,26 +76,26 @@ impl Poller {
         log: &mut ErrorLog,
         shutdown: &CancellationToken,
     ) -> Option<String> {
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(backoff::exponential(self.interval, self.backoff_max));
         loop {
             let read = tokio::select! {
                 () = shutdown.cancelled() => return None,
                 read = self.imds.instance_id() => read,
             };
-            match read {
+            let wait = match read {
                 Ok(instance_id) => {
                     tracing::info!(%instance_id, "learned the instance id from IMDS");
                     return Some(instance_id);
                 }
                 Err(error) => {
-                    failures = failures.saturating_add(1);
-                    self.record(log, &error, failures);
+                    let wait = backoff.failed().unwrap_or(self.backoff_max);
+                    self.record(log, &error, backoff.failures());
                     if error.needs_new_session() {
                         self.imds.renew_session();
                     }
+                    wait
                 }
-            }
-            let wait = backoff::jittered(self.interval, self.backoff_max, failures);
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return None,
                 () = tokio::time::sleep(wait) => {}
@@ -135,8 +139,10 @@ impl Poller {
                 return false;
             };
             let mut changed = false;
+            // The first recommendation is the one: some IMDS proxies and mocks move `noticeTime`
+            // at every poll, and a moving time is not a new notice (see `annotations_to_write`).
             if let Ok(Some(notice)) = rebalance
-                && seen.rebalance != Some(notice)
+                && seen.rebalance.is_none()
             {
                 tracing::info!(notice_time = %notice.notice_time, "rebalance recommendation seen at IMDS");
                 metrics.notices.with_label_values(&[metrics::REBALANCE]).inc();

@@ -11,16 +11,20 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Error,
     annotations::{AgentAnnotations, Observed, annotations_to_write},
-    backoff,
     metrics::Metrics,
     node::OwnNode,
 };
-use crate::admin::Readiness;
+use crate::{
+    admin::Readiness,
+    backoff::{self, Backoff},
+};
 
 pub struct Writer {
     pub node: OwnNode,
     pub interval: Duration,
     pub backoff_max: Duration,
+    /// How often to touch the API server while idle (`None`: never); see `--api-keepalive`.
+    pub keepalive: Option<Duration>,
     pub metrics: Metrics,
     pub readiness: Readiness,
 }
@@ -40,7 +44,7 @@ impl Writer {
         self.readiness.set(true);
         tracing::info!("agent ready: instance id known, node read");
 
-        let mut failures = 0u32;
+        let mut backoff = self.backoff();
         loop {
             let observed = seen.borrow_and_update().clone();
             let desired = observed
@@ -57,21 +61,21 @@ impl Writer {
                         self.metrics.annotation_writes.with_label_values(&["ok"]).inc();
                         tracing::info!(
                             annotations = ?desired.to_node(),
-                            failed_attempts = failures,
+                            failed_attempts = backoff.failures(),
                             "annotated the node"
                         );
                         written = desired;
-                        failures = 0;
+                        backoff.succeeded();
                     }
                     Err(error) => {
                         self.metrics.annotation_writes.with_label_values(&["error"]).inc();
-                        failures = failures.saturating_add(1);
+                        let wait = backoff.failed();
                         tracing::warn!(
                             %error,
-                            consecutive_failures = failures,
+                            consecutive_failures = backoff.failures(),
                             "annotating the node failed; keeping the notice and retrying"
                         );
-                        if !self.pause(failures, &shutdown).await {
+                        if !self.pause(wait, &shutdown).await {
                             return;
                         }
                     }
@@ -79,16 +83,23 @@ impl Writer {
                 continue;
             }
             self.metrics.annotation_write_pending.set(0);
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                changed = seen.changed() => if changed.is_err() { return },
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = seen.changed() => if changed.is_err() { return } else { break },
+                    () = sleep_or_never(self.keepalive) => {
+                        if let Err(error) = self.node.keep_connection_warm().await {
+                            tracing::debug!(%error, "keeping the API connection warm failed");
+                        }
+                    }
+                }
             }
         }
     }
 
     /// The agent's annotations as the Node has them now, retried until the API server answers.
     async fn read_node(&self, shutdown: &CancellationToken) -> Option<AgentAnnotations> {
-        let mut failures = 0u32;
+        let mut backoff = self.backoff();
         loop {
             let read = tokio::select! {
                 () = shutdown.cancelled() => return None,
@@ -109,7 +120,6 @@ impl Writer {
                     return Some(annotations);
                 }
                 Err(error) => {
-                    failures = failures.saturating_add(1);
                     let hint = match &error {
                         Error::ReadNode {
                             source: kube::Error::Api(status),
@@ -117,21 +127,34 @@ impl Writer {
                         } if status.code == 404 => "; is --node-name (NODE_NAME) this node's name?",
                         _ => "",
                     };
-                    tracing::warn!(%error, consecutive_failures = failures, "reading the node failed; retrying{hint}");
+                    let wait = backoff.failed();
+                    tracing::warn!(%error, consecutive_failures = backoff.failures(), "reading the node failed; retrying{hint}");
+                    if !self.pause(wait, shutdown).await {
+                        return None;
+                    }
                 }
-            }
-            if !self.pause(failures, shutdown).await {
-                return None;
             }
         }
     }
 
-    /// Waits out the backoff; `false` when shut down meanwhile.
-    async fn pause(&self, failures: u32, shutdown: &CancellationToken) -> bool {
-        let wait = backoff::jittered(self.interval, self.backoff_max, failures);
+    fn backoff(&self) -> Backoff {
+        Backoff::new(backoff::exponential(self.interval, self.backoff_max))
+    }
+
+    /// Waits out one backoff step; `false` when shut down meanwhile.
+    async fn pause(&self, wait: Option<Duration>, shutdown: &CancellationToken) -> bool {
+        let wait = wait.unwrap_or(self.backoff_max);
         tokio::select! {
             () = shutdown.cancelled() => false,
             () = tokio::time::sleep(wait) => true,
         }
+    }
+}
+
+/// Sleeps for `wait`, or for ever when there is none.
+async fn sleep_or_never(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
     }
 }

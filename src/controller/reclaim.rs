@@ -138,12 +138,18 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
     ctx.metrics.capacity_restores.with_label_values(&[how]).inc();
     let claimed = seat.claimed.clone();
     let gone_node = seat.node.clone();
+    let (seat_instance, seat_asg) = (seat.instance.clone(), seat.instance_asg.clone());
     seat.state = SeatState::Restored { undo };
     seat.updated_at = Timestamp::now();
     ctx.capacity.put(seat).await?;
     info!(%note, "capacity restored");
-    ctx.notifier
-        .send(format!("spot-rebalancer: node {gone_node}: {note}"));
+    ctx.notifier.send(&super::notify::Notification {
+        node: gone_node,
+        instance: Some(seat_instance),
+        asg: Some(seat_asg),
+        phase: reason.to_owned(),
+        reason: Some(note.clone()),
+    });
     ctx.event_on(&node, type_, reason, note).await;
     release_replacement(ctx, claimed.as_deref()).await;
     Ok(())

@@ -1238,8 +1238,18 @@ pub(super) async fn write_record(
         .map(|before| before.phase)
         .or_else(|| read_record(node).ok().flatten().map(|(before, _)| before));
     if before != Some(phase) {
-        let text = super::notify::phase_text(&name, &phase.to_string(), record.reason.as_deref());
-        ctx.notifier.send(text);
+        ctx.notifier.send(&super::notify::Notification {
+            node: name.clone(),
+            instance: old_instance(node).map(str::to_owned),
+            asg: Some(
+                record
+                    .instance_asg
+                    .clone()
+                    .unwrap_or_else(|| record.spot_asg.clone()),
+            ),
+            phase: phase.to_string(),
+            reason: record.reason.clone(),
+        });
     }
     Ok(())
 }

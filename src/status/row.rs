@@ -59,6 +59,30 @@ pub enum RecordCell {
     Malformed,
 }
 
+/// Whether a node has its agent: a pod of the agent DaemonSet on it, and whether that pod is Ready
+/// (it knows its instance and has read its Node, so it polls IMDS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Agent {
+    /// Not looked up (the pods could not be listed, or `--watch`).
+    #[default]
+    Unknown,
+    Ready,
+    NotReady,
+    /// No agent pod on the node: a notice there would go unseen.
+    Missing,
+}
+
+impl Agent {
+    pub fn label(self) -> &'static str {
+        match self {
+            Agent::Unknown => "?",
+            Agent::Ready => "yes",
+            Agent::NotReady => "not-ready",
+            Agent::Missing => "none",
+        }
+    }
+}
+
 /// One Node's status.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -77,6 +101,8 @@ pub struct Row {
     pub interruption_at: Option<Timestamp>,
     /// Annotations that could not be read, each saying which and why.
     pub problems: Vec<String>,
+    /// The node's agent, once looked up among the pods.
+    pub agent: Agent,
 }
 
 impl Row {
@@ -144,6 +170,7 @@ impl Row {
             noticed_at,
             interruption_at,
             problems,
+            agent: Agent::Unknown,
         }
     }
 
@@ -201,6 +228,7 @@ impl Row {
             replacement_instance: record.and_then(|r| r.instance_id.as_deref()),
             taint_effect: self.taint_effect.as_deref(),
             ready: self.ready,
+            agent: self.agent.label(),
             since: self.since(),
             age_seconds: self
                 .since()
@@ -225,6 +253,8 @@ pub struct JsonRow<'a> {
     pub replacement_instance: Option<&'a str>,
     pub taint_effect: Option<&'a str>,
     pub ready: bool,
+    /// `yes`, `not-ready`, `none` or `?` (not looked up).
+    pub agent: &'static str,
     pub since: Option<Timestamp>,
     pub age_seconds: Option<i64>,
     pub notice_time: Option<Timestamp>,

@@ -3,7 +3,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::row::Row;
 
-pub const COLUMNS: [&str; 9] = [
+pub const COLUMNS: [&str; 10] = [
     "NODE",
     "INSTANCE",
     "NODEGROUP",
@@ -12,15 +12,16 @@ pub const COLUMNS: [&str; 9] = [
     "TAINTED",
     "AGE",
     "READY",
+    "AGENT",
     "REASON",
 ];
 
 /// The table of `rows` (in the order given), header first; columns padded to their widest cell,
 /// REASON last and unpadded. Every line ends with a newline.
 pub fn render_table(rows: &[Row], now: Timestamp) -> String {
-    let cells: Vec<[String; 9]> = rows.iter().map(|row| cells(row, now)).collect();
+    let cells: Vec<[String; 10]> = rows.iter().map(|row| cells(row, now)).collect();
     let header = COLUMNS.map(str::to_owned);
-    let mut widths = [0; 9];
+    let mut widths = [0; 10];
     for line in std::iter::once(&header).chain(&cells) {
         for (width, cell) in widths.iter_mut().zip(line) {
             *width = (*width).max(cell.chars().count());
@@ -42,7 +43,7 @@ pub fn render_table(rows: &[Row], now: Timestamp) -> String {
     out
 }
 
-fn cells(row: &Row, now: Timestamp) -> [String; 9] {
+fn cells(row: &Row, now: Timestamp) -> [String; 10] {
     let dash = || "-".to_owned();
     [
         row.node.clone(),
@@ -55,6 +56,7 @@ fn cells(row: &Row, now: Timestamp) -> [String; 9] {
             .map(|since| human_age(now.duration_since(since)))
             .unwrap_or_else(dash),
         if row.ready { "yes" } else { "no" }.to_owned(),
+        row.agent.label().to_owned(),
         row.reason().unwrap_or_default(),
     ]
 }
@@ -96,7 +98,7 @@ pub fn human_age(age: SignedDuration) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::row::{
-        Keys,
+        Agent, Keys,
         tests::{node, record_json},
     };
     use super::*;
@@ -138,14 +140,20 @@ mod tests {
             false,
         );
         let rows = [
-            Row::from_node(&tainted, &Keys::default()),
-            Row::from_node(&skipped, &Keys::default()),
+            Row {
+                agent: Agent::Ready,
+                ..Row::from_node(&tainted, &Keys::default())
+            },
+            Row {
+                agent: Agent::Missing,
+                ..Row::from_node(&skipped, &Keys::default())
+            },
         ];
         let table = render_table(&rows, now());
         let expected = "\
-NODE                       INSTANCE   NODEGROUP   PHASE     REPLACEMENT                TAINTED      AGE     READY   REASON
-ip-10-0-0-1.ec2.internal   i-0old     spot-a      Tainted   ip-10-0-0-9.ec2.internal   NoSchedule   3m12s   yes
-n2                         i-0old     spot-a      Skipped   -                          no           3m11s   no      i-0old is in no ASG
+NODE                       INSTANCE   NODEGROUP   PHASE     REPLACEMENT                TAINTED      AGE     READY   AGENT   REASON
+ip-10-0-0-1.ec2.internal   i-0old     spot-a      Tainted   ip-10-0-0-9.ec2.internal   NoSchedule   3m12s   yes     yes
+n2                         i-0old     spot-a      Skipped   -                          no           3m11s   no      none    i-0old is in no ASG
 ";
         assert_eq!(table, expected, "\n{table}");
     }

@@ -82,7 +82,9 @@ impl std::ops::DerefMut for AgentProcess {
 
 impl AgentProcess {
     pub fn start(config: AgentConfig<'_>) -> Self {
-        let process = RoleCommand::new("agent")
+        // The benches compare builds (an agent-only binary, another profile) by pointing here.
+        let binary = std::env::var("BENCH_AGENT_BINARY").unwrap_or_else(|_| BINARY.to_owned());
+        let process = RoleCommand::of(&binary, "agent")
             .label(format!("agent {}", config.node))
             .args(["--node-name", config.node])
             .args(["--imds-endpoint", config.imds_endpoint])
@@ -109,7 +111,7 @@ impl AgentProcess {
         self.get("/healthz").await
     }
 
-    /// One sample, e.g. `metric("spot_rebalancer_imds_errors_total{kind=\"timeout\"}")`.
+    /// One sample, e.g. `metric("spot_rebalancer_agent_imds_errors_total{kind=\"timeout\"}")`.
     pub async fn metric(&self, sample: &str) -> f64 {
         let text = self.metrics().await;
         metric_value(&text, sample).unwrap_or_else(|| panic!("{sample} is not in /metrics:\n{text}"))

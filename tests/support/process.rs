@@ -46,7 +46,12 @@ pub fn cli_env_vars() -> BTreeSet<String> {
 /// `spot-rebalancer` with none of the CLI's variables in its environment (for a one-shot run:
 /// `.output()`).
 pub fn command() -> Command {
-    let mut command = Command::new(BINARY);
+    command_of(BINARY)
+}
+
+/// [`command`] for another build of the binary (the benches compare builds).
+pub fn command_of(binary: &str) -> Command {
+    let mut command = Command::new(binary);
     for name in cli_env_vars() {
         command.env_remove(name);
     }
@@ -65,9 +70,14 @@ impl RoleCommand {
     /// `spot-rebalancer <role> --admin-addr 127.0.0.1:<free port>`, with no variable of the CLI's in
     /// its environment, `RUST_LOG=info,spot_rebalancer=debug` and `NO_COLOR=1` unless overridden.
     pub fn new(role: &str) -> Self {
+        Self::of(BINARY, role)
+    }
+
+    /// [`RoleCommand::new`] with another build of the binary.
+    pub fn of(binary: &str, role: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let admin_port = free_port();
-        let mut command = command();
+        let mut command = command_of(binary);
         command
             .arg(role)
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
