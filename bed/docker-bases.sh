@@ -41,12 +41,6 @@ rustc_version=$("$toolchain/bin/rustc" --version)
 # The host's CA bundle: the builder reaches crates.io the way the host does (through whatever TLS
 # proxy the host trusts). The runtime image gets Debian's bundle only.
 host_cas=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-# The recipe is this script without its comment lines: editing a comment rebuilds nothing.
-key=$( { grep -v '^ *#' "${BASH_SOURCE[0]}"; cat "$host_cas"; echo "$suite $mirror $rustc_version"; } |
-  sha256sum | cut -c1-16)
-builder=spot-rebalancer-bed/rust-builder:$key
-runtime=spot-rebalancer-bed/runtime:$key
-
 # have IMAGE TARBALL: the image is in the engine, loaded from its cached tarball when it is not.
 have() {
   docker image inspect "$1" >/dev/null 2>&1 && return 0
@@ -68,9 +62,8 @@ import() {
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-if ! have "$builder" "$cache/rust-builder-$key.tar"; then
-  bases_log "building $builder ($rustc_version from $toolchain, Debian $suite)"
-  started=$SECONDS
+# build_rust-builder IMAGE: Debian with a C toolchain and cmake, the host's Rust toolchain and CA bundle.
+build_rust-builder() {
   # The toolchain without its docs (share/), under /usr/local/rust.
   mkdir -p "$work/rust/usr/local/rust"
   cp -a "$toolchain/bin" "$toolchain/lib" "$toolchain/libexec" "$toolchain/etc" "$work/rust/usr/local/rust/"
@@ -81,46 +74,64 @@ if ! have "$builder" "$cache/rust-builder-$key.tar"; then
     --customize-hook="cat '$host_cas' >\"\$1/etc/ssl/certs/ca-certificates.crt\"" \
     --customize-hook='rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*' \
     "$suite" "$work/builder.tar" "$mirror" >&2
-  import "$work/builder.tar" "$builder" "$cache/rust-builder-$key.tar" \
+  import "$work/builder.tar" "$1" "$cache/rust-builder-$builder_key.tar" \
     'ENV PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     'ENV CARGO_HOME=/usr/local/cargo' "ENV RUST_VERSION=$rust_version" 'WORKDIR /' 'CMD ["bash"]'
-  bases_log "built $builder in $((SECONDS - started)) s"
-fi
+}
 
-if ! have "$runtime" "$cache/runtime-$key.tar"; then
-  bases_log "building $runtime (Debian $suite: libc6, libgcc-s1)"
-  started=$SECONDS
+# build_runtime IMAGE: libc6 and libgcc-s1 unpacked (variant extract: no maintainer script runs, and
+# mmdebstrap runs no hooks either, so the root is finished here), Debian's CA bundle, the distroless
+# users, no shell.
+build_runtime() {
+  local root=$work/runtime
+  nice -n 10 mmdebstrap --variant=extract --mode=root --include=base-files,netbase,libc6,libgcc-s1 \
+    "$suite" "$root" "$mirror" >&2
   # Debian's CA bundle (Mozilla's CAs, as ca-certificates ships them), taken from the builder image.
-  docker run --rm "$builder" sh -c 'cat /usr/share/ca-certificates/mozilla/*.crt' >"$work/ca-certificates.crt"
-  [[ -s $work/ca-certificates.crt ]] || { bases_log "no CA bundle in $builder"; exit 1; }
-  cat >"$work/passwd" <<'PASSWD'
-root:x:0:0:root:/root:/sbin/nologin
-nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin
-nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin
-PASSWD
-  printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' >"$work/group"
-  # extract: the packages are unpacked, no maintainer script runs (there is no shell to run one).
-  nice -n 10 mmdebstrap --variant=extract --mode=root \
-    --include=base-files,netbase,libc6,libgcc-s1 \
-    --customize-hook="install -D -m 0644 '$work/ca-certificates.crt' \"\$1/etc/ssl/certs/ca-certificates.crt\"" \
-    --customize-hook="install -m 0644 '$work/passwd' '$work/group' \"\$1/etc/\"" \
-    --customize-hook='install -d -m 0700 -o 65532 -g 65532 "$1/home/nonroot"; install -d -m 0700 "$1/root"' \
-    --customize-hook='install -d -m 1777 "$1/tmp"' \
-    --customize-hook='rm -rf "$1"/var/cache/apt "$1"/var/lib/apt "$1"/var/lib/dpkg "$1"/var/log/* "$1"/usr/share/doc "$1"/usr/share/man "$1"/usr/share/info "$1"/usr/share/lintian "$1"/usr/share/locale "$1"/usr/share/common-licenses' \
-    "$suite" "$work/runtime.tar" "$mirror" >&2
-  import "$work/runtime.tar" "$runtime" "$cache/runtime-$key.tar" \
+  mkdir -p "$root/etc/ssl/certs"
+  docker run --rm "$builder" sh -c 'cat /usr/share/ca-certificates/mozilla/*.crt' >"$root/etc/ssl/certs/ca-certificates.crt"
+  grep -q 'BEGIN CERTIFICATE' "$root/etc/ssl/certs/ca-certificates.crt" ||
+    { bases_log "no CA bundle in $builder"; return 1; }
+  printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' 'nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin' \
+    'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$root/etc/passwd"
+  printf '%s\n' 'root:x:0:' 'nobody:x:65534:' 'nonroot:x:65532:' >"$root/etc/group"
+  chmod 0644 "$root/etc/passwd" "$root/etc/group" "$root/etc/ssl/certs/ca-certificates.crt"
+  install -d -m 0700 -o 65532 -g 65532 "$root/home/nonroot"
+  install -d -m 0700 "$root/root"
+  install -d -m 1777 "$root/tmp"
+  rm -rf "$root"/etc/apt "$root"/var/cache/apt "$root"/var/lib/apt "$root"/var/lib/dpkg "$root"/var/log/* \
+    "$root"/usr/share/doc "$root"/usr/share/man "$root"/usr/share/info "$root"/usr/share/lintian \
+    "$root"/usr/share/locale "$root"/usr/share/common-licenses
+  tar -C "$root" -c . >"$work/runtime.tar"
+  import "$work/runtime.tar" "$1" "$cache/runtime-$runtime_key.tar" \
     'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' 'USER 65532:65532' 'WORKDIR /home/nonroot'
-  bases_log "built $runtime in $((SECONDS - started)) s"
-fi
+}
 
-# Stand-ins of other keys (an older toolchain or recipe) are dropped, images and tarballs.
-for repository in spot-rebalancer-bed/rust-builder spot-rebalancer-bed/runtime; do
+# Each image's key: its recipe (the function's text, without comments), what it takes from the
+# host, the Debian suite and mirror. Editing a comment, or the other image's recipe, rebuilds nothing.
+builder_key=$( { declare -f build_rust-builder import; cat "$host_cas"; echo "$suite $mirror $rustc_version"; } |
+  sha256sum | cut -c1-16)
+builder=spot-rebalancer-bed/rust-builder:$builder_key
+runtime_key=$( { declare -f build_runtime import; echo "$suite $mirror $builder_key"; } | sha256sum | cut -c1-16)
+runtime=spot-rebalancer-bed/runtime:$runtime_key
+
+# ensure NAME IMAGE KEY: IMAGE (repository:KEY) is in the engine, built by build_NAME when neither it
+# nor its tarball is cached; stand-ins of other keys (an older toolchain or recipe) are dropped.
+ensure() {
+  local name=$1 image=$2 key=$3 started=$SECONDS
+  local repository=${image%%:*} tarball=$cache/$1-$3.tar
+  if ! have "$image" "$tarball"; then
+    bases_log "building $image (Debian $suite)"
+    "build_$name" "$image"
+    bases_log "built $image in $((SECONDS - started)) s"
+  fi
   docker image ls "$repository" --format '{{.Tag}}' | while read -r tag; do
     [[ $tag == "$key" ]] || docker rmi "$repository:$tag" >/dev/null 2>&1 || true
   done
-done
-find "$cache" -maxdepth 1 -name '*.tar' ! -name "*-$key.tar" -delete
+  find "$cache" -maxdepth 1 -name "$name-*.tar" ! -name "$name-$key.tar" -delete
+}
+ensure rust-builder "$builder" "$builder_key"
+ensure runtime "$runtime" "$runtime_key"
 
 echo "--build-arg BUILDER_IMAGE=$builder"
 echo "--build-arg RUNTIME_IMAGE=$runtime"
