@@ -10,9 +10,11 @@ pub mod admin;
 pub mod agent;
 pub mod aws;
 pub mod cli;
+pub mod contract;
 pub mod controller;
 pub mod imds;
-pub mod keys;
+/// The keys, at their old path: `crate::keys` is `crate::contract::keys`.
+pub use contract::keys;
 pub mod kube_config;
 pub mod node;
 pub mod shutdown;

@@ -497,8 +497,8 @@ async fn a_replacement_noticed_in_turn_keeps_its_scale_down_protection_while_it_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ledger_deleted_under_the_controller_is_written_again_and_the_retirement_goes_on() {
-    let t = Scenario::new("ledger-gone").await;
+async fn a_record_deleted_under_the_controller_is_written_again_and_the_retirement_goes_on() {
+    let t = Scenario::new("record-gone").await;
     let spot = t.spot_asg("spot", 1, 5).await;
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
@@ -512,9 +512,9 @@ async fn a_ledger_deleted_under_the_controller_is_written_again_and_the_retireme
         .expect("the seat of the noticed instance");
     assert_eq!(seat_before["state"]["kind"], seat::ACTIVE);
 
-    // Someone deletes the ledger. The next write recreates it from the controller's copy: the seat
+    // Someone deletes the record. The next write recreates it from the controller's copy: the seat
     // is not lost, and the retirement completes with the pre-notice size back.
-    t.delete_ledger().await;
+    t.delete_record(&old_instance).await;
     assert!(t.seat(&old_instance).await.is_none());
     t.interruption(&old).await;
     let retired = t.wait_for_seat(&old_instance, seat::RETIRED, FLOW).await;
@@ -524,7 +524,7 @@ async fn a_ledger_deleted_under_the_controller_is_written_again_and_the_retireme
     assert!(
         controller
             .log()
-            .contains("the capacity ledger ConfigMap is gone; writing it again")
+            .contains("is gone; writing it again from this controller's copy")
     );
     assert!(controller.is_running());
 }
