@@ -47,6 +47,7 @@ aws_port=$(free_port)
 bed_log "starting moto and the node bridge on 127.0.0.1:$aws_port"
 "$venv/bin/python" -u "$bed_here/aws/launcher.py" --host 127.0.0.1 --port "$aws_port" \
   --kubeconfig "$kubeconfig" --boot-delay "${BED_BOOT_DELAY:-2}" \
+  --launch-delay "${BED_LAUNCH_DELAY:-1}" --termination-delay "${BED_TERMINATION_DELAY:-1}" \
   >"$BED_DIR/launcher.out" 2>"$BED_DIR/launcher.log" &
 echo $! >"$BED_DIR/launcher.pid"
 until grep -q '^READY' "$BED_DIR/launcher.out" 2>/dev/null; do

@@ -2,6 +2,7 @@
 """The test bed's AWS: a moto server plus what moto lacks, and the node bridge, in one process.
 
     python bed/aws/launcher.py --port 4566 [--host 127.0.0.1] [--region us-east-1]
+        [--launch-delay 1] [--termination-delay 1] [--retry-delay 1]
         [--kubeconfig PATH [--boot-delay 2] [--sync-interval 0.5]] [--log-requests]
 
 Serves every AWS service moto serves (point an SDK's endpoint at it; any dummy credentials, moto's
@@ -30,9 +31,10 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from awsbed.activities import ActivityLog
 from awsbed.calls import CallLog
 from awsbed.control import ControlApi
-from awsbed.faults import CapacityFaults, ErrorInjector, NotReadyFaults
+from awsbed.faults import CapacityFaults, ErrorInjector, NotReadyFaults, Throttle
 from awsbed.gateway import Gateway
 from awsbed.nodes import NodeBridge
+from awsbed.scaling import ScalingEngine, Timing
 from awsbed.world import MotoWorld
 
 log = logging.getLogger("launcher")
@@ -57,7 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--region", default="us-east-1", help="region of the control API and node bridge")
     parser.add_argument("--kubeconfig", help="cluster to mirror instances into; the bridge is off without it")
     parser.add_argument(
-        "--boot-delay", type=float, default=2.0, help="seconds an instance runs before its Node appears"
+        "--boot-delay", type=float, default=2.0, help="seconds an instance is InService before its Node appears"
+    )
+    parser.add_argument(
+        "--launch-delay", type=float, default=1.0, help="seconds a new ASG instance is Pending before InService"
+    )
+    parser.add_argument(
+        "--termination-delay", type=float, default=1.0, help="seconds an ASG instance is Terminating before it is gone"
+    )
+    parser.add_argument(
+        "--retry-delay", type=float, default=1.0, help="first wait before an ASG retries a failed launch (doubles)"
     )
     parser.add_argument("--sync-interval", type=float, default=0.5, help="seconds between node bridge ticks")
     parser.add_argument("--log-requests", action="store_true", help="log every HTTP request to stderr")
@@ -72,16 +83,19 @@ class Bed:
     app: Gateway
     world: MotoWorld
     bridge: NodeBridge | None
+    engine: ScalingEngine
 
 
-def build_bed(region: str, kubeconfig: str | None, boot_delay: float, sync_interval: float) -> Bed:
+def build_bed(region: str, kubeconfig: str | None, timing: Timing, sync_interval: float) -> Bed:
     activities = ActivityLog()
     capacity_faults = CapacityFaults()
     errors = ErrorInjector()
+    throttle = Throttle()
     not_ready_faults = NotReadyFaults()
     calls = CallLog()
     world = MotoWorld(region, activities, capacity_faults)
-    world.install_capacity_guard()
+    engine = world.install_engine(timing)
+    boot_delay = timing.boot_delay
     bridge = (
         NodeBridge(world, kubeconfig, boot_delay, sync_interval, not_ready_faults=not_ready_faults)
         if kubeconfig
@@ -95,14 +109,21 @@ def build_bed(region: str, kubeconfig: str | None, boot_delay: float, sync_inter
         activities,
         nodes=(bridge.nodes if bridge else lambda: None),
         not_ready_faults=not_ready_faults,
+        throttle=throttle,
     )
     moto_app = DomainDispatcherApplication(create_backend_app)
-    app = Gateway(moto_app, control, world, calls, errors, activities)
-    return Bed(app, world, bridge)
+    app = Gateway(moto_app, control, world, calls, errors, activities, throttle)
+    return Bed(app, world, bridge, engine)
 
 
 def serve(args: argparse.Namespace) -> int:
-    bed = build_bed(args.region, args.kubeconfig, args.boot_delay, args.sync_interval)
+    timing = Timing(
+        launch_delay=args.launch_delay,
+        termination_delay=args.termination_delay,
+        boot_delay=args.boot_delay,
+        retry_delay=args.retry_delay,
+    )
+    bed = build_bed(args.region, args.kubeconfig, timing, args.sync_interval)
     server: BaseWSGIServer = make_server(
         args.host, args.port, bed.app, threaded=True, request_handler=MotoRequestHandler
     )
@@ -116,15 +137,24 @@ def serve(args: argparse.Namespace) -> int:
 
     server_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http")
     server_thread.start()
+    bed.engine.start()
     if bed.bridge is not None:
         bed.bridge.start()
-    log.info("serving on %s:%s (region %s, node bridge %s)", host, port, args.region, "on" if bed.bridge else "off")
+    log.info(
+        "serving on %s:%s (region %s, node bridge %s, timing %s)",
+        host,
+        port,
+        args.region,
+        "on" if bed.bridge else "off",
+        timing.to_json(),
+    )
     print(f"READY http://{host}:{port}", flush=True)
 
     while not stop.wait(0.5):
         pass
 
     log.info("stopping")
+    bed.engine.stop()
     if bed.bridge is not None:
         bed.bridge.stop(timeout=1.5)
     server.shutdown()

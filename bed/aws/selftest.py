@@ -44,6 +44,7 @@ from awsbed.nodes import (  # noqa: E402
     NodeBridge,
     node_manifest,
 )
+from awsbed.scaling import Timing  # noqa: E402
 from awsbed.world import InstanceView, MotoWorld, decide_capacity_type  # noqa: E402
 
 REGION = "us-east-1"
@@ -106,12 +107,15 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-class AwsSideTest(unittest.TestCase):
+class BedCase(unittest.TestCase):
+    """A launcher shared by a class's tests, and helpers to drive it."""
+
     launcher: Launcher
+    launcher_args: tuple[str, ...] = ("--launch-delay", "0", "--termination-delay", "0")
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.launcher = Launcher()
+        cls.launcher = Launcher(*cls.launcher_args)
         cls.asg = cls.launcher.client("autoscaling")
         cls.ec2 = cls.launcher.client("ec2")
         status, cls.spot_template = cls.launcher.bed(
@@ -160,6 +164,11 @@ class AwsSideTest(unittest.TestCase):
             call()
         self.assertEqual(caught.exception.response["Error"]["Code"], code)
         self.assertEqual(caught.exception.response["ResponseMetadata"]["HTTPStatusCode"], status)
+
+
+class AwsSideTest(BedCase):
+    """The API surface, on a launcher whose ASGs launch and terminate at once (delays 0); how AWS
+    takes its time is ``AwsTimingTest``'s."""
 
     # -- scaling and activities -----------------------------------------------------------------
 
@@ -441,6 +450,315 @@ class AwsSideTest(unittest.TestCase):
         self.bed("GET", "/_bed/nodes", expect=404)  # bridge off
 
 
+def wait_for(what: str, check: Any, timeout: float = 15.0) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+        time.sleep(0.05)
+
+
+class AwsTimingTest(BedCase):
+    """ASGs that take their time, as on AWS: the launcher's default delays, shortened per ASG."""
+
+    launcher_args = ()
+
+    def create_group(self, desired: int, tags: dict[str, str] | None = None, **options: Any) -> str:
+        name = unique("asg")
+        timing = {"launch_delay": 0.4, "termination_delay": 0.4, "retry_delay": 0.2, **options.pop("timing", {})}
+        self.bed("PUT", f"/_bed/timing/{name}", timing)
+        self.asg.create_auto_scaling_group(
+            AutoScalingGroupName=name,
+            LaunchTemplate={"LaunchTemplateName": self.spot_template["name"], "Version": "$Latest"},
+            AvailabilityZones=options.pop("zones", ["us-east-1a"]),
+            MinSize=options.pop("min_size", 0),
+            MaxSize=10,
+            DesiredCapacity=desired,
+            Tags=[{"Key": k, "Value": v, "PropagateAtLaunch": True} for k, v in (tags or {}).items()],
+        )
+        self.wait_in_service(name, desired)
+        return name
+
+    def states(self, name: str) -> dict[str, str]:
+        return {i["InstanceId"]: i["LifecycleState"] for i in self.group(name)["Instances"]}
+
+    def wait_in_service(self, name: str, count: int) -> list[str]:
+        def ready() -> list[str] | None:
+            states = self.states(name)
+            in_service = [i for i, s in states.items() if s == "InService"]
+            return in_service if len(in_service) == count and len(states) == count else None
+
+        return wait_for(f"{count} InService instances in {name}", ready) if count else []
+
+    def activity(self, activity_id: str) -> dict[str, Any]:
+        return self.asg.describe_scaling_activities(ActivityIds=[activity_id])["Activities"][0]
+
+    def test_default_delays_are_at_least_a_second(self) -> None:
+        defaults = self.bed("GET", "/_bed/timing")
+        self.assertGreaterEqual(defaults["launch_delay"], 1.0)
+        self.assertGreaterEqual(defaults["termination_delay"], 1.0)
+        self.assertEqual(self.bed("GET", "/_bed/timing/never-made")["launch_delay"], defaults["launch_delay"])
+
+    def test_a_launch_is_pending_then_in_service_with_aws_texts(self) -> None:
+        name = self.create_group(desired=3, timing={"launch_delay": 0.8})
+        before = set(self.instance_ids(name))
+        self.set_desired(name, 4)
+
+        (new,) = set(self.instance_ids(name)) - before
+        self.assertEqual(self.states(name)[new], "Pending")
+        launching = self.activities(name)[0]
+        self.assertEqual(launching["Description"], f"Launching a new EC2 instance: {new}")
+        self.assertEqual(launching["StatusCode"], "PreInService")
+        self.assertNotIn("EndTime", launching)
+        self.assertRegex(
+            launching["Cause"],
+            r"^At \S+Z a user request explicitly set group desired capacity changing the desired capacity from 3 "
+            r"to 4\.  At \S+Z an instance was started in response to a difference between desired and actual "
+            r"capacity, increasing the capacity from 3 to 4\.$",
+        )
+        (call,) = self.bed("GET", f"/_bed/calls?action=SetDesiredCapacity&asg={name}")
+        self.assertEqual(call["params"]["DesiredCapacity"], "4")
+        self.assertEqual(call["activity_ids"], [launching["ActivityId"]])
+        self.assertEqual(call["status"], 200)
+
+        self.wait_in_service(name, 4)
+        done = self.activity(launching["ActivityId"])
+        self.assertEqual(done["StatusCode"], "Successful")
+        self.assertEqual(done["Progress"], 100)
+        self.assertIn("EndTime", done)
+
+    def test_a_spot_launch_can_wait_for_its_instance_id(self) -> None:
+        name = self.create_group(desired=0, timing={"spot_wait": 0.6})
+        self.set_desired(name, 1)
+        waiting = self.activities(name)[0]
+        self.assertEqual(waiting["StatusCode"], "WaitingForSpotInstanceId")
+        self.assertEqual(self.instance_ids(name), [], "no instance before the spot request is fulfilled")
+        (instance_id,) = self.wait_in_service(name, 1)
+        done = self.activity(waiting["ActivityId"])
+        self.assertEqual(
+            (done["StatusCode"], done["Description"]), ("Successful", f"Launching a new EC2 instance: {instance_id}")
+        )
+
+    def test_a_launch_hook_holds_the_instance_until_completed(self) -> None:
+        name = self.create_group(desired=0)
+        self.asg.put_lifecycle_hook(
+            LifecycleHookName="hold",
+            AutoScalingGroupName=name,
+            LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
+            HeartbeatTimeout=60,
+            DefaultResult="ABANDON",
+        )
+        self.set_desired(name, 1)
+        (instance_id,) = wait_for(
+            "Pending:Wait", lambda: [i for i, s in self.states(name).items() if s == "Pending:Wait"]
+        )
+        self.assertEqual(self.activities(name)[0]["StatusCode"], "MidLifecycleAction")
+        self.asg.record_lifecycle_action_heartbeat(
+            LifecycleHookName="hold", AutoScalingGroupName=name, InstanceId=instance_id
+        )
+        time.sleep(0.5)
+        self.assertEqual(self.states(name)[instance_id], "Pending:Wait", "held while the hook waits")
+        self.asg.complete_lifecycle_action(
+            LifecycleHookName="hold",
+            AutoScalingGroupName=name,
+            InstanceId=instance_id,
+            LifecycleActionResult="CONTINUE",
+        )
+        self.assertEqual(self.states(name)[instance_id], "InService")
+        self.assertEqual(self.activities(name)[0]["StatusCode"], "Successful")
+        self.assert_error(
+            lambda: self.asg.complete_lifecycle_action(
+                LifecycleHookName="hold",
+                AutoScalingGroupName=name,
+                InstanceId=instance_id,
+                LifecycleActionResult="CONTINUE",
+            ),
+            "ValidationError",
+            400,
+        )
+
+    def test_a_launch_hook_that_times_out_abandons_and_the_group_launches_again(self) -> None:
+        name = self.create_group(desired=0)
+        self.asg.put_lifecycle_hook(
+            LifecycleHookName="short",
+            AutoScalingGroupName=name,
+            LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
+            HeartbeatTimeout=1,
+            DefaultResult="ABANDON",
+        )
+        self.set_desired(name, 1)
+        first = wait_for("a Failed launch", lambda: [a for a in self.activities(name) if a["StatusCode"] == "Failed"])[
+            0
+        ]
+        self.assertRegex(
+            first["StatusMessage"],
+            r"^Instance failed to complete user's Lifecycle Action: Lifecycle Action with token [0-9a-f-]{36} was "
+            r"abandoned: Heartbeat Timeout$",
+        )
+        wait_for("a second launch", lambda: len(self.activities(name)) >= 2)
+
+    def test_the_next_launches_fail_then_capacity_returns(self) -> None:
+        name = self.create_group(desired=1)
+        self.bed("POST", "/_bed/faults/capacity", {"asg": name, "count": 2})
+        self.set_desired(name, 2)
+        self.wait_in_service(name, 2)
+        launches = [a for a in self.activities(name) if a["Description"].startswith("Launching")][:3]
+        self.assertEqual([a["StatusCode"] for a in launches], ["Successful", "Failed", "Failed"])
+        for failed in launches[1:]:
+            self.assertEqual(
+                failed["StatusMessage"],
+                "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity "
+                "available that matches your request. Launching EC2 instance failed.",
+            )
+            self.assertTrue(failed["Description"].startswith("Launching a new EC2 instance.  Status Reason: "))
+        self.assertNotIn(name, self.bed("GET", "/_bed/faults")["capacity"], "the fault used itself up")
+
+    def test_a_zone_short_of_capacity_fails_there_and_the_group_launches_in_another(self) -> None:
+        name = self.create_group(desired=0, zones=["us-east-1a", "us-east-1b"])
+        self.bed("POST", "/_bed/faults/capacity", {"asg": name, "zone": "us-east-1a"})
+        self.set_desired(name, 2)
+        self.wait_in_service(name, 2)
+        zones = {i["AvailabilityZone"] for i in self.group(name)["Instances"]}
+        self.assertEqual(zones, {"us-east-1b"})
+        failed = [a for a in self.activities(name) if a["StatusCode"] == "Failed"]
+        self.assertTrue(failed)
+        self.assertTrue(all(json.loads(a["Details"])["Availability Zone"] == "us-east-1a" for a in failed))
+
+    def test_a_fault_clears_itself_after_its_time(self) -> None:
+        name = self.create_group(desired=0)
+        self.bed("POST", "/_bed/faults/capacity", {"asg": name, "seconds": 0.8})
+        self.set_desired(name, 1)
+        self.assertEqual(self.activities(name)[0]["StatusCode"], "Failed")
+        self.wait_in_service(name, 1)
+        self.assertNotIn(name, self.bed("GET", "/_bed/faults")["capacity"])
+
+    def test_a_termination_takes_time_with_its_own_activity(self) -> None:
+        name = self.create_group(desired=2, timing={"termination_delay": 0.8})
+        victim = self.instance_ids(name)[0]
+        answer = self.asg.terminate_instance_in_auto_scaling_group(
+            InstanceId=victim, ShouldDecrementDesiredCapacity=True
+        )
+        activity = answer["Activity"]
+        self.assertEqual(activity["StatusCode"], "InProgress")
+        self.assertEqual(activity["Description"], f"Terminating EC2 instance: {victim}")
+        self.assertRegex(
+            activity["Cause"],
+            rf"^At \S+Z instance {victim} was taken out of service in response to a user request, shrinking the "
+            r"capacity from 2 to 1\.$",
+        )
+        self.assertEqual(self.states(name)[victim], "Terminating")
+        wait_for("the instance to be gone", lambda: victim not in self.states(name))
+        self.assertEqual(self.activity(activity["ActivityId"])["StatusCode"], "Successful")
+        state = self.ec2.describe_instances(InstanceIds=[victim])["Reservations"][0]["Instances"][0]["State"]["Name"]
+        self.assertEqual(state, "terminated")
+        (call,) = self.bed("GET", "/_bed/calls?action=TerminateInstanceInAutoScalingGroup")[-1:]
+        self.assertEqual(call["params"]["InstanceId"], victim)
+        self.assertEqual(call["activity_ids"], [activity["ActivityId"]])
+
+    def test_terminating_without_decrement_launches_a_replacement(self) -> None:
+        name = self.create_group(desired=1)
+        (victim,) = self.instance_ids(name)
+        self.asg.terminate_instance_in_auto_scaling_group(InstanceId=victim, ShouldDecrementDesiredCapacity=False)
+        states = self.states(name)
+        self.assertEqual(states[victim], "Terminating")
+        self.assertEqual(sorted(states.values()), ["Pending", "Terminating"])
+        (replacement,) = self.wait_in_service(name, 1)
+        self.assertNotEqual(replacement, victim)
+
+    def test_terminate_with_decrement_at_min_size_is_refused(self) -> None:
+        name = self.create_group(desired=1, min_size=1)
+        (only,) = self.instance_ids(name)
+        with self.assertRaises(ClientError) as caught:
+            self.asg.terminate_instance_in_auto_scaling_group(InstanceId=only, ShouldDecrementDesiredCapacity=True)
+        self.assertEqual(caught.exception.response["Error"]["Code"], "ValidationError")
+        self.assertEqual(
+            caught.exception.response["Error"]["Message"],
+            "Currently, desiredSize equals minSize (1). Terminating instance without replacement will violate "
+            "group's min size constraint. Either set shouldDecrementDesiredCapacity flag to false or lower "
+            "group's min size.",
+        )
+        self.assertEqual(self.states(name), {only: "InService"})
+        self.assert_error(lambda: self.set_desired(name, 0), "ValidationError", 400)
+
+    def test_protected_instances_are_never_scaled_in(self) -> None:
+        name = self.create_group(desired=3)
+        keep = self.instance_ids(name)[:2]
+        self.asg.set_instance_protection(AutoScalingGroupName=name, InstanceIds=keep, ProtectedFromScaleIn=True)
+        self.set_desired(name, 1)
+        wait_for("scale-in", lambda: sorted(self.states(name)) == sorted(keep))
+        self.set_desired(name, 0)
+        time.sleep(0.6)
+        self.assertEqual(sorted(self.states(name)), sorted(keep), "no protected instance is chosen")
+        self.assertEqual(self.group(name)["DesiredCapacity"], 0)
+
+    def test_a_neighbour_scales_the_group_in_and_out(self) -> None:
+        name = self.create_group(desired=2, min_size=1)
+        first, second = self.instance_ids(name)
+        self.asg.set_instance_protection(AutoScalingGroupName=name, InstanceIds=[first], ProtectedFromScaleIn=True)
+        out = self.bed("POST", "/_bed/neighbour/desired", {"asg": name, "desired": 4})
+        self.assertEqual(len(out["activity_ids"]), 2)
+        self.wait_in_service(name, 4)
+        refused = self.bed("POST", "/_bed/neighbour/desired", {"asg": name, "desired": 11}, expect=400)
+        self.assertEqual(
+            refused["message"], "New SetDesiredCapacity value 11 is above max value 10 for the AutoScalingGroup."
+        )
+
+        chosen = self.bed("POST", "/_bed/neighbour/terminate", {"asg": name})
+        self.assertEqual(chosen["instance"], second, "the first unprotected InService instance")
+        self.assertEqual(chosen["desired"], 3)
+        named = [i for i in self.instance_ids(name) if i not in (first, second)][0]
+        self.bed("POST", "/_bed/neighbour/terminate", {"asg": name, "instance": named})
+        calls = self.bed("GET", "/_bed/calls?actor=neighbour")
+        mine = [
+            c
+            for c in calls
+            if c["params"].get("AutoScalingGroupName") == name or c["params"].get("InstanceId") in (second, named)
+        ]
+        self.assertEqual(
+            [c["action"] for c in mine],
+            [
+                "SetDesiredCapacity",
+                "SetDesiredCapacity",
+                "TerminateInstanceInAutoScalingGroup",
+                "TerminateInstanceInAutoScalingGroup",
+            ],
+        )
+        self.assertEqual(mine[1]["error"], "ValidationError")
+        self.assertEqual([c["params"]["InstanceId"] for c in mine[2:]], [second, named])
+        wait_for("two left", lambda: len(self.states(name)) == 2)
+        self.assertEqual(self.group(name)["DesiredCapacity"], 2)
+
+    def test_throttling_answers_once_the_burst_is_spent(self) -> None:
+        bucket = self.bed("POST", "/_bed/throttle", {"action": "DescribeLaunchConfigurations", "burst": 2, "rate": 0.5})
+        self.assertEqual(bucket["burst"], 2)
+        try:
+            self.asg.describe_launch_configurations()
+            self.asg.describe_launch_configurations()
+            with self.assertRaises(ClientError) as caught:
+                self.asg.describe_launch_configurations()
+            error = caught.exception.response["Error"]
+            self.assertEqual((error["Code"], error["Message"]), ("Throttling", "Rate exceeded"))
+            self.asg.describe_auto_scaling_groups(MaxRecords=1)  # other actions have their own budget
+            time.sleep(2.1)
+            self.asg.describe_launch_configurations()  # refilled at 0.5 per second
+        finally:
+            self.bed("DELETE", "/_bed/throttle")
+        self.asg.describe_launch_configurations()
+
+    def test_error_rules_can_be_scoped_to_one_group(self) -> None:
+        mine, other = self.create_group(desired=0), self.create_group(desired=0)
+        self.bed("POST", "/_bed/faults/errors", {"kind": "server", "asg": mine, "actions": ["SetDesiredCapacity"]})
+        try:
+            self.assert_error(lambda: self.set_desired(mine, 1), "InternalFailure", 500)
+            self.set_desired(other, 1)
+        finally:
+            self.bed("DELETE", "/_bed/faults/errors")
+
+
 class LifecycleTest(unittest.TestCase):
     def test_reset_clears_everything_and_sigterm_stops_quickly(self) -> None:
         launcher = Launcher()
@@ -454,7 +772,10 @@ class LifecycleTest(unittest.TestCase):
             self.assertEqual(launcher.bed("POST", "/_bed/reset")[0], 200)
             self.assertEqual(launcher.bed("GET", "/_bed/calls")[1], [])
             self.assertEqual(launcher.bed("GET", "/_bed/activities")[1], [])
-            self.assertEqual(launcher.bed("GET", "/_bed/faults")[1], {"capacity": [], "not_ready": [], "errors": []})
+            self.assertEqual(
+                launcher.bed("GET", "/_bed/faults")[1],
+                {"capacity": [], "capacity_rules": [], "not_ready": [], "errors": []},
+            )
         finally:
             elapsed = launcher.stop()
         self.assertEqual(launcher.process.returncode, 0)
@@ -665,7 +986,7 @@ class NodeBridgeTest(unittest.TestCase):
         self.mock = mock_aws()
         self.mock.start()
         self.world = MotoWorld(REGION, ActivityLog(), CapacityFaults())
-        self.world.install_capacity_guard()
+        self.world.install_engine(Timing(launch_delay=0, termination_delay=0))
         self.now = 100.0
         self.core = FakeCoreV1()
         self.leases = FakeLeases()
@@ -729,6 +1050,40 @@ class NodeBridgeTest(unittest.TestCase):
         bridge.reconcile_once()
         self.assertIn(replacement, bridge.nodes())
         self.assertIn("kind-control-plane", self.core.nodes, "a Node the bridge did not make is never touched")
+
+    def test_nodes_wait_for_in_service_and_stay_while_terminating(self) -> None:
+        engine = self.world.install_engine(
+            Timing(launch_delay=5, termination_delay=5, boot_delay=1), clock=lambda: self.now
+        )
+        bridge = self.bridge()
+        bridge.reconcile_once()
+        self.now += 2.5
+        bridge.reconcile_once()
+        old = sorted(bridge.nodes())
+        self.assertEqual(len(old), 2)
+        self.autoscaling.set_desired_capacity(AutoScalingGroupName="workers", DesiredCapacity=3)
+        (new,) = set(self.asg_members()) - set(old)
+        self.now += 4
+        bridge.reconcile_once()
+        self.assertNotIn(new, bridge.nodes(), "a Pending instance has no Node")
+        self.now += 1
+        with self.world.lock:
+            engine.tick()
+        bridge.reconcile_once()
+        self.assertNotIn(new, bridge.nodes(), "the boot delay counts from InService")
+        self.now += 1
+        bridge.reconcile_once()
+        self.assertIn(new, bridge.nodes())
+
+        with self.world.lock:
+            engine.terminate_in_group(old[0], decrement=True)
+        bridge.reconcile_once()
+        self.assertIn(old[0], bridge.nodes(), "a Terminating instance keeps its Node")
+        self.now += 5
+        with self.world.lock:
+            engine.tick()
+        bridge.reconcile_once()
+        self.assertNotIn(old[0], bridge.nodes(), "gone with its instance")
 
     def test_a_restarted_bridge_adopts_existing_nodes(self) -> None:
         first = self.bridge()

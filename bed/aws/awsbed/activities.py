@@ -1,7 +1,7 @@
 """Auto Scaling activities: the record the bed keeps, and the DescribeScalingActivities answer.
 
 moto 5.2.5 answers DescribeScalingActivities with an empty list, whatever happened, so the bed keeps
-its own record (see ``world.MotoWorld.observe``) and answers that call itself.
+its own record (written by ``scaling.ScalingEngine`` and the control API) and answers that call itself.
 """
 
 from __future__ import annotations
@@ -107,9 +107,11 @@ class Activity:
         }
 
     def to_xml_member(self) -> str:
+        return f"<member>{self.to_xml_fields()}</member>"
+
+    def to_xml_fields(self) -> str:
         return (
-            "<member>"
-            + xml_element("ActivityId", self.activity_id)
+            xml_element("ActivityId", self.activity_id)
             + xml_element("AutoScalingGroupName", self.asg_name)
             + xml_element("AutoScalingGroupARN", self.asg_arn)
             + xml_element("Description", self.description)
@@ -120,7 +122,6 @@ class Activity:
             + xml_element("StatusMessage", self.status_message)
             + xml_element("Progress", self.progress)
             + xml_element("Details", self.details)
-            + "</member>"
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,6 +22,16 @@ class CallRecord:
     status: int
     # The error code the bed injected instead of calling moto, if it did.
     injected_error: str | None
+    # Who called: "client" (an AWS SDK through the endpoint) or "neighbour" (the control API's
+    # cluster-autoscaler-like actor).
+    actor: str = "client"
+    # The request's parameters (Action and Version left out).
+    params: dict[str, str] = field(default_factory=dict)
+    # AWS's error code and message when the call failed (injected or not).
+    error: str | None = None
+    error_message: str | None = None
+    # The scaling activities the call produced, in order.
+    activity_ids: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -35,7 +45,16 @@ class CallLog:
         self._records: list[CallRecord] = []
         self._next_seq = 1
 
-    def record(self, request: AwsRequest, status: int, injected_error: str | None = None) -> CallRecord:
+    def record(
+        self,
+        request: AwsRequest,
+        status: int,
+        injected_error: str | None = None,
+        error: tuple[str, str] | None = None,
+        activity_ids: list[str] | None = None,
+        actor: str = "client",
+    ) -> CallRecord:
+        params = {k: v for k, v in request.params.items() if k not in ("Action", "Version")}
         with self._lock:
             record = CallRecord(
                 seq=self._next_seq,
@@ -47,6 +66,11 @@ class CallLog:
                 desired_capacity=request.desired_capacity,
                 status=status,
                 injected_error=injected_error,
+                actor=actor,
+                params=params,
+                error=error[0] if error else None,
+                error_message=error[1] if error else None,
+                activity_ids=list(activity_ids or []),
             )
             self._next_seq += 1
             self._records.append(record)
@@ -58,6 +82,7 @@ class CallLog:
         asg: str | None = None,
         service: str | None = None,
         since: int | None = None,
+        actor: str | None = None,
     ) -> list[CallRecord]:
         """Records matching every given filter; ``since`` keeps those with a larger ``seq``."""
         with self._lock:
@@ -69,6 +94,7 @@ class CallLog:
             and (asg is None or r.asg == asg)
             and (service is None or r.service == service)
             and (since is None or r.seq > since)
+            and (actor is None or r.actor == actor)
         ]
 
     def clear(self) -> None:

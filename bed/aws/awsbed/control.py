@@ -18,8 +18,9 @@ from werkzeug.wrappers import Request, Response
 
 from .activities import Activity, ActivityLog
 from .calls import CallLog
-from .faults import CapacityFaults, ErrorInjector, NotReadyFaults
-from .protocol import parse_int
+from .faults import CapacityFaults, ErrorInjector, NotReadyFaults, Throttle
+from .protocol import AwsRequest, parse_int
+from .scaling import TIMING_FIELDS, AwsRefusal, ScalingEngine
 from .world import MotoWorld
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class ControlApi:
         activities: ActivityLog,
         nodes: Callable[[], dict[str, str] | None],
         not_ready_faults: NotReadyFaults | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.world = world
         self.calls = calls
@@ -93,6 +95,7 @@ class ControlApi:
         self.activities = activities
         self.nodes = nodes
         self.not_ready_faults = not_ready_faults if not_ready_faults is not None else NotReadyFaults()
+        self.throttle = throttle if throttle is not None else Throttle()
         self.url_map = Map(
             [
                 Rule("/_bed/health", methods=["GET"], endpoint="health"),
@@ -113,6 +116,14 @@ class ControlApi:
                 Rule("/_bed/instances/<instance_id>", methods=["DELETE"], endpoint="reclaim_instance"),
                 Rule("/_bed/asgs/<path:asg>", methods=["GET"], endpoint="describe_asg"),
                 Rule("/_bed/nodes", methods=["GET"], endpoint="list_nodes"),
+                Rule("/_bed/timing", methods=["GET"], endpoint="default_timing"),
+                Rule("/_bed/timing/<path:asg>", methods=["GET"], endpoint="get_timing"),
+                Rule("/_bed/timing/<path:asg>", methods=["PUT"], endpoint="set_timing"),
+                Rule("/_bed/throttle", methods=["GET"], endpoint="list_throttle"),
+                Rule("/_bed/throttle", methods=["POST"], endpoint="arm_throttle"),
+                Rule("/_bed/throttle", methods=["DELETE"], endpoint="clear_throttle"),
+                Rule("/_bed/neighbour/terminate", methods=["POST"], endpoint="neighbour_terminate"),
+                Rule("/_bed/neighbour/desired", methods=["POST"], endpoint="neighbour_desired"),
                 Rule("/_bed/reset", methods=["POST"], endpoint="reset"),
             ],
             strict_slashes=False,
@@ -153,6 +164,7 @@ class ControlApi:
             asg=args.get("asg"),
             service=args.get("service"),
             since=parse_int(args.get("since")),
+            actor=args.get("actor"),
         )
         return json_response([r.to_json() for r in records])
 
@@ -164,6 +176,7 @@ class ControlApi:
         return json_response(
             {
                 "capacity": self.capacity_faults.armed(),
+                "capacity_rules": self.capacity_faults.describe(),
                 "not_ready": self.not_ready_faults.armed(),
                 "errors": [rule.to_json() for rule in self.errors.rules()],
             }
@@ -172,9 +185,18 @@ class ControlApi:
     def arm_capacity_fault(self, request: Request) -> Response:
         body = self._body(request)
         asg = field(body, "asg", str)
-        self.capacity_faults.arm(asg, field(body, "message", str, None))
-        log.info("capacity fault armed on ASG %s", asg)
-        return json_response({"asg": asg, "armed": True})
+        try:
+            fault = self.capacity_faults.arm(
+                asg,
+                message=field(body, "message", str, None),
+                zone=field(body, "zone", str, None),
+                count=field(body, "count", int, None),
+                seconds=float(field(body, "seconds", (int, float), 0)) or None,
+            )
+        except ValueError as exc:
+            raise bad_input(str(exc)) from exc
+        log.info("capacity fault armed on ASG %s: %s", asg, fault)
+        return json_response({"asg": asg, "armed": True, "zone": fault.zone, "count": fault.remaining})
 
     def clear_capacity_fault(self, request: Request, asg: str) -> Response:
         was_armed = self.capacity_faults.disarm(asg)
@@ -206,6 +228,7 @@ class ControlApi:
                 count=field(body, "count", int, None),
                 actions=actions,
                 seed=field(body, "seed", int, None),
+                asg=field(body, "asg", str, None),
             )
         except ValueError as exc:
             raise bad_input(str(exc)) from exc
@@ -308,6 +331,119 @@ class ControlApi:
             self.world.restore_capacity(asg)
         self.not_ready_faults.clear()
         self.errors.clear()
+        self.throttle.clear()
         self.calls.clear()
         self.activities.clear()
+        with self.world.lock:
+            self._engine().reset()
         return json_response({"reset": True})
+
+    # -- timing -----------------------------------------------------------------------------------
+
+    def _engine(self) -> ScalingEngine:
+        engine = self.world.engine
+        if engine is None:
+            raise ApiError(404, "NoEngine", "the scaling engine is not installed")
+        return engine
+
+    def default_timing(self, request: Request) -> Response:
+        return json_response(self._engine().defaults.to_json())
+
+    def get_timing(self, request: Request, asg: str) -> Response:
+        with self.world.lock:
+            return json_response({"asg": asg, **self._engine().timing(asg).to_json()})
+
+    def set_timing(self, request: Request, asg: str) -> Response:
+        body = self._body(request)
+        unknown = set(body) - set(TIMING_FIELDS)
+        if unknown:
+            raise bad_input(f"unknown timing fields {sorted(unknown)}; known: {list(TIMING_FIELDS)}")
+        changes = {name: float(field(body, name, (int, float))) for name in body}
+        if any(value < 0 for value in changes.values()):
+            raise bad_input("timings must not be negative")
+        with self.world.lock:
+            timing = self._engine().set_timing(asg, changes)
+        log.info("ASG %s timing: %s", asg, timing)
+        return json_response({"asg": asg, **timing.to_json()})
+
+    # -- throttling -------------------------------------------------------------------------------
+
+    def list_throttle(self, request: Request) -> Response:
+        return json_response([b.to_json() for b in self.throttle.buckets()])
+
+    def arm_throttle(self, request: Request) -> Response:
+        body = self._body(request)
+        try:
+            bucket = self.throttle.add(
+                action=field(body, "action", str, None),
+                burst=float(field(body, "burst", (int, float))),
+                rate=float(field(body, "rate", (int, float))),
+                asg=field(body, "asg", str, None),
+            )
+        except ValueError as exc:
+            raise bad_input(str(exc)) from exc
+        log.info("throttling armed: %s", bucket.to_json())
+        return json_response(bucket.to_json())
+
+    def clear_throttle(self, request: Request) -> Response:
+        self.throttle.clear()
+        return json_response({"cleared": True})
+
+    # -- the neighbour (a cluster-autoscaler-like actor in the same account) ----------------------
+
+    def _neighbour_call(self, action: str, params: dict[str, str], act: Callable[[], Any]) -> tuple[Any, list[str]]:
+        """Run ``act`` as the neighbour's AWS call; it goes into the call log as the neighbour's.
+        An AWS refusal becomes a 400 with AWS's code and text."""
+        engine = self._engine()
+        request = AwsRequest("POST", "/_bed/neighbour", "autoscaling", self.world.region, "query", action, params)
+        with self.world.lock, engine.request(action) as context:
+            try:
+                result = act()
+            except AwsRefusal as refusal:
+                self.calls.record(request, 400, error=("ValidationError", str(refusal)), actor="neighbour")
+                raise ApiError(400, "ValidationError", str(refusal)) from refusal
+        self.calls.record(request, 200, activity_ids=context.activity_ids, actor="neighbour")
+        return result, context.activity_ids
+
+    def neighbour_terminate(self, request: Request) -> Response:
+        """Scale in as cluster-autoscaler does: TerminateInstanceInAutoScalingGroup with a decrement,
+        of the given instance or else the ASG's first unprotected InService instance."""
+        body = self._body(request)
+        asg = field(body, "asg", str)
+        instance_id = field(body, "instance", str, None)
+        decrement = field(body, "decrement", bool, True)
+        with self.world.lock:
+            group = self.world.find_group(asg)
+            if group is None:
+                raise not_found(f"no ASG {asg}")
+            if instance_id is None:
+                instance_id = next(
+                    (
+                        s.instance.id
+                        for s in group.instance_states
+                        if s.lifecycle_state == "InService" and not s.protected_from_scale_in
+                    ),
+                    None,
+                )
+                if instance_id is None:
+                    raise bad_input(f"ASG {asg} has no unprotected InService instance")
+            chosen = instance_id
+            params = {"InstanceId": chosen, "ShouldDecrementDesiredCapacity": str(decrement).lower()}
+            activity, _ = self._neighbour_call(
+                "TerminateInstanceInAutoScalingGroup",
+                params,
+                lambda: self._engine().terminate_in_group(chosen, decrement),
+            )
+            desired = group.desired_capacity
+        return json_response({"asg": asg, "instance": chosen, "activity_id": activity.activity_id, "desired": desired})
+
+    def neighbour_desired(self, request: Request) -> Response:
+        """SetDesiredCapacity as another actor would call it (AWS's bounds apply)."""
+        body = self._body(request)
+        asg = field(body, "asg", str)
+        desired = field(body, "desired", int)
+        params = {"AutoScalingGroupName": asg, "DesiredCapacity": str(desired)}
+        _, activity_ids = self._neighbour_call(
+            "SetDesiredCapacity", params, lambda: self._engine().set_desired(asg, desired)
+        )
+        return json_response({"asg": asg, "desired": desired, "activity_ids": activity_ids})

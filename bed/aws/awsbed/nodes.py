@@ -334,14 +334,20 @@ class NodeBridge:
         self._problems.resolved("tick")
 
     def _due(self, candidates: dict[str, InstanceView]) -> dict[str, InstanceView]:
-        """The candidates seen for at least ``boot_delay`` seconds."""
+        """The candidates seen for at least their boot delay (their ASG's, else the bridge's); an
+        instance already Terminating gets no Node."""
         now = self.clock()
         for instance_id in list(self._first_seen):
             if instance_id not in candidates:
                 del self._first_seen[instance_id]
         for instance_id in candidates:
             self._first_seen.setdefault(instance_id, now)
-        return {i: v for i, v in candidates.items() if now - self._first_seen[i] >= self.boot_delay}
+        return {
+            i: v
+            for i, v in candidates.items()
+            if not v.leaving
+            and now - self._first_seen[i] >= (v.boot_delay if v.boot_delay is not None else self.boot_delay)
+        }
 
     def _client(self) -> Any:
         """The CoreV1Api, built from the kubeconfig on first use (and again after a failed tick),

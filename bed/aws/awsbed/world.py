@@ -1,55 +1,36 @@
-"""moto's in-process backends, behind one lock, and what the bed adds on top of them.
+"""moto's in-process backends, behind one lock, and what the bed reads and changes in them.
 
 moto's models are not thread-safe and the bed serves requests from many threads, so every moto call
-(AWS requests, control-API operations, the node bridge's reads) holds ``MotoWorld.lock``.
-
-Scaling activities are recorded by diffing: ``observe`` snapshots every ASG's members before and
-after an operation and records one Successful activity per instance that joined ("Launching a new
-EC2 instance: i-...") or left ("Terminating EC2 instance: i-...").
-
-A spot capacity failure is injected at the one place moto launches ASG instances,
-``FakeAutoScalingGroup.replace_autoscaling_group_instances``, which ``install_capacity_guard``
-wraps: for an ASG with the fault armed it launches nothing and records a Failed activity instead.
-The desired capacity is stored by moto before that point, so the ASG reports the new desired
-capacity with fewer instances, as AWS does. Every launch path goes through it: SetDesiredCapacity,
-UpdateAutoScalingGroup, CreateAutoScalingGroup, replacement of terminated members.
+(AWS requests, control-API operations, the node bridge's reads, the scaling engine's ticks) holds
+``MotoWorld.lock``. How ASGs launch and terminate is the scaling engine's (``scaling.py``), installed
+into moto by ``MotoWorld.install_engine``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, autoscaling_backends
+from moto.autoscaling.models import AutoScalingBackend, FakeAutoScalingGroup, InstanceState, autoscaling_backends
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import EC2Backend, ec2_backends
 from moto.ec2.models.instances import Instance
 
-from .activities import Activity, ActivityLog
+from .activities import ActivityLog
 from .faults import CapacityFaults
+from .scaling import LEAVING, ScalingEngine, Timing
 
 log = logging.getLogger(__name__)
-
-# Operations of the bed itself that change ASG membership (the others are AWS action names).
-RECLAIM = "bed:InstanceReclaimed"
-CAPACITY_RESTORED = "bed:CapacityRestored"
 
 # An ASG tag that states the capacity type of its instances outright: "spot" or "on-demand".
 CAPACITY_TYPE_TAG = "bed/capacity-type"
 
 # A Linux x86_64 AMI among moto's default AMIs; any known AMI will do if moto drops this one.
 PREFERRED_IMAGE_ID = "ami-760aaa0f"
-
-
-def cause_time(moment: datetime) -> str:
-    """Times inside an activity's Cause text, as AWS writes them: ``2026-11-25T17:00:00Z``."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def tag_dict(tags: list[dict[str, Any]], key: str = "Key", value: str = "Value") -> dict[str, str]:
@@ -123,109 +104,6 @@ def group_capacity_type(group: FakeAutoScalingGroup, instance: Instance | None =
 
 
 @dataclass(frozen=True)
-class GroupSnapshot:
-    """An ASG's state at one moment, enough to tell what an operation changed."""
-
-    group: FakeAutoScalingGroup
-    region: str
-    desired: int
-    min_size: int | None
-    max_size: int | None
-    members: dict[str, Instance]
-
-    @property
-    def name(self) -> str:
-        return self.group.name
-
-
-Snapshot = dict[tuple[str, str, str], GroupSnapshot]
-
-
-@dataclass
-class Trigger:
-    """Why ASG membership may change during an observed operation; it shapes each Cause text."""
-
-    action: str
-    # ActivityIds already handed to the caller, by instance id (TerminateInstanceInAutoScalingGroup).
-    promised_activity_ids: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Observation:
-    """What an observed operation changed, by ASG name."""
-
-    launched: dict[str, list[str]] = field(default_factory=dict)
-    terminated: dict[str, list[str]] = field(default_factory=dict)
-
-
-def desired_change_cause(trigger: Trigger, before: GroupSnapshot | None, after: GroupSnapshot | None, at: str) -> str:
-    """The sentence AWS starts a Cause with when a user request changed the desired capacity."""
-    old = before.desired if before else 0
-    new = after.desired if after else 0
-    if trigger.action == "SetDesiredCapacity":
-        return (
-            f"At {at} a user request explicitly set group desired capacity "
-            f"changing the desired capacity from {old} to {new}."
-        )
-    if trigger.action == "UpdateAutoScalingGroup" and after is not None:
-        return (
-            f"At {at} a user request update of AutoScalingGroup constraints to min: {after.min_size}, "
-            f"max: {after.max_size}, desired: {new} changing the desired capacity from {old} to {new}."
-        )
-    if trigger.action == "CreateAutoScalingGroup":
-        return f"At {at} a user request created an AutoScalingGroup changing the desired capacity from 0 to {new}."
-    if trigger.action == "DeleteAutoScalingGroup":
-        return f"At {at} a user request deleted the AutoScalingGroup changing the desired capacity from {old} to 0."
-    return ""
-
-
-def join_sentences(*sentences: str) -> str:
-    return "  ".join(s for s in sentences if s)
-
-
-def launch_cause(
-    trigger: Trigger, before: GroupSnapshot | None, after: GroupSnapshot | None, at: str, start: int, end: int
-) -> str:
-    return join_sentences(
-        desired_change_cause(trigger, before, after, at),
-        f"At {at} an instance was started in response to a difference between desired and actual "
-        f"capacity, increasing the capacity from {start} to {end}.",
-    )
-
-
-def termination_cause(
-    trigger: Trigger,
-    instance_id: str,
-    before: GroupSnapshot | None,
-    after: GroupSnapshot | None,
-    at: str,
-    start: int,
-    end: int,
-) -> str:
-    if trigger.action == "TerminateInstanceInAutoScalingGroup":
-        old = before.desired if before else 0
-        new = after.desired if after else 0
-        shrinking = f", shrinking the capacity from {old} to {new}" if new < old else ""
-        return f"At {at} instance {instance_id} was taken out of service in response to a user request{shrinking}."
-    if trigger.action in (RECLAIM, "TerminateInstances"):
-        return (
-            f"At {at} an instance was taken out of service in response to an EC2 health check "
-            "indicating it has been terminated or stopped."
-        )
-    return join_sentences(
-        desired_change_cause(trigger, before, after, at),
-        f"At {at} an instance was taken out of service in response to a difference between desired "
-        f"and actual capacity, shrinking the capacity from {start} to {end}.",
-    )
-
-
-def instance_details(instance: Instance) -> str:
-    """An activity's Details: a JSON string, as AWS gives it."""
-    details = {"Subnet ID": instance.subnet_id, "Availability Zone": instance.placement.zone}
-    return json.dumps({k: v for k, v in details.items() if v}, separators=(",", ":"))
-
-
-@dataclass(frozen=True)
 class InstanceView:
     """A running moto instance as the node bridge needs it (plain data, safe outside the lock)."""
 
@@ -239,6 +117,10 @@ class InstanceView:
     asg_name: str | None
     asg_tags: dict[str, str]
     capacity_type: str
+    # Seconds from InService to its Node (None: the bridge's default), and whether the instance is
+    # on its way out (Terminating): an existing Node stays until it is gone, none is created.
+    boot_delay: float | None = None
+    leaving: bool = False
 
 
 class MotoWorld:
@@ -255,6 +137,7 @@ class MotoWorld:
         self.account_id = account_id
         self.activities = activities
         self.capacity_faults = capacity_faults
+        self.engine: ScalingEngine | None = None
         self.lock = threading.RLock()
 
     # -- backends -------------------------------------------------------------------------------
@@ -280,136 +163,6 @@ class MotoWorld:
         with self.lock:
             group = self.find_group(name)
             return group.arn if group is not None else None
-
-    # -- recording activities -------------------------------------------------------------------
-
-    def snapshot(self) -> Snapshot:
-        snapshot: Snapshot = {}
-        for account_id, region, backend in self._existing_autoscaling_backends():
-            for group in backend.autoscaling_groups.values():
-                snapshot[(account_id, region, group.name)] = GroupSnapshot(
-                    group=group,
-                    region=region,
-                    desired=group.desired_capacity or 0,
-                    min_size=group.min_size,
-                    max_size=group.max_size,
-                    members={s.instance.id: s.instance for s in group.instance_states},
-                )
-        return snapshot
-
-    @contextmanager
-    def observe(self, trigger: Trigger) -> Iterator[Observation]:
-        """Hold the lock around an operation and record the launches and terminations it caused."""
-        with self.lock:
-            observation = Observation()
-            before = self.snapshot()
-            try:
-                yield observation
-            finally:
-                self._record_changes(before, self.snapshot(), trigger, observation)
-
-    def _record_changes(self, before: Snapshot, after: Snapshot, trigger: Trigger, observation: Observation) -> None:
-        at = cause_time(datetime.now(timezone.utc))
-        for key in sorted(before.keys() | after.keys()):
-            old, new = before.get(key), after.get(key)
-            old_members = old.members if old else {}
-            new_members = new.members if new else {}
-            gone = [i for i in old_members if i not in new_members]
-            came = [i for i in new_members if i not in old_members]
-            if not gone and not came:
-                continue
-            group = (new or old).group  # type: ignore[union-attr]
-            region = (new or old).region  # type: ignore[union-attr]
-            count = len(old_members)
-            for instance_id in gone:
-                terminated = Activity(
-                    asg_name=group.name,
-                    region=region,
-                    description=f"Terminating EC2 instance: {instance_id}",
-                    cause=termination_cause(trigger, instance_id, old, new, at, count, count - len(gone)),
-                    status_code="Successful",
-                    details=instance_details(old_members[instance_id]),
-                    asg_arn=group.arn,
-                )
-                terminated.activity_id = trigger.promised_activity_ids.get(instance_id, terminated.activity_id)
-                self.activities.add(terminated)
-            count -= len(gone)
-            for instance_id in came:
-                instance = new_members[instance_id]
-                if template_market_type(group) == "spot":
-                    # moto only marks RunInstances' own spot requests; an ASG launch is spot too.
-                    instance.lifecycle = "spot"
-                self.activities.add(
-                    Activity(
-                        asg_name=group.name,
-                        region=region,
-                        description=f"Launching a new EC2 instance: {instance_id}",
-                        cause=launch_cause(trigger, old, new, at, count, count + len(came)),
-                        status_code="Successful",
-                        details=instance_details(instance),
-                        asg_arn=group.arn,
-                    )
-                )
-            if gone:
-                observation.terminated.setdefault(group.name, []).extend(gone)
-            if came:
-                observation.launched.setdefault(group.name, []).extend(came)
-            log.info("ASG %s: launched %s, terminated %s (%s)", group.name, came, gone, trigger.action)
-
-    # -- spot capacity failure ------------------------------------------------------------------
-
-    def install_capacity_guard(self) -> None:
-        """Make moto's ASG launches fail while the ASG's capacity fault is armed (see module doc)."""
-        original = getattr(FakeAutoScalingGroup, "_bed_original_replace", None)
-        if original is None:
-            original = FakeAutoScalingGroup.replace_autoscaling_group_instances
-            FakeAutoScalingGroup._bed_original_replace = original  # type: ignore[attr-defined]
-        world = self
-
-        def replace_unless_capacity_fault(
-            group: FakeAutoScalingGroup, count_needed: int, propagated_tags: dict[str, str]
-        ) -> None:
-            if world.capacity_faults.is_armed(group.name):
-                world._record_failed_launch(group, count_needed)
-                return
-            original(group, count_needed, propagated_tags)
-
-        FakeAutoScalingGroup.replace_autoscaling_group_instances = replace_unless_capacity_fault  # type: ignore[method-assign,assignment]
-
-    def _record_failed_launch(self, group: FakeAutoScalingGroup, count_needed: int) -> None:
-        zone = group.availability_zones[0] if group.availability_zones else f"{group.region}a"
-        message = self.capacity_faults.message(
-            group.name,
-            spot=group_capacity_type(group) == "SPOT",
-            instance_type=group.instance_type,
-            zone=zone,
-        )
-        current = len(group.instance_states)
-        at = cause_time(datetime.now(timezone.utc))
-        self.activities.add(
-            Activity(
-                asg_name=group.name,
-                region=group.region,
-                description=f"Launching a new EC2 instance.  Status Reason: {message}",
-                cause=(
-                    f"At {at} an instance was started in response to a difference between desired and "
-                    f"actual capacity, increasing the capacity from {current} to {current + count_needed}."
-                ),
-                status_code="Failed",
-                status_message=message,
-                details=json.dumps({"Availability Zone": zone}, separators=(",", ":")),
-                asg_arn=group.arn,
-            )
-        )
-        log.info("ASG %s: launch of %d instance(s) failed: capacity fault armed", group.name, count_needed)
-
-    def restore_capacity(self, asg_name: str) -> list[str]:
-        """Launch what an ASG is missing (after its capacity fault is cleared); the new ids."""
-        with self.observe(Trigger(CAPACITY_RESTORED)) as observation:
-            group = self.find_group(asg_name)
-            if group is not None:
-                group.set_desired_capacity(group.desired_capacity)
-        return observation.launched.get(asg_name, [])
 
     # -- control-API operations -----------------------------------------------------------------
 
@@ -465,28 +218,54 @@ class MotoWorld:
             reservation = self.ec2().run_instances(self.default_image_id(), 1, None, [], **kwargs)
         return reservation.instances[0]
 
+    def install_engine(self, timing: Timing, clock: Callable[[], float] = time.monotonic) -> ScalingEngine:
+        """Let the bed's scaling engine launch and terminate ASG instances (see ``scaling.py``)."""
+        self.engine = ScalingEngine(self, self.activities, self.capacity_faults, timing, clock)
+        self.engine.install()
+        return self.engine
+
+    def find_member(self, instance_id: str) -> tuple[FakeAutoScalingGroup, InstanceState] | None:
+        """The ASG of this region an instance belongs to, and its state there; call with the lock held."""
+        for group in self.autoscaling().autoscaling_groups.values():
+            for state in group.instance_states:
+                if state.instance.id == instance_id:
+                    return group, state
+        return None
+
+    def restore_capacity(self, asg_name: str) -> list[str]:
+        """Launch what an ASG is missing at once (after its capacity fault is cleared); the new ids."""
+        with self.lock:
+            group = self.find_group(asg_name)
+            if group is None or self.engine is None:
+                return []
+            before = {s.instance.id for s in group.instance_states}
+            self.engine.reconcile(group)
+            return [s.instance.id for s in group.instance_states if s.instance.id not in before]
+
     def reclaim_instance(self, instance_id: str) -> dict[str, Any]:
         """Terminate an instance behind everyone's back, as when AWS reclaims a spot instance.
 
-        An ASG member also leaves its ASG, with the desired capacity unchanged, so moto's ASG
-        launches a replacement (unless the ASG's capacity fault is armed). Raises moto's
+        An ASG member also leaves its ASG, with the desired capacity unchanged, so the ASG launches
+        a replacement (unless a capacity fault takes the launch). Raises moto's
         InvalidInstanceIdError for an unknown id.
         """
-        with self.observe(Trigger(RECLAIM)) as observation:
+        with self.lock:
+            found = self.find_member(instance_id)
+            group = found[0] if found else None
+            before = {s.instance.id for s in group.instance_states} if group else set()
             self.ec2().terminate_instances([instance_id])
             self.autoscaling().notify_terminate_instances([instance_id])
-        asg = next((name for name, ids in observation.terminated.items() if instance_id in ids), None)
-        return {
-            "id": instance_id,
-            "asg": asg,
-            "replacements": observation.launched.get(asg, []) if asg else [],
-        }
+            replacements = (
+                [s.instance.id for s in group.instance_states if s.instance.id not in before] if group else []
+            )
+        return {"id": instance_id, "asg": group.name if group else None, "replacements": replacements}
 
     def describe_group(self, name: str) -> dict[str, Any] | None:
         with self.lock:
             group = self.find_group(name)
             if group is None:
                 return None
+            tokens = self.engine.lifecycle_tokens(group.name) if self.engine else {}
             return {
                 "name": group.name,
                 "desired": group.desired_capacity,
@@ -494,6 +273,7 @@ class MotoWorld:
                 "max": group.max_size,
                 "capacity_type": group_capacity_type(group),
                 "capacity_fault": self.capacity_faults.is_armed(group.name),
+                "timing": self.engine.timing(group.name).to_json() if self.engine else None,
                 "tags": tag_dict(group.tags),
                 "instances": [
                     {
@@ -503,6 +283,8 @@ class MotoWorld:
                         "availability_zone": s.instance.placement.zone,
                         "private_dns_name": s.instance.private_dns_name,
                         "state": s.instance.state,
+                        "protected_from_scale_in": bool(s.protected_from_scale_in),
+                        "lifecycle_action_token": tokens.get(s.instance.id),
                     }
                     for s in group.instance_states
                 ],
@@ -511,10 +293,12 @@ class MotoWorld:
     # -- the node bridge's view -----------------------------------------------------------------
 
     def node_candidates(self) -> list[InstanceView]:
-        """Running instances that should be Nodes: standalone ones, and InService ASG members.
+        """Running instances that should be Nodes: standalone ones, and InService ASG members (and
+        Terminating ones, marked ``leaving``: their Node stays until the instance is gone).
 
         An instance that was ever an ASG member (moto keeps ``instance.autoscaling_group``) counts
-        only while it is an InService member of that live ASG: once it leaves it, its Node goes.
+        only while it is a member of that live ASG: once it leaves it, its Node goes. A Pending
+        instance has no Node yet.
         """
         with self.lock:
             backend = self.autoscaling()
@@ -523,18 +307,22 @@ class MotoWorld:
                 if instance.state != "running" or not instance.private_ip:
                     continue
                 group = getattr(instance, "autoscaling_group", None)
-                if group is not None and not self._in_service(backend, group, instance.id):
-                    continue
-                views.append(self._view(instance, group))
+                leaving = False
+                if group is not None:
+                    lifecycle = self._lifecycle(backend, group, instance.id)
+                    if lifecycle not in ("InService", *LEAVING):
+                        continue
+                    leaving = lifecycle in LEAVING
+                views.append(self._view(instance, group, leaving))
             return views
 
     @staticmethod
-    def _in_service(backend: AutoScalingBackend, group: FakeAutoScalingGroup, instance_id: str) -> bool:
+    def _lifecycle(backend: AutoScalingBackend, group: FakeAutoScalingGroup, instance_id: str) -> str | None:
         if backend.autoscaling_groups.get(group.name) is not group:
-            return False
-        return any(s.instance.id == instance_id and s.lifecycle_state == "InService" for s in group.instance_states)
+            return None
+        return next((s.lifecycle_state for s in group.instance_states if s.instance.id == instance_id), None)
 
-    def _view(self, instance: Instance, group: FakeAutoScalingGroup | None) -> InstanceView:
+    def _view(self, instance: Instance, group: FakeAutoScalingGroup | None, leaving: bool = False) -> InstanceView:
         if group is not None:
             capacity_type = group_capacity_type(group, instance)
             asg_tags = tag_dict(group.tags)
@@ -552,4 +340,6 @@ class MotoWorld:
             asg_name=group.name if group is not None else None,
             asg_tags=asg_tags,
             capacity_type=capacity_type,
+            boot_delay=self.engine.timing(group.name).boot_delay if self.engine and group is not None else None,
+            leaving=leaving,
         )
