@@ -20,7 +20,7 @@ use super::{
     reconcile::{Context, Error, Result, SCALE_DOWN_DISABLED, lock, old_instance, write_record},
     record::{Drain, DrainTrigger, Phase, Replacement, SeatState},
 };
-use crate::node;
+use crate::{keys, node};
 
 /// Evictions asked per reconcile at most, so one step stays short.
 const MAX_EVICTIONS_PER_STEP: usize = 20;
@@ -47,15 +47,26 @@ pub async fn lifecycle(node: &Node, ctx: &Context) -> Result<Option<Duration>> {
     }
     let stored = ctx.written(node);
     let phase = stored.as_ref().map(|(phase, _)| *phase);
-    let Some(trigger) =
-        lifecycle::drain_trigger(node::annotations(node), phase, ctx.settings.drain_after_taint)
-    else {
+    let annotations = node::annotations(node);
+    let Some(trigger) = lifecycle::drain_trigger(annotations, phase, ctx.settings.drain_after_taint) else {
+        if annotations.contains_key(keys::DRAIN_REQUESTED) && !phase.is_some_and(Phase::is_finished) {
+            // The node itself can write the request: without a record saying this controller
+            // tainted it (its replacement Ready), it evicts nothing.
+            let note = format!(
+                "{} ignored: the node is not tainted by spot-rebalancer with a Ready replacement (phase {}); \
+                 nothing is evicted",
+                keys::DRAIN_REQUESTED,
+                phase.map_or("none".to_owned(), |p| p.to_string())
+            );
+            ctx.event(node, EventType::Normal, "DrainRequestIgnored", note)
+                .await;
+        }
         return Ok(None);
     };
     let now = Timestamp::now();
-    // A drain the webhook asked for on a node without a notice gets a record of its own.
-    let (mut phase, mut record) =
-        stored.unwrap_or_else(|| (Phase::Draining, Replacement::new(String::new(), None, now)));
+    let Some((mut phase, mut record)) = stored else {
+        return Ok(None);
+    };
     let starting = record.drain.is_none();
     if starting {
         record.drain = Some(Drain {
