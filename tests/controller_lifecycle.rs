@@ -456,7 +456,7 @@ async fn a_drain_request_counts_only_once_the_record_says_the_node_was_tainted()
     // A notice: replaced and tainted by the controller, the standing request now drains the node
     // (without --drain-after-taint) and it is retired.
     t.notice(&old).await;
-    let retired = t.wait_for_phase(&old, phase::RETIRED, FLOW).await;
+    let retired = t.wait_for_any_phase(&old, &[phase::RETIRED], FLOW).await;
     assert!(lifecycle::ready_pods(&t.bed, &ns.name, "api").await.is_empty());
     assert_eq!(controller.metric(EVICTIONS, &[("result", "evicted")]).await, 2.0);
     assert!(record_of_drain_completed(&retired), "{:?}", record(&retired).raw);

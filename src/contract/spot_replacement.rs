@@ -29,11 +29,11 @@ use super::record::{Phase, Replacement, Seat};
     derive = "PartialEq",
     doc = "spot-rebalancer's record of one noticed spot instance: its replacement, the capacity \
            it asked for and what became of it. Written only by the controller.",
-    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
-    printcolumn(name = "Instance", type_ = "string", json_path = ".spec.instanceId"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Replacement", type_ = "string", json_path = ".status.replacementNode"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"}"#,
+    printcolumn = r#"{"name": "Instance", "type": "string", "jsonPath": ".spec.instanceId"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Replacement", "type": "string", "jsonPath": ".status.replacementNode"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SpotReplacementSpec {

@@ -300,7 +300,7 @@ impl Context {
                     .all_nodes
                     .get(&ObjectRef::new(&object.spec.node_name))
                     .is_some_and(|node| node::instance_id(&node) == Some(object.spec.instance_id.as_str()));
-                present.then(|| (object.spec.node_name, (status.phase, status.record)))
+                present.then_some((object.spec.node_name, (status.phase, status.record)))
             })
             .collect()
     }

@@ -1077,19 +1077,20 @@ impl TaintOrderWatch {
         let watched = state.clone();
         let task = tokio::spawn(async move {
             enum Seen {
-                Node(watcher::Event<Node>),
-                Record(watcher::Event<DynamicObject>),
+                Node(Box<watcher::Event<Node>>),
+                Record(Box<watcher::Event<DynamicObject>>),
             }
-            let node_events =
-                watcher(nodes, watcher::Config::default().labels(&selector)).map(|e| e.map(Seen::Node));
-            let record_events = watcher(records, watcher::Config::default()).map(|e| e.map(Seen::Record));
+            let node_events = watcher(nodes, watcher::Config::default().labels(&selector))
+                .map(|e| e.map(|event| Seen::Node(Box::new(event))));
+            let record_events = watcher(records, watcher::Config::default())
+                .map(|e| e.map(|event| Seen::Record(Box::new(event))));
             let mut events = futures::stream::select(node_events, record_events).boxed();
             let (mut nodes_synced, mut records_synced) = (false, false);
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { continue };
                 let mut state = watched.lock().unwrap();
                 match event {
-                    Seen::Node(event) => match event {
+                    Seen::Node(event) => match *event {
                         watcher::Event::Init => state.nodes.clear(),
                         watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
                             state.nodes.insert(name_of(&node), node);
@@ -1099,7 +1100,7 @@ impl TaintOrderWatch {
                         }
                         watcher::Event::InitDone => nodes_synced = true,
                     },
-                    Seen::Record(event) => match event {
+                    Seen::Record(event) => match *event {
                         watcher::Event::InitApply(record) | watcher::Event::Apply(record) => {
                             let name = record.metadata.name.clone().unwrap_or_default();
                             state.records.insert(name, record.data.clone());
