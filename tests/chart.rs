@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::{
     Bed, eventually,
-    identity::{NAMESPACE, Role, can_i, can_i_named, kubectl_as},
+    identity::{NAMESPACE, Role, can_i, kubectl_as},
     webhook::KwokNode,
 };
 
@@ -89,31 +89,55 @@ async fn the_controller_may_do_what_replacing_and_draining_needs_and_nothing_els
             ("create", "events.events.k8s.io", Some("kube-system"), false),
             ("get", "secrets", Some(NAMESPACE), false),
             ("list", "poddisruptionbudgets.policy", None, false),
-            // The capacity ledger: a ConfigMap is created once in its own namespace, then only its
-            // own is read and patched; no list, no watch, no delete, no other namespace.
-            ("create", "configmaps", Some(NAMESPACE), true),
-            ("list", "configmaps", Some(NAMESPACE), false),
-            ("watch", "configmaps", Some(NAMESPACE), false),
-            ("create", "configmaps", Some("kube-system"), false),
+            // The records: SpotReplacements in its own namespace only; the status written with its
+            // resourceVersion (update), never patched; no other namespace; no ConfigMaps at all.
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "list",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "watch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "delete",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "patch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some("kube-system"),
+                false,
+            ),
+            ("list", "spotreplacements.spot-rebalancer.io", None, false),
+            ("create", "configmaps", Some(NAMESPACE), false),
             ("get", "configmaps", None, false),
         ],
     );
-    let ledger = "spot-rebalancer-controller-capacity";
-    for (verb, name, allowed) in [
-        ("get", ledger, true),
-        ("patch", ledger, true),
-        ("delete", ledger, false),
-        ("update", ledger, false),
-        ("get", "kube-root-ca.crt", false),
-        ("patch", "someone-elses-config", false),
-    ] {
-        assert_eq!(
-            can_i_named(&bed, Role::Controller, verb, "configmaps", name, NAMESPACE),
-            allowed,
-            "the controller {} {verb} configmaps/{name} in {NAMESPACE}",
-            if allowed { "may" } else { "must not" }
-        );
-    }
 }
 
 #[tokio::test]

@@ -207,3 +207,36 @@ async fn a_scale_up_failing_again_and_again_warns_on_the_node_once_and_goes_on_w
         "one Warning for one streak of failures: {warnings:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interruption_taints_at_once_while_every_aws_call_fails() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let t = Scenario::new("aws-down").await;
+    let spot = t.spot_asg("spot", 1, 5).await;
+    let old_node = t.ready_nodes(&spot, 1).await.remove(0);
+    let old = name_of(&old_node);
+    let mut controller = t.start_controller(&[]);
+    controller.wait_ready().await;
+
+    // AWS answers every call with a 5xx; then the spot interruption notice arrives. The node dies in
+    // two minutes whatever AWS does, so it is tainted at once, before any AWS call succeeds.
+    t.arm_errors("server", 1.0, 100_000, 4).await;
+    t.interruption(&old).await;
+    let tainted = t.wait_for_taint(&old, Duration::from_secs(30)).await;
+    t.wait_for_event(&old, "a TaintedOnInterruption Event", |e| {
+        e.reason == "TaintedOnInterruption"
+    })
+    .await;
+    let injected = t.injected_errors().await;
+    t.bed.clear_errors().await;
+    assert!(
+        injected >= 1,
+        "no AWS call was refused: the scenario tested nothing"
+    );
+    assert!(support::controller::termination_taint(&tainted).is_some());
+    assert!(
+        t.set_desired_calls(&spot).await.is_empty(),
+        "a scale-up went through while every call failed"
+    );
+    assert!(controller.is_running());
+}

@@ -145,6 +145,7 @@ fn scaling_record() -> Replacement {
         target_desired: 3,
         pre_scale_instances: vec!["i-0aaa".into(), "i-0bbb".into()],
         scale_requested_at: at("2026-11-25T10:00:02Z"),
+        activity_ids: Vec::new(),
     });
     record
 }

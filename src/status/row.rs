@@ -319,10 +319,10 @@ pub(crate) mod tests {
     #[test]
     fn the_replacement_is_its_node_else_its_instance() {
         let claimed = row(json!({keys::PHASE: "AwaitingReady",
-            keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new"}))}));
+            keys::REPLACEMENT: record_json(json!({"replacementInstance": "i-0new"}))}));
         assert_eq!(claimed.replacement_cell(), "i-0new");
         let named = row(json!({keys::PHASE: "Tainted",
-            keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new", "node": "ip-10-0-0-9"}))}));
+            keys::REPLACEMENT: record_json(json!({"replacementInstance": "i-0new", "replacementNode": "ip-10-0-0-9"}))}));
         assert_eq!(named.replacement_cell(), "ip-10-0-0-9");
         assert_eq!(named.state, State::Phase(Phase::Tainted));
         assert_eq!(

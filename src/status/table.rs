@@ -129,7 +129,7 @@ mod tests {
         let tainted = node(
             "ip-10-0-0-1.ec2.internal",
             json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z", keys::PHASE: "Tainted",
-                   keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new", "node": "ip-10-0-0-9.ec2.internal"}))}),
+                   keys::REPLACEMENT: record_json(json!({"replacementInstance": "i-0new", "replacementNode": "ip-10-0-0-9.ec2.internal"}))}),
             Some("NoSchedule"),
             true,
         );

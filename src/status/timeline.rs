@@ -322,7 +322,7 @@ mod tests {
     fn the_whole_flow_reads_in_order_with_times_since_the_notice() {
         let record = with(
             scaling(),
-            json!({"onDemandAsg": "od-a", "instanceId": "i-0new", "node": "n9",
+            json!({"onDemandAsg": "od-a", "replacementInstance": "i-0new", "replacementNode": "n9",
                    "claimedAt": "2026-11-25T10:00:05Z", "readyAt": "2026-11-25T10:00:07Z",
                    "taintedAt": "2026-11-25T10:00:07.25Z"}),
         );
@@ -364,7 +364,7 @@ mod tests {
     fn the_end_of_life_follows_the_taint() {
         let record = with(
             scaling(),
-            json!({"instanceId": "i-0new", "claimedAt": "2026-11-25T10:00:05Z", "taintedAt": "2026-11-25T10:00:07Z",
+            json!({"replacementInstance": "i-0new", "claimedAt": "2026-11-25T10:00:05Z", "taintedAt": "2026-11-25T10:00:07Z",
                    "instanceAsg": "spot-a",
                    "drain": {"trigger": "interruption", "startedAt": "2026-11-25T10:00:20Z",
                              "completedAt": "2026-11-25T10:00:24.5Z"},
