@@ -14,7 +14,7 @@ use kube::{
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::backoff;
+use crate::backoff::{self, Backoff};
 
 /// An annotation key the policy does not let the agent write: the probe tries to set it.
 pub const PROBE_KEY: &str = "spot-rebalancer.io/admission-policy-probe";
@@ -124,7 +124,7 @@ async fn prove(nodes: Api<Node>, node: &str, wait: Duration) -> Result<(), Error
     };
     let probe = json!({"metadata": {"annotations": {PROBE_KEY: "must be refused"}}});
     let mut first_answered = None;
-    let mut unanswered = 0;
+    let mut unanswered = Backoff::new(backoff::exponential(RETRY, RETRY_MAX));
     loop {
         let answer = nodes.patch(node, &params, &Patch::Merge(&probe)).await;
         let not_refused = match outcome(answer.map(drop)) {
@@ -138,14 +138,14 @@ async fn prove(nodes: Api<Node>, node: &str, wait: Duration) -> Result<(), Error
             Outcome::Allowed => "allowed".to_owned(),
             Outcome::RefusedOtherwise(why) => why,
             Outcome::Unanswered(why) => {
-                unanswered += 1;
-                tracing::warn!(node, error = %why, consecutive_failures = unanswered,
+                let wait = unanswered.failed().unwrap_or(RETRY_MAX);
+                tracing::warn!(node, error = %why, consecutive_failures = unanswered.failures(),
                                "cannot check the agent's admission policy yet; retrying");
-                tokio::time::sleep(backoff::jittered(RETRY, RETRY_MAX, unanswered)).await;
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
-        unanswered = 0;
+        unanswered.succeeded();
         let since = *first_answered.get_or_insert_with(tokio::time::Instant::now);
         if since.elapsed() >= wait {
             return Err(Error::NotEnforced {
