@@ -331,7 +331,7 @@ async fn lead_and_reconcile(
         records_api,
         watcher::Config::default().labels(&records::selector(&args.lease_name)),
     )
-    .default_backoff()
+    .backoff(crate::kube_config::watch_backoff())
     .reflect(records_writer)
     .applied_objects();
     let (records_failed, mut records_error) = tokio::sync::watch::channel(None::<String>);

@@ -133,10 +133,10 @@ pub fn plan_drain(pods: &[PodFacts], limit: usize, step: usize) -> DrainPlan {
 }
 
 /// The wait before the next eviction round after `blocked_rounds` rounds in a row in which every
-/// eviction was refused (429 from a PDB): 1 s, doubling, at most 30 s.
+/// eviction was refused (429 from a PDB): a ceiling of 1 s, doubling, at most 30 s, with jitter
+/// ([`crate::backoff`]).
 pub fn eviction_backoff(blocked_rounds: u32) -> Duration {
-    let factor = 2u32.saturating_pow(blocked_rounds.saturating_sub(1).min(16));
-    (BACKOFF_FIRST * factor).min(BACKOFF_MAX)
+    crate::backoff::nth_wait(BACKOFF_FIRST, BACKOFF_MAX, blocked_rounds)
 }
 
 /// Whether a drain started at `started_at` has run past `timeout`.
@@ -507,11 +507,12 @@ mod tests {
 
     #[test]
     fn blocked_evictions_back_off_doubling_up_to_thirty_seconds() {
-        assert_eq!(eviction_backoff(0), Duration::from_secs(1));
-        assert_eq!(eviction_backoff(1), Duration::from_secs(1));
-        assert_eq!(eviction_backoff(3), Duration::from_secs(4));
-        assert_eq!(eviction_backoff(10), Duration::from_secs(30));
-        assert_eq!(eviction_backoff(u32::MAX), Duration::from_secs(30));
+        let second = Duration::from_secs(1);
+        for (rounds, ceiling) in [(0, 1), (1, 1), (3, 4), (10, 30), (u32::MAX, 30)] {
+            let wait = eviction_backoff(rounds);
+            let ceiling = ceiling * second;
+            assert!((ceiling / 2..=ceiling).contains(&wait), "{rounds}: {wait:?}");
+        }
     }
 
     #[test]

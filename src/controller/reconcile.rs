@@ -151,14 +151,13 @@ fn count_failure(streaks: &mut HashMap<String, Streak>, node: &str, kind: &'stat
     streak.failures
 }
 
-/// The wait before retrying a node whose reconciles failed `failures` times in a row: 2 s, doubling,
-/// at most 30 s, so a lasting failure (a missing permission, AWS throttling) is not hammered. A
-/// change of the Node (an interruption notice) still reconciles it at once.
+/// The wait before retrying a node whose reconciles failed `failures` times in a row: a ceiling of
+/// 2 s, doubling, at most 30 s, with jitter (the project's one backoff, [`crate::backoff`]), so a
+/// lasting failure (a missing permission, AWS throttling) is not hammered and nodes that failed
+/// together do not retry in step. A change of the Node (an interruption notice) still reconciles it
+/// at once.
 fn retry_after(failures: u32) -> Duration {
-    const FIRST: Duration = Duration::from_secs(2);
-    const LONGEST: Duration = Duration::from_secs(30);
-    let doublings = failures.saturating_sub(1).min(8);
-    (FIRST * 2u32.pow(doublings)).min(LONGEST)
+    crate::backoff::nth_wait(Duration::from_secs(2), Duration::from_secs(30), failures)
 }
 
 /// Failed reconciles in a row (each after the AWS SDK's own retries) before a Warning Event: a
@@ -617,10 +616,7 @@ pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action
     let kind = error.metric_label();
     ctx.metrics.reconcile_errors.with_label_values(&[kind]).inc();
     let failures = ctx.failed(&node.name_any(), kind);
-    let jitter = Duration::from_millis(u64::from(
-        Timestamp::now().subsec_nanosecond().unsigned_abs() % 1000,
-    ));
-    let wait = retry_after(failures) + jitter;
+    let wait = retry_after(failures);
     if failures == FAILURES_BEFORE_WARNING {
         // Operators look at the node, not at the controller's log: say there what keeps failing.
         let note = format!(
@@ -1391,9 +1387,13 @@ mod tests {
 
     #[test]
     fn retries_back_off_from_2_s_to_at_most_30_s() {
-        let waits: Vec<u64> = (1..=7).map(|n| retry_after(n).as_secs()).collect();
-        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30]);
-        assert_eq!(retry_after(u32::MAX), Duration::from_secs(30));
+        let ceilings = [2, 4, 8, 16, 30, 30, 30];
+        for (failures, ceiling) in (1..=7).zip(ceilings) {
+            let wait = retry_after(failures);
+            let ceiling = Duration::from_secs(ceiling);
+            assert!((ceiling / 2..=ceiling).contains(&wait), "{failures}: {wait:?}");
+        }
+        assert!(retry_after(u32::MAX) <= Duration::from_secs(30));
     }
 
     #[test]

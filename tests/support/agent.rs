@@ -3,7 +3,7 @@
 //! that cuts the agent off from the API server and lets it back. Loopback only.
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -22,7 +22,7 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::process::{RoleCommand, RoleProcess};
+use super::process::{BINARY, RoleCommand, RoleProcess};
 use super::{Bed, eventually};
 
 /// The instance id amazon-ec2-metadata-mock serves.
