@@ -9,5 +9,5 @@ pub mod record;
 pub mod spot_replacement;
 
 pub use spot_replacement::{
-    PhaseChange, SpotReplacement, SpotReplacementSpec, SpotReplacementStatus, record_name,
+    PhaseChange, SpotReplacement, SpotReplacementSpec, SpotReplacementStatus, record_name, record_of,
 };

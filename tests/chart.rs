@@ -54,6 +54,37 @@ async fn the_agent_may_read_and_patch_nodes_and_nothing_else() {
             ("get", "pods", None, false),
             ("get", "secrets", Some(NAMESPACE), false),
             ("create", "events.events.k8s.io", Some("default"), false),
+            // The records are the controller's alone: a node's agent neither reads nor writes them.
+            (
+                "get",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "list",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "delete",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
         ],
     );
 }
@@ -134,6 +165,24 @@ async fn the_controller_may_do_what_replacing_and_draining_needs_and_nothing_els
                 false,
             ),
             ("list", "spotreplacements.spot-rebalancer.io", None, false),
+            (
+                "get",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "patch",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                false,
+            ),
             ("create", "configmaps", Some(NAMESPACE), false),
             ("get", "configmaps", None, false),
         ],
@@ -141,7 +190,7 @@ async fn the_controller_may_do_what_replacing_and_draining_needs_and_nothing_els
 }
 
 #[tokio::test]
-async fn the_webhook_may_only_watch_pods_pdbs_and_nodes() {
+async fn the_webhook_may_only_watch_pods_pdbs_nodes_and_the_records() {
     let bed = Bed::connect().await;
     check(
         &bed,
@@ -158,7 +207,115 @@ async fn the_webhook_may_only_watch_pods_pdbs_and_nodes() {
             ("get", "secrets", Some(NAMESPACE), false),
             ("create", "pods/eviction", None, false),
             ("create", "events.events.k8s.io", Some("default"), false),
+            // The order guard reads each node's phase from the controller's records, and only reads.
+            (
+                "get",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "list",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "watch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "patch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "delete",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                false,
+            ),
+            ("list", "spotreplacements.spot-rebalancer.io", None, false),
         ],
+    );
+}
+
+#[tokio::test]
+async fn a_node_can_neither_read_nor_write_the_records() {
+    let bed = Bed::connect().await;
+    // A kubelet's own identity (what a compromised node holds), not the agent's ServiceAccount.
+    for (verb, resource) in [
+        ("get", "spotreplacements.spot-rebalancer.io"),
+        ("list", "spotreplacements.spot-rebalancer.io"),
+        ("create", "spotreplacements.spot-rebalancer.io"),
+        ("update", "spotreplacements.spot-rebalancer.io"),
+        ("delete", "spotreplacements.spot-rebalancer.io"),
+    ] {
+        let output = support::webhook::kubectl(
+            &bed,
+            &[
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "-n",
+                NAMESPACE,
+                "--as",
+                "system:node:chart-node",
+                "--as-group",
+                "system:nodes",
+            ],
+        );
+        assert_eq!(
+            output.stdout.trim(),
+            "no",
+            "a node may {verb} {resource}: {}",
+            output.stderr
+        );
+    }
+    let status = support::webhook::kubectl(
+        &bed,
+        &[
+            "auth",
+            "can-i",
+            "update",
+            "spotreplacements.spot-rebalancer.io",
+            "--subresource",
+            "status",
+            "-n",
+            NAMESPACE,
+            "--as",
+            "system:node:chart-node",
+            "--as-group",
+            "system:nodes",
+        ],
+    );
+    assert_eq!(
+        status.stdout.trim(),
+        "no",
+        "a node may write a record's status: {}",
+        status.stderr
     );
 }
 

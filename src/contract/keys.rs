@@ -18,11 +18,6 @@ pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
 /// Written by the agent: the EC2 instance id of the node.
 pub const INSTANCE_ID: &str = "spot-rebalancer.io/instance-id";
 
-/// Written by the controller for display only (never read back): the node's phase.
-pub const PHASE: &str = "spot-rebalancer.io/phase";
-/// Written by the controller for display only (never read back): the replacement record (JSON).
-pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
-
 /// Label on each `SpotReplacement` naming the Node it was noticed on.
 pub const RECORD_NODE_LABEL: &str = "spot-rebalancer.io/node";
 /// Label on each `SpotReplacement` naming the controller (its lease name) that keeps it.

@@ -7,7 +7,7 @@
 //! everything decided since. Every status write carries the object's resourceVersion: a write
 //! based on an older read (a stale leader's) fails with a conflict, and the writer reads again and
 //! decides again.
-use std::collections::BTreeMap;
+use std::{borrow::Borrow, collections::BTreeMap};
 
 use jiff::Timestamp;
 use kube::CustomResource;
@@ -93,6 +93,44 @@ pub fn record_name(instance: &str) -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     valid.then(|| instance.to_owned())
+}
+
+/// The chart's copy of the CRD (`charts/spot-rebalancer/crds/`, relative to the repository).
+pub const CRD_MANIFEST_PATH: &str = "charts/spot-rebalancer/crds/spotreplacements.spot-rebalancer.io.yaml";
+
+/// The CRD manifest the chart ships: [`SpotReplacement::crd`] as JSON (which is YAML) under a
+/// comment saying where it comes from. A unit test keeps the chart's file equal to it.
+pub fn crd_manifest() -> String {
+    use kube::CustomResourceExt;
+    // A CRD of plain strings, numbers and maps always serializes.
+    let json = serde_json::to_string_pretty(&SpotReplacement::crd()).unwrap_or_default();
+    format!(
+        "# Generated from SpotReplacement::crd() (src/contract/spot_replacement.rs): do not edit.\n\
+         # Regenerate: UPDATE_CRD=1 cargo test --lib the_charts_crd_is_the_types\n{json}\n"
+    )
+}
+
+/// The record of the Node `name` (with uid `uid`, when known) among `records`: one naming that uid,
+/// else, without a uid to compare, the newest naming the Node. A record of an older Node that had
+/// the same name (EKS names nodes by IP) is not this Node's.
+pub fn record_of<R: Borrow<SpotReplacement>>(
+    records: impl IntoIterator<Item = R>,
+    name: &str,
+    uid: Option<&str>,
+) -> Option<R> {
+    records
+        .into_iter()
+        .filter(|record| {
+            let spec = &record.borrow().spec;
+            spec.node_name == name && uid.is_none_or(|uid| spec.node_uid == uid)
+        })
+        .max_by_key(|record| {
+            let record = record.borrow();
+            (
+                record.status.as_ref().map(|status| status.record.detected_at),
+                record.metadata.creation_timestamp.as_ref().map(|time| time.0),
+            )
+        })
 }
 
 /// Labels put on every record: the controller that keeps it (its lease name: two installations in
@@ -209,5 +247,59 @@ mod tests {
         assert_eq!(json["replacementNode"], "n9");
         let back: SpotReplacementStatus = serde_json::from_value(json).unwrap();
         assert_eq!(back, status);
+    }
+
+    fn record(name: &str, node: &str, uid: &str, detected: &str) -> SpotReplacement {
+        let mut record = SpotReplacement::new(
+            name,
+            SpotReplacementSpec {
+                node_name: node.into(),
+                node_uid: uid.into(),
+                instance_id: name.into(),
+            },
+        );
+        record.status = Some(SpotReplacementStatus {
+            phase: Phase::Detected,
+            record: Replacement::new("spot".into(), None, detected.parse().unwrap()),
+            seat: None,
+            history: Vec::new(),
+        });
+        record
+    }
+
+    #[test]
+    fn a_nodes_record_is_the_one_with_its_uid_else_the_newest_with_its_name() {
+        let records = [
+            record("i-00000001", "n1", "uid-old", "2026-12-01T10:00:00Z"),
+            record("i-00000002", "n1", "uid-new", "2026-12-01T11:00:00Z"),
+            record("i-00000003", "n2", "uid-2", "2026-12-01T12:00:00Z"),
+        ];
+        let name = |found: Option<&SpotReplacement>| found.map(|r| r.metadata.name.clone().unwrap());
+        assert_eq!(
+            name(record_of(&records, "n1", Some("uid-old"))).as_deref(),
+            Some("i-00000001")
+        );
+        assert_eq!(
+            name(record_of(&records, "n1", None)).as_deref(),
+            Some("i-00000002")
+        );
+        assert_eq!(name(record_of(&records, "n1", Some("uid-other"))), None);
+        assert_eq!(name(record_of(&records, "n3", None)), None);
+    }
+
+    #[test]
+    fn the_charts_crd_is_the_types() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(CRD_MANIFEST_PATH);
+        let expected = crd_manifest();
+        if std::env::var_os("UPDATE_CRD").is_some() {
+            std::fs::write(&path, &expected).unwrap();
+        }
+        let chart = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            chart == expected,
+            "{} differs from SpotReplacement::crd(); regenerate it with \
+             `UPDATE_CRD=1 cargo test --lib the_charts_crd_is_the_types`",
+            path.display()
+        );
     }
 }
