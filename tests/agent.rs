@@ -210,7 +210,9 @@ async fn the_chart_places_an_agent_on_an_opted_in_node_with_an_unrelated_taint()
         .patch(
             &node.name,
             &PatchParams::default(),
+            // `kubernetes.io/os` as every kubelet sets it: the chart's default nodeSelector.
             &Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                "kubernetes.io/os": "linux",
                 "spot-rebalancer.io/enabled": "true",
                 "spot-rebalancer.io/e2e-placement": placement,
             }}})),

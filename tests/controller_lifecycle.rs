@@ -361,6 +361,8 @@ async fn each_phase_is_posted_to_the_notification_webhook_whose_url_is_never_log
         "--drain-after-taint",
         "--notify-url-file",
         url_file.to_str().unwrap(),
+        "--notify-ca-file",
+        sink.ca_file.to_str().unwrap(),
     ]);
     controller.wait_ready().await;
     t.notice(&old).await;
@@ -382,10 +384,16 @@ async fn each_phase_is_posted_to_the_notification_webhook_whose_url_is_never_log
         "Draining",
         "Retired",
     ] {
-        let wanted = format!("spot-rebalancer: node {old} is {phase}");
+        // `spot-rebalancer: node N (INSTANCE, ASG A) is PHASE[: reason]`
+        let (node, wanted) = (
+            format!("spot-rebalancer: node {old} ({old_instance}, ASG "),
+            format!(" is {phase}"),
+        );
         assert!(
-            texts.iter().any(|text| text.starts_with(&wanted)),
-            "no {wanted:?} in {texts:?}"
+            texts
+                .iter()
+                .any(|text| text.starts_with(&node) && text.contains(&wanted)),
+            "no {node:?}…{wanted:?} in {texts:?}"
         );
     }
     assert!(

@@ -90,7 +90,11 @@ async fn webhook_serves_admin_endpoints_and_stops_on_sigterm() {
         key.to_str().unwrap(),
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
+        // Its Role on the controller's records is in the release namespace.
+        "--records-namespace",
+        support::identity::NAMESPACE,
     ];
+    support::identity::install_records(&bed);
     serves_admin_endpoints_and_stops_on_sigterm("webhook", &args).await;
 }
 

@@ -315,12 +315,17 @@ impl Drop for DisruptionWatch {
     }
 }
 
-/// A Slack-compatible webhook on loopback that keeps the `text` of every post it gets.
+/// A Slack-compatible webhook on loopback (HTTPS, a certificate of a test CA) that keeps the `text`
+/// of every post it gets.
 pub struct NotificationSink {
     /// The URL to post to; its path stands for the secret token a real webhook URL carries.
     pub url: String,
+    /// The test CA's certificate (PEM), for `--notify-ca-file`.
+    pub ca_file: std::path::PathBuf,
     texts: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
+    _certs: super::webhook::TestCerts,
+    _dir: tempfile::TempDir,
 }
 
 impl NotificationSink {
@@ -338,12 +343,28 @@ impl NotificationSink {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/services/{token}", listener.local_addr().unwrap());
+        let certs = super::webhook::TestCerts::new();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &certs.ca_pem).unwrap();
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(certs.cert_path(), certs.key_path())
+            .await
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("https://{}/services/{token}", listener.local_addr().unwrap());
+        let server = axum_server::from_tcp_rustls(listener, tls).unwrap();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = server.serve(app.into_make_service()).await;
         });
-        NotificationSink { url, texts, task }
+        NotificationSink {
+            url,
+            ca_file,
+            texts,
+            task,
+            _certs: certs,
+            _dir: dir,
+        }
     }
 
     pub fn texts(&self) -> Vec<String> {
