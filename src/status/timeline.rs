@@ -58,10 +58,15 @@ pub fn steps(row: &Row) -> Vec<Step> {
             "detected",
             Some(record.detected_at),
             Phase::Detected,
-            format!(
-                "controller took it: spot ASG {}, on-demand fallback {fallback}",
-                record.spot_asg
-            ),
+            // A node skipped before its ASG was known (no ASG, an ASG not opted in) has none to name.
+            if record.spot_asg.is_empty() {
+                "controller looked at it".to_owned()
+            } else {
+                format!(
+                    "controller took it: spot ASG {}, on-demand fallback {fallback}",
+                    record.spot_asg
+                )
+            },
         ));
         for (index, abandoned) in record.abandoned.iter().enumerate() {
             steps.push(scale_step(index, &abandoned.scale));
@@ -476,6 +481,18 @@ mod tests {
             (last.phase.as_str(), last.text.as_str(), last.at),
             ("Skipped", "i-0old is in no ASG", None)
         );
+    }
+
+    #[test]
+    fn a_node_skipped_before_its_asg_was_known_names_no_asg() {
+        let row = recorded(
+            json!({keys::REBALANCE_NOTICE_TIME: NOTICE}),
+            "Skipped",
+            json!({"spotAsg": "", "reason": "its ASG is not opted in"}),
+            None,
+        );
+        let texts: Vec<String> = steps(&row).into_iter().map(|step| step.text).collect();
+        assert_eq!(texts[1..], ["controller looked at it", "its ASG is not opted in"]);
     }
 
     #[test]
