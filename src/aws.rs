@@ -155,6 +155,8 @@ pub struct Activity {
     pub status: String,
     pub description: String,
     pub status_message: String,
+    /// Why AWS started it, e.g. "… changing the desired capacity from 3 to 4 …".
+    pub cause: String,
     pub start_time: Option<Timestamp>,
 }
 
@@ -343,6 +345,7 @@ impl AutoScaling {
                 status: a.status_code().map(|s| s.as_str().to_owned()).unwrap_or_default(),
                 description: a.description().unwrap_or_default().to_owned(),
                 status_message: a.status_message().unwrap_or_default().to_owned(),
+                cause: a.cause().unwrap_or_default().to_owned(),
                 start_time: a
                     .start_time()
                     .and_then(|t| Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok()),

@@ -24,6 +24,17 @@ pub fn exponential(first: Duration, max: Duration) -> ExponentialBuilder {
         .without_max_times()
 }
 
+/// The wait after the `failures`-th consecutive failure (the first counts as 1), for callers that
+/// keep the count themselves: drawn as [`exponential`]`(first, max)` draws it.
+pub fn nth_wait(first: Duration, max: Duration, failures: u32) -> Duration {
+    // Past 32 doublings every ceiling is `max` anyway.
+    let index = failures.clamp(1, 32) as usize - 1;
+    exponential(first, max)
+        .build()
+        .nth(index)
+        .unwrap_or(max.max(first))
+}
+
 /// A retry loop's state: the next wait after each consecutive failure, back to the start on success.
 #[derive(Debug)]
 pub struct Backoff {
@@ -105,6 +116,21 @@ mod tests {
         let last = (0..10_000).map(|_| backoff.failed().unwrap()).last().unwrap();
         assert!((15 * SECOND..=30 * SECOND).contains(&last), "{last:?}");
         assert_eq!(backoff.failures(), 10_000);
+    }
+
+    #[test]
+    fn the_nth_wait_is_drawn_like_the_nth_of_a_loop() {
+        for (failures, ceiling) in [(0, 2), (1, 2), (2, 4), (4, 16), (5, 30), (u32::MAX, 30)] {
+            let ceiling = ceiling * SECOND;
+            for _ in 0..50 {
+                let wait = nth_wait(2 * SECOND, 30 * SECOND, failures);
+                assert!(
+                    (ceiling / 2..=ceiling).contains(&wait),
+                    "failure {failures}: {wait:?} outside [{:?}, {ceiling:?}]",
+                    ceiling / 2
+                );
+            }
+        }
     }
 
     #[test]

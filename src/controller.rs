@@ -6,20 +6,22 @@
 //! size.
 //!
 //! Two replicas run; the one holding the Lease acts (the other waits, ready to take over). State
-//! lives on the Nodes ([`record`]) and, for what must outlive them, in a capacity [`ledger`];
-//! decisions are pure functions ([`decide`], [`lifecycle`]), and the reconciler ([`reconcile`],
+//! lives in one `SpotReplacement` per noticed instance ([`records`]), which only the controller
+//! writes and which outlives the Node; decisions are pure functions ([`decide`], [`lifecycle`]), and the reconciler ([`reconcile`],
 //! [`drain`]) and the sweeper ([`reclaim`]) fetch, act and record.
 pub mod audit;
 pub mod census;
 pub mod decide;
 pub mod drain;
-pub mod ledger;
 pub mod lifecycle;
 pub mod metrics;
+pub mod node_input;
 pub mod notify;
 pub mod reclaim;
 pub mod reconcile;
-pub mod record;
+pub mod records;
+/// The record's types live in the shared contract; kept here at their old path.
+pub use crate::contract::record;
 
 use std::{sync::Arc, time::Duration};
 
@@ -42,6 +44,7 @@ use crate::{
     admin,
     aws::AutoScaling,
     cli::AdminArgs,
+    contract::SpotReplacement,
     fence::{Fence, FencedWrites},
     keys,
     node::OptInLabel,
@@ -63,8 +66,6 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("lost the leader lease {0}; exiting so a fresh process can compete for it")]
     LostLease(String),
-    #[error(transparent)]
-    Ledger(#[from] ledger::Error),
     #[error(transparent)]
     Notify(#[from] notify::Error),
 }
@@ -134,6 +135,12 @@ pub struct Args {
     #[arg(long, env = "DRAIN_AFTER_TAINT", default_value_t = false)]
     pub drain_after_taint: bool,
 
+    /// Detect, decide and report what would be done ("would raise spot-a 3 → 4") as Events, logs,
+    /// metrics and records, with no Auto Scaling call, no taint and no eviction: to pilot the
+    /// controller next to another tool.
+    #[arg(long, env = "DRY_RUN", default_value_t = false)]
+    pub dry_run: bool,
+
     /// A drain not done after this long raises a Warning Event (evictions go on; nothing is forced).
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
     pub drain_timeout: Duration,
@@ -200,6 +207,7 @@ impl Args {
             nodegroup_label: self.nodegroup_label.clone(),
             drain_after_taint: self.drain_after_taint,
             drain_timeout: signed(self.drain_timeout),
+            dry_run: self.dry_run,
         }
     }
 }
@@ -315,11 +323,51 @@ async fn lead_and_reconcile(
     // opted-in ones drive the controller.
     let nodes: Api<Node> = Api::all(client.clone());
     let (all_nodes, writer) = reflector::store();
-    // What this controller added per noticed instance, next to its Lease: it outlives the Nodes.
-    let ledger_name = format!("{}-capacity", args.lease_name);
-    let capacity = ledger::Ledger::load(client.clone(), &args.lease_namespace, &ledger_name)
-        .await
-        .map_err(Error::from)?;
+    // The records (one SpotReplacement per noticed instance, in the controller's namespace): a
+    // watch cache of this controller's, filled before any decision is taken from it.
+    let (records_cache, records_writer) = reflector::store();
+    let records_api: Api<SpotReplacement> = Api::namespaced(client.clone(), &args.lease_namespace);
+    let records_watch = watcher(
+        records_api,
+        watcher::Config::default().labels(&records::selector(&args.lease_name)),
+    )
+    .backoff(crate::kube_config::watch_backoff())
+    .reflect(records_writer)
+    .applied_objects();
+    let (records_failed, mut records_error) = tokio::sync::watch::channel(None::<String>);
+    let records_task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            futures::pin_mut!(records_watch);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    next = records_watch.next() => match next {
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => {
+                            warn!(%error, "watching the SpotReplacement records");
+                            let _ = records_failed.send(Some(error.to_string()));
+                        }
+                        None => return,
+                    }
+                }
+            }
+        })
+    };
+    tokio::select! {
+        _ = records_cache.wait_until_ready() => {}
+        _ = stop.cancelled() => {}
+        _ = records_error.changed() => {
+            warn!("the SpotReplacement records cannot be read yet (is the CRD installed?); still trying");
+            let _ = records_cache.wait_until_ready().await;
+        }
+    }
+    let records = records::Records::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        records_cache,
+    );
     let ctx = Arc::new(Context::new(
         client,
         evictions,
@@ -328,7 +376,7 @@ async fn lead_and_reconcile(
         recorder,
         metrics,
         all_nodes.clone(),
-        capacity,
+        records,
         notifier,
     ));
     // Set when the Node cache has its first full list. (`Store::wait_until_ready` is no use here:
@@ -348,6 +396,7 @@ async fn lead_and_reconcile(
         })
     };
     let census = tokio::spawn(census::keep_counting(ctx.clone(), stop.clone()));
+    // A dry run adds no capacity, so it has no seat to give back.
     let sweeper = tokio::spawn(reclaim::sweep_until(ctx.clone(), stop.clone(), synced.clone()));
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let waker_ctx = ctx.clone();
@@ -399,6 +448,7 @@ async fn lead_and_reconcile(
     let _ = audit.await;
     let _ = census.await;
     let _ = sweeper.await;
+    let _ = records_task.await;
     let leader = lease_watch
         .await
         .map_err(|_| Error::LostLease(args.lease_name.clone()))?;

@@ -11,10 +11,12 @@ pub mod agent;
 pub mod aws;
 pub mod backoff;
 pub mod cli;
+pub mod contract;
 pub mod controller;
 pub mod fence;
 pub mod imds;
-pub mod keys;
+/// The keys, at their old path: `crate::keys` is `crate::contract::keys`.
+pub use contract::keys;
 pub mod kube_config;
 pub mod lease;
 pub mod node;

@@ -3,7 +3,8 @@
 //! replacement, taint, age since the notice, readiness and, for Failed/Skipped, the reason. `-o json`
 //! for scripts; `--watch` prints each node's steps as they happen, timed from its notice.
 //!
-//! Everything is read from the Nodes (the controller keeps its state there); the rows
+//! Read from the Nodes (the agent's notices, taints, readiness) and the controller's
+//! `SpotReplacement` records in its namespace (phase, replacement, every step's time); the rows
 //! ([`row`]), the table ([`table`]) and the watch's steps ([`timeline`]) are pure functions.
 pub mod row;
 pub mod table;
@@ -17,7 +18,7 @@ use std::{
 };
 
 use clap::{Args as ClapArgs, ValueEnum};
-use futures::StreamExt;
+use futures::{StreamExt, stream};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
@@ -27,7 +28,10 @@ use kube::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{controller::record::Phase, keys, node::OptInLabel};
+use crate::{
+    contract::{self, SpotReplacement, keys, record::Phase},
+    node::OptInLabel,
+};
 use row::{Agent, Keys, Row};
 use timeline::Watch;
 
@@ -43,6 +47,12 @@ pub enum Error {
     #[error("listing the Nodes labelled {selector}: {source}")]
     List {
         selector: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("listing the SpotReplacement records in namespace {namespace}: {source}")]
+    ListRecords {
+        namespace: String,
         #[source]
         source: kube::Error,
     },
@@ -65,6 +75,15 @@ pub struct Args {
     /// Nodes carrying this `KEY=VALUE` label are shown (the controller's `--opt-in-label`).
     #[arg(long, env = "OPT_IN_LABEL", default_value = "spot-rebalancer.io/enabled=true")]
     pub opt_in_label: OptInLabel,
+
+    /// Namespace of the controller's `SpotReplacement` records (the controller's own).
+    #[arg(
+        short = 'n',
+        long,
+        env = "SPOT_REBALANCER_NAMESPACE",
+        default_value = "spot-rebalancer"
+    )]
+    pub namespace: String,
 
     /// Label naming a node's node group.
     #[arg(long, env = "NODEGROUP_LABEL", default_value = keys::DEFAULT_NODEGROUP_LABEL,
@@ -119,10 +138,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     }
     let client = Client::try_from(config).map_err(Error::Client)?;
     let nodes: Api<Node> = Api::all(client.clone());
+    let records: Api<SpotReplacement> = Api::namespaced(client.clone(), &args.namespace);
     if args.watch {
-        watch(&args, nodes, shutdown).await?;
+        watch(&args, nodes, records, shutdown).await?;
     } else {
-        print_once(&args, nodes, Api::all(client)).await?;
+        print_once(&args, nodes, records, Api::all(client)).await?;
     }
     Ok(())
 }
@@ -140,12 +160,24 @@ impl Args {
     }
 }
 
-/// The rows to show of `nodes`, sorted by node name.
-pub fn rows(nodes: &[Node], keys: &Keys, all: bool, wanted: impl Fn(&str) -> bool) -> Vec<Row> {
+/// The row of `node`, with its record among `records`.
+pub fn row_of<'a>(node: &Node, records: impl IntoIterator<Item = &'a SpotReplacement>, keys: &Keys) -> Row {
+    let record = contract::record_of(records, &node.name_any(), node.metadata.uid.as_deref());
+    Row::from_node(node, record, keys)
+}
+
+/// The rows to show of `nodes` (with their records among `records`), sorted by node name.
+pub fn rows(
+    nodes: &[Node],
+    records: &[SpotReplacement],
+    keys: &Keys,
+    all: bool,
+    wanted: impl Fn(&str) -> bool,
+) -> Vec<Row> {
     let mut rows: Vec<Row> = nodes
         .iter()
         .filter(|node| wanted(&node.name_any()))
-        .map(|node| Row::from_node(node, keys))
+        .map(|node| row_of(node, records, keys))
         .filter(|row| all || row.is_active())
         .collect();
     rows.sort_by(|a, b| a.node.cmp(&b.node));
@@ -184,7 +216,12 @@ pub fn with_agents(rows: &mut [Row], agents: &BTreeMap<String, Agent>) {
     }
 }
 
-async fn print_once(args: &Args, nodes: Api<Node>, pods: Api<Pod>) -> Result<(), Error> {
+async fn print_once(
+    args: &Args,
+    nodes: Api<Node>,
+    records: Api<SpotReplacement>,
+    pods: Api<Pod>,
+) -> Result<(), Error> {
     let selector = args.opt_in_label.selector();
     let list = nodes
         .list(&ListParams::default().labels(&selector))
@@ -193,7 +230,16 @@ async fn print_once(args: &Args, nodes: Api<Node>, pods: Api<Pod>) -> Result<(),
             selector: selector.clone(),
             source,
         })?;
-    let mut rows = rows(&list.items, &args.keys(), args.all, |name| args.wants(name));
+    let records = records
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::ListRecords {
+            namespace: args.namespace.clone(),
+            source,
+        })?;
+    let mut rows = rows(&list.items, &records.items, &args.keys(), args.all, |name| {
+        args.wants(name)
+    });
     // One list of the agent pods (one per opted-in node), in every namespace; without the right to
     // list pods, the column says `?` and the rest of the table is still shown.
     match pods
@@ -216,18 +262,42 @@ async fn print_once(args: &Args, nodes: Api<Node>, pods: Api<Pod>) -> Result<(),
     Ok(())
 }
 
-async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Result<(), Error> {
+/// What the watch sees: a Node or a record changed.
+// One event at a time, moved once from the stream: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Seen {
+    Node(watcher::Event<Node>),
+    Record(watcher::Event<SpotReplacement>),
+}
+
+async fn watch(
+    args: &Args,
+    nodes: Api<Node>,
+    records: Api<SpotReplacement>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let selector = args.opt_in_label.selector();
     let keys = args.keys();
-    eprintln!("watching the Nodes labelled {selector} (Ctrl-C to stop)");
-    let mut events = watcher(nodes, watcher::Config::default().labels(&selector))
+    eprintln!(
+        "watching the Nodes labelled {selector} and the SpotReplacements in namespace {} (Ctrl-C to stop)",
+        args.namespace
+    );
+    let node_events = watcher(nodes, watcher::Config::default().labels(&selector))
         .backoff(crate::kube_config::watch_backoff())
-        .boxed();
+        .map(|event| event.map(Seen::Node));
+    let record_events = watcher(records, watcher::Config::default())
+        .backoff(crate::kube_config::watch_backoff())
+        .map(|event| event.map(Seen::Record));
+    let mut events = stream::select(node_events.boxed(), record_events.boxed());
     let mut watch = Watch::default();
+    // The Nodes shown (the last state of a deleted one stays, for a record written after it went).
+    let mut shown: BTreeMap<String, Node> = BTreeMap::new();
+    let mut records: BTreeMap<String, SpotReplacement> = BTreeMap::new();
     let mut current: BTreeMap<String, Row> = BTreeMap::new();
-    // Names listed since the watch (re)started its list; whatever else is current was deleted meanwhile.
-    let mut listed: Option<BTreeSet<String>> = None;
-    let mut synced = false;
+    // Names listed since a watch (re)started its list; whatever else is current was deleted meanwhile.
+    let mut listed_nodes: Option<BTreeSet<String>> = None;
+    let mut listed_records: Option<BTreeSet<String>> = None;
+    let (mut nodes_synced, mut records_synced) = (false, false);
     // A noticed node was deleted while watched (retired: its instance left the ASG).
     let mut noticed_gone = false;
     loop {
@@ -239,17 +309,19 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                tracing::warn!(%error, "watching the Nodes failed; retrying");
+                tracing::warn!(%error, "watching the Nodes or the SpotReplacements failed; retrying");
                 continue;
             }
         };
         let now = Timestamp::now();
         let mut lines = Vec::new();
+        // The Nodes whose row may have changed.
+        let mut changed: Vec<String> = Vec::new();
         match event {
-            watcher::Event::Init => listed = Some(BTreeSet::new()),
-            watcher::Event::InitDone => {
-                synced = true;
-                let listed = listed.take().unwrap_or_default();
+            Seen::Node(watcher::Event::Init) => listed_nodes = Some(BTreeSet::new()),
+            Seen::Node(watcher::Event::InitDone) => {
+                nodes_synced = true;
+                let listed = listed_nodes.take().unwrap_or_default();
                 let gone: Vec<String> = current
                     .keys()
                     .filter(|name| !listed.contains(*name))
@@ -262,26 +334,62 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
                     lines.extend(watch.deleted(&name, now));
                 }
             }
-            watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
-                if let Some(listed) = listed.as_mut() {
-                    listed.insert(node.name_any());
+            Seen::Node(watcher::Event::InitApply(node) | watcher::Event::Apply(node)) => {
+                let name = node.name_any();
+                if let Some(listed) = listed_nodes.as_mut() {
+                    listed.insert(name.clone());
                 }
-                if args.wants(&node.name_any()) {
-                    let row = Row::from_node(&node, &keys);
+                if args.wants(&name) {
+                    shown.insert(name.clone(), node);
+                    let row = row_of(&shown[&name], records.values(), &keys);
                     lines = watch.update(&row, now);
-                    current.insert(row.node.clone(), row);
+                    current.insert(name, row);
                 }
             }
-            watcher::Event::Delete(node) => {
+            Seen::Node(watcher::Event::Delete(node)) => {
                 let name = node.name_any();
                 // Its last state may hold steps not seen yet (the retirement written just before).
                 if args.wants(&name) {
-                    lines = watch.update(&Row::from_node(&node, &keys), now);
+                    lines = watch.update(&row_of(&node, records.values(), &keys), now);
+                    shown.insert(name.clone(), node);
                 }
                 if current.remove(&name).is_some_and(|row| row.is_active()) {
                     noticed_gone = true;
                 }
                 lines.extend(watch.deleted(&name, now));
+            }
+            Seen::Record(watcher::Event::Init) => listed_records = Some(BTreeSet::new()),
+            Seen::Record(watcher::Event::InitDone) => {
+                records_synced = true;
+                let listed = listed_records.take().unwrap_or_default();
+                let gone: Vec<String> = records
+                    .keys()
+                    .filter(|name| !listed.contains(*name))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    changed.extend(records.remove(&name).map(|record| record.spec.node_name));
+                }
+            }
+            Seen::Record(watcher::Event::InitApply(record) | watcher::Event::Apply(record)) => {
+                let name = record.name_any();
+                if let Some(listed) = listed_records.as_mut() {
+                    listed.insert(name.clone());
+                }
+                changed.push(record.spec.node_name.clone());
+                records.insert(name, record);
+            }
+            Seen::Record(watcher::Event::Delete(record)) => {
+                records.remove(&record.name_any());
+                changed.push(record.spec.node_name);
+            }
+        }
+        for name in changed {
+            let Some(node) = shown.get(&name) else { continue };
+            let row = row_of(node, records.values(), &keys);
+            lines.extend(watch.update(&row, now));
+            if let Some(current) = current.get_mut(&name) {
+                *current = row;
             }
         }
         let mut stdout = std::io::stdout().lock();
@@ -294,7 +402,10 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
             writeln!(stdout, "{text}").map_err(Error::Output)?;
         }
         stdout.flush().map_err(Error::Output)?;
-        if synced && !args.until.is_empty() && timeline::settled(current.values(), &args.until, noticed_gone)
+        if nodes_synced
+            && records_synced
+            && !args.until.is_empty()
+            && timeline::settled(current.values(), &args.until, noticed_gone)
         {
             return Ok(());
         }
@@ -304,19 +415,15 @@ async fn watch(args: &Args, nodes: Api<Node>, shutdown: CancellationToken) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::row::tests::{node, record_json};
+    use crate::status::row::tests::{node, record};
     use serde_json::json;
 
     #[test]
     fn rows_are_the_noticed_nodes_by_name_unless_all_are_asked_for() {
+        let records = [record("c-failed", "Failed", json!({}))];
         let nodes = [
             node("b-quiet", json!({}), None, true),
-            node(
-                "c-failed",
-                json!({keys::PHASE: "Failed", keys::REPLACEMENT: record_json(json!({}))}),
-                None,
-                true,
-            ),
+            node("c-failed", json!({}), None, true),
             node(
                 "a-noticed",
                 json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z"}),
@@ -327,15 +434,15 @@ mod tests {
         let names = |rows: Vec<Row>| rows.into_iter().map(|row| row.node).collect::<Vec<_>>();
         let keys = Keys::default();
         assert_eq!(
-            names(rows(&nodes, &keys, false, |_| true)),
+            names(rows(&nodes, &records, &keys, false, |_| true)),
             ["a-noticed", "c-failed"]
         );
         assert_eq!(
-            names(rows(&nodes, &keys, true, |_| true)),
+            names(rows(&nodes, &records, &keys, true, |_| true)),
             ["a-noticed", "b-quiet", "c-failed"]
         );
         assert_eq!(
-            names(rows(&nodes, &keys, true, |name| name == "b-quiet")),
+            names(rows(&nodes, &records, &keys, true, |name| name == "b-quiet")),
             ["b-quiet"]
         );
     }
@@ -363,7 +470,7 @@ mod tests {
             agent_pod("rolling", true),
             agent_pod("stuck", false),
         ];
-        let mut rows = rows(&nodes, &Keys::default(), true, |_| true);
+        let mut rows = rows(&nodes, &[], &Keys::default(), true, |_| true);
         with_agents(&mut rows, &agents_by_node(&pods));
         let agents: Vec<(&str, Agent)> = rows.iter().map(|row| (row.node.as_str(), row.agent)).collect();
         assert_eq!(

@@ -2,7 +2,7 @@
 //! termination taint after the replacement is Ready ([`order_guard`], `POST /validate`).
 //!
 //! It serves HTTPS (axum over rustls, certificate files reloaded when they change, see [`tls`]) once
-//! its watch caches of Pods, PDBs and Nodes are synced ([`cache`]); `/readyz` on the plain admin port
+//! its watch caches of Pods, PDBs, Nodes and SpotReplacements are synced ([`cache`]); `/readyz` on the plain admin port
 //! says so. The decisions are pure functions of the review and the caches; [`server`] wires them to
 //! the routes.
 pub mod cache;
@@ -80,6 +80,11 @@ pub struct Args {
     #[arg(long = "controller-username", env = "CONTROLLER_USERNAMES",
           default_value = DEFAULT_CONTROLLER_USERNAME, value_delimiter = ',')]
     pub controller_usernames: Vec<String>,
+
+    /// Namespace of the controller's `SpotReplacement` records (the release's, from the downward
+    /// API): the order guard reads each node's phase and replacement there.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub records_namespace: String,
 }
 
 fn positive_duration(text: &str) -> Result<Duration, String> {
@@ -170,6 +175,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         taint_key,
         guarded_taint_keys,
         controller_usernames,
+        records_namespace,
     } = args;
     let settings = Settings::new(opt_in_label, taint_key, guarded_taint_keys, controller_usernames);
     let registry = admin::registry(admin::WEBHOOK);
@@ -195,6 +201,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
                 files,
                 tls_reload_interval,
                 kubeconfig,
+                records_namespace,
                 settings,
             },
             metrics,
@@ -215,6 +222,7 @@ struct Start {
     files: tls::TlsFiles,
     tls_reload_interval: Duration,
     kubeconfig: Option<PathBuf>,
+    records_namespace: String,
     settings: Settings,
 }
 
@@ -229,17 +237,18 @@ async fn serve(
         files,
         tls_reload_interval,
         kubeconfig,
+        records_namespace,
         settings,
     } = start;
     let tls = tls::ReloadingTls::load(files).await?;
     let client = kube_client(kubeconfig).await?;
-    let (caches, watches) = Caches::watch(client);
+    let (caches, watches) = Caches::watch(client, &records_namespace);
     let watches = tokio::spawn(watches);
     let stop = shutdown.child_token();
     let _stop_on_return = stop.clone().drop_guard();
     let _end_watches = AbortOnDrop(watches);
 
-    info!("syncing the watch caches of pods, PodDisruptionBudgets and nodes");
+    info!(%records_namespace, "syncing the watch caches of pods, PodDisruptionBudgets, nodes and SpotReplacements");
     tokio::select! {
         _ = stop.cancelled() => return Ok(()),
         synced = caches.wait_until_ready() => synced.map_err(|_| Error::CachesStopped)?,
@@ -248,6 +257,7 @@ async fn serve(
         pods = caches.pods.len(),
         pdbs = caches.pdbs.len(),
         nodes = caches.nodes.len(),
+        records = caches.records.len(),
         "caches synced"
     );
 

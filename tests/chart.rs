@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::{
     Bed, eventually,
-    identity::{NAMESPACE, Role, can_i, can_i_named, kubectl_as},
+    identity::{NAMESPACE, Role, can_i, kubectl_as},
     webhook::KwokNode,
 };
 
@@ -54,6 +54,37 @@ async fn the_agent_may_read_and_patch_nodes_and_nothing_else() {
             ("get", "pods", None, false),
             ("get", "secrets", Some(NAMESPACE), false),
             ("create", "events.events.k8s.io", Some("default"), false),
+            // The records are the controller's alone: a node's agent neither reads nor writes them.
+            (
+                "get",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "list",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "delete",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
         ],
     );
 }
@@ -89,35 +120,77 @@ async fn the_controller_may_do_what_replacing_and_draining_needs_and_nothing_els
             ("create", "events.events.k8s.io", Some("kube-system"), false),
             ("get", "secrets", Some(NAMESPACE), false),
             ("list", "poddisruptionbudgets.policy", None, false),
-            // The capacity ledger: a ConfigMap is created once in its own namespace, then only its
-            // own is read and patched; no list, no watch, no delete, no other namespace.
-            ("create", "configmaps", Some(NAMESPACE), true),
-            ("list", "configmaps", Some(NAMESPACE), false),
-            ("watch", "configmaps", Some(NAMESPACE), false),
-            ("create", "configmaps", Some("kube-system"), false),
+            // The records: SpotReplacements in its own namespace only; the status written with its
+            // resourceVersion (update), never patched; no other namespace; no ConfigMaps at all.
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "list",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "watch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "delete",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "patch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some("kube-system"),
+                false,
+            ),
+            ("list", "spotreplacements.spot-rebalancer.io", None, false),
+            (
+                "get",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "patch",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                false,
+            ),
+            ("create", "configmaps", Some(NAMESPACE), false),
             ("get", "configmaps", None, false),
         ],
     );
-    let ledger = "spot-rebalancer-controller-capacity";
-    for (verb, name, allowed) in [
-        ("get", ledger, true),
-        ("patch", ledger, true),
-        ("delete", ledger, false),
-        ("update", ledger, false),
-        ("get", "kube-root-ca.crt", false),
-        ("patch", "someone-elses-config", false),
-    ] {
-        assert_eq!(
-            can_i_named(&bed, Role::Controller, verb, "configmaps", name, NAMESPACE),
-            allowed,
-            "the controller {} {verb} configmaps/{name} in {NAMESPACE}",
-            if allowed { "may" } else { "must not" }
-        );
-    }
 }
 
 #[tokio::test]
-async fn the_webhook_may_only_watch_pods_pdbs_and_nodes() {
+async fn the_webhook_may_only_watch_pods_pdbs_nodes_and_the_records() {
     let bed = Bed::connect().await;
     check(
         &bed,
@@ -134,7 +207,115 @@ async fn the_webhook_may_only_watch_pods_pdbs_and_nodes() {
             ("get", "secrets", Some(NAMESPACE), false),
             ("create", "pods/eviction", None, false),
             ("create", "events.events.k8s.io", Some("default"), false),
+            // The order guard reads each node's phase from the controller's records, and only reads.
+            (
+                "get",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "list",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "watch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                true,
+            ),
+            (
+                "create",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "patch",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "delete",
+                "spotreplacements.spot-rebalancer.io",
+                Some(NAMESPACE),
+                false,
+            ),
+            (
+                "update",
+                "spotreplacements.spot-rebalancer.io/status",
+                Some(NAMESPACE),
+                false,
+            ),
+            ("list", "spotreplacements.spot-rebalancer.io", None, false),
         ],
+    );
+}
+
+#[tokio::test]
+async fn a_node_can_neither_read_nor_write_the_records() {
+    let bed = Bed::connect().await;
+    // A kubelet's own identity (what a compromised node holds), not the agent's ServiceAccount.
+    for (verb, resource) in [
+        ("get", "spotreplacements.spot-rebalancer.io"),
+        ("list", "spotreplacements.spot-rebalancer.io"),
+        ("create", "spotreplacements.spot-rebalancer.io"),
+        ("update", "spotreplacements.spot-rebalancer.io"),
+        ("delete", "spotreplacements.spot-rebalancer.io"),
+    ] {
+        let output = support::webhook::kubectl(
+            &bed,
+            &[
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "-n",
+                NAMESPACE,
+                "--as",
+                "system:node:chart-node",
+                "--as-group",
+                "system:nodes",
+            ],
+        );
+        assert_eq!(
+            output.stdout.trim(),
+            "no",
+            "a node may {verb} {resource}: {}",
+            output.stderr
+        );
+    }
+    let status = support::webhook::kubectl(
+        &bed,
+        &[
+            "auth",
+            "can-i",
+            "update",
+            "spotreplacements.spot-rebalancer.io",
+            "--subresource",
+            "status",
+            "-n",
+            NAMESPACE,
+            "--as",
+            "system:node:chart-node",
+            "--as-group",
+            "system:nodes",
+        ],
+    );
+    assert_eq!(
+        status.stdout.trim(),
+        "no",
+        "a node may write a record's status: {}",
+        status.stderr
     );
 }
 
@@ -221,6 +402,8 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         &documents.join("\n---\n"),
     );
     assert!(output.success, "{}", output.stderr);
+    // The namespace enforces `privileged` for the agent's host network and audits `restricted`, with
+    // no `warn` label: any warning here is a defect of the chart.
     assert!(!output.stderr.contains("Warning"), "{}", output.stderr);
 
     // The agent policy as applied (support::identity): its CEL type-checks without warnings.

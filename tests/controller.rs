@@ -26,7 +26,7 @@ use support::{
 /// Generous bound for a whole replacement flow on a busy 2-core machine (it takes seconds).
 const FLOW: Duration = Duration::from_secs(90);
 
-const NOTICES: &str = "spot_rebalancer_notices_total";
+const NOTICES: &str = "spot_rebalancer_controller_notices_total";
 const SCALE_UPS: &str = "spot_rebalancer_scale_ups_total";
 const FALLBACKS: &str = "spot_rebalancer_fallbacks_total";
 const TAINTS: &str = "spot_rebalancer_taints_total";

@@ -361,6 +361,8 @@ async fn each_phase_is_posted_to_the_notification_webhook_whose_url_is_never_log
         "--drain-after-taint",
         "--notify-url-file",
         url_file.to_str().unwrap(),
+        "--notify-ca-file",
+        sink.ca_file.to_str().unwrap(),
     ]);
     controller.wait_ready().await;
     t.notice(&old).await;
@@ -382,10 +384,16 @@ async fn each_phase_is_posted_to_the_notification_webhook_whose_url_is_never_log
         "Draining",
         "Retired",
     ] {
-        let wanted = format!("spot-rebalancer: node {old} is {phase}");
+        // `spot-rebalancer: node N (INSTANCE, ASG A) is PHASE[: reason]`
+        let (node, wanted) = (
+            format!("spot-rebalancer: node {old} ({old_instance}, ASG "),
+            format!(" is {phase}"),
+        );
         assert!(
-            texts.iter().any(|text| text.starts_with(&wanted)),
-            "no {wanted:?} in {texts:?}"
+            texts
+                .iter()
+                .any(|text| text.starts_with(&node) && text.contains(&wanted)),
+            "no {node:?}…{wanted:?} in {texts:?}"
         );
     }
     assert!(
@@ -428,7 +436,7 @@ async fn an_instance_reclaimed_while_the_controller_runs_gives_its_seat_back_onc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_the_webhook_requested_on_a_node_without_a_notice_drains_and_retires_nothing() {
+async fn a_drain_request_counts_only_once_the_record_says_the_node_was_tainted() {
     let t = Scenario::new("requested").await;
     let spot = t.spot_asg("spot", 1, 5).await;
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
@@ -438,22 +446,28 @@ async fn a_drain_the_webhook_requested_on_a_node_without_a_notice_drains_and_ret
     let mut controller = t.start_controller(&[]);
     controller.wait_ready().await;
 
-    // What the webhook writes when it softens a NoExecute taint to NoSchedule.
+    // What the webhook writes when it softens a NoExecute taint to NoSchedule; the node itself could
+    // write the same. Without a record of ours saying it was tainted, nothing is evicted.
     let request = json!({"requestedAt": jiff::Timestamp::now().to_string(),
                          "taints": ["aws-node-termination-handler/spot-itn"], "reason": "PDB"});
     t.annotate(&old, json!({ DRAIN_REQUESTED: request.to_string() }))
         .await;
-    let drained = t.wait_for_phase(&old, phase::DRAINED, FLOW).await;
+    t.wait_for_event(&old, "a DrainRequestIgnored Event", |e| {
+        e.reason == "DrainRequestIgnored"
+    })
+    .await;
+    assert_eq!(lifecycle::ready_pods(&t.bed, &ns.name, "api").await.len(), 2);
+    assert_eq!(controller.metric(EVICTIONS, &[("result", "evicted")]).await, 0.0);
+    assert!(t.seat(&old_instance).await.is_none(), "no +1, no seat");
+    assert!(t.set_desired_calls(&spot).await.is_empty());
+
+    // A notice: replaced and tainted by the controller, the standing request now drains the node
+    // (without --drain-after-taint) and it is retired.
+    t.notice(&old).await;
+    let retired = t.wait_for_any_phase(&old, &[phase::RETIRED], FLOW).await;
     assert!(lifecycle::ready_pods(&t.bed, &ns.name, "api").await.is_empty());
     assert_eq!(controller.metric(EVICTIONS, &[("result", "evicted")]).await, 2.0);
-    assert!(record_of_drain_completed(&drained), "{:?}", record(&drained).raw);
-
-    // No replacement of ours stands in for it: nothing is scaled, nothing retired.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(t.desired(&spot).await, 1);
-    assert!(t.asg(&spot).await.in_service().contains(&old_instance));
-    assert!(t.seat(&old_instance).await.is_none(), "no +1, no ledger entry");
-    assert!(t.set_desired_calls(&spot).await.is_empty());
+    assert!(record_of_drain_completed(&retired), "{:?}", record(&retired).raw);
 }
 
 fn record_of_drain_completed(node: &k8s_openapi::api::core::v1::Node) -> bool {
@@ -497,8 +511,8 @@ async fn a_replacement_noticed_in_turn_keeps_its_scale_down_protection_while_it_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ledger_deleted_under_the_controller_is_written_again_and_the_retirement_goes_on() {
-    let t = Scenario::new("ledger-gone").await;
+async fn a_record_deleted_under_the_controller_is_written_again_and_the_retirement_goes_on() {
+    let t = Scenario::new("record-gone").await;
     let spot = t.spot_asg("spot", 1, 5).await;
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
@@ -512,9 +526,9 @@ async fn a_ledger_deleted_under_the_controller_is_written_again_and_the_retireme
         .expect("the seat of the noticed instance");
     assert_eq!(seat_before["state"]["kind"], seat::ACTIVE);
 
-    // Someone deletes the ledger. The next write recreates it from the controller's copy: the seat
+    // Someone deletes the record. The next write recreates it from the controller's copy: the seat
     // is not lost, and the retirement completes with the pre-notice size back.
-    t.delete_ledger().await;
+    t.delete_record(&old_instance).await;
     assert!(t.seat(&old_instance).await.is_none());
     t.interruption(&old).await;
     let retired = t.wait_for_seat(&old_instance, seat::RETIRED, FLOW).await;
@@ -524,7 +538,7 @@ async fn a_ledger_deleted_under_the_controller_is_written_again_and_the_retireme
     assert!(
         controller
             .log()
-            .contains("the capacity ledger ConfigMap is gone; writing it again")
+            .contains("is gone; writing it again from this controller's copy")
     );
     assert!(controller.is_running());
 }

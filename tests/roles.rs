@@ -58,8 +58,8 @@ async fn controller_serves_admin_endpoints_and_stops_on_sigterm() {
     // The controller is ready once it reaches the API server and takes part in leader election.
     let bed = support::Bed::connect().await;
     let lease = support::unique("roles-controller");
-    // Its own lease, so the chart's capacity-ledger grant under that lease's name.
-    support::identity::grant_capacity_ledger(&bed, &lease);
+    // The records' CRD and the chart's grant to keep them.
+    support::identity::install_records(&bed);
     let kubeconfig = role_kubeconfig(&bed, Role::Controller);
     let args = [
         "--kubeconfig",
@@ -90,7 +90,11 @@ async fn webhook_serves_admin_endpoints_and_stops_on_sigterm() {
         key.to_str().unwrap(),
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
+        // Its Role on the controller's records is in the release namespace.
+        "--records-namespace",
+        support::identity::NAMESPACE,
     ];
+    support::identity::install_records(&bed);
     serves_admin_endpoints_and_stops_on_sigterm("webhook", &args).await;
 }
 

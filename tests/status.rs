@@ -1,6 +1,7 @@
-//! `spot-rebalancer status` on the bed: kwok Nodes carrying notices and replacement records written as
-//! the controller writes them (the real `Replacement` type, serialized), read back by the real binary
-//! as a table, as JSON, and as a watch that follows a node through its phases.
+//! `spot-rebalancer status` on the bed: kwok Nodes carrying notices, and `SpotReplacement` records
+//! written as the controller writes them (the real types, through the API server and its schema),
+//! read back by the real binary as a table, as JSON, and as a watch that follows a node through its
+//! phases.
 mod support;
 
 use std::{
@@ -12,28 +13,82 @@ use std::{
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use spot_rebalancer::{
-    controller::record::{CapacityType, Phase, Replacement, ScaleIntent},
-    keys,
+use spot_rebalancer::contract::{
+    SpotReplacement, SpotReplacementSpec, SpotReplacementStatus, keys,
+    record::{CapacityType, Phase, Replacement, ScaleIntent},
 };
-use support::{Bed, eventually, is_ready, unique};
+use support::{Bed, eventually, identity::NAMESPACE, is_ready, unique};
 
-/// One test's Nodes: opted in with a label only this test uses, deleted when dropped.
+/// One test's Nodes: opted in with a label only this test uses, deleted when dropped, with their
+/// records (deleted too).
 struct Nodes {
     bed: Bed,
     opt_in_key: String,
     names: Vec<String>,
+    /// Record name by Node name.
+    records: std::collections::BTreeMap<String, String>,
 }
 
 impl Nodes {
     fn new(bed: &Bed) -> Self {
+        support::identity::install_records(bed);
         Nodes {
             bed: bed.clone(),
             opt_in_key: format!("e2e.spot-rebalancer.io/{}", unique("status")),
             names: Vec::new(),
+            records: Default::default(),
         }
+    }
+
+    fn records_api(&self) -> Api<SpotReplacement> {
+        Api::namespaced(self.bed.kube.clone(), NAMESPACE)
+    }
+
+    /// Writes the controller's record of Node `name` (noticed on `instance`): created the first
+    /// time, its status replaced after, as the controller does.
+    async fn record(&mut self, name: &str, instance: &str, phase: Phase, record: &Replacement) {
+        let api = self.records_api();
+        let record_name = match self.records.get(name) {
+            Some(existing) => existing.clone(),
+            None => {
+                let node = self.bed.nodes().get(name).await.expect("read the Node");
+                // Unique per Node: every test uses the same few instance ids.
+                let record_name = format!("i-{:016x}", fastrand::u64(..));
+                let object = SpotReplacement::new(
+                    &record_name,
+                    SpotReplacementSpec {
+                        node_name: name.to_owned(),
+                        node_uid: node.metadata.uid.expect("a stored Node has a uid"),
+                        instance_id: instance.to_owned(),
+                    },
+                );
+                api.create(&PostParams::default(), &object)
+                    .await
+                    .expect("create a SpotReplacement");
+                self.records.insert(name.to_owned(), record_name.clone());
+                record_name
+            }
+        };
+        let mut object = api.get(&record_name).await.expect("read the SpotReplacement");
+        let previous = object
+            .status
+            .take()
+            .map(|status| status.history)
+            .unwrap_or_default();
+        object.status = Some(
+            SpotReplacementStatus {
+                phase,
+                record: record.clone(),
+                seat: None,
+                history: previous,
+            }
+            .entering(phase, Timestamp::now()),
+        );
+        api.replace_status(&record_name, &PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("write the status of {record_name}: {e}"));
     }
 
     fn opt_in_label(&self) -> String {
@@ -71,23 +126,20 @@ impl Nodes {
         name
     }
 
-    /// Merges `annotations` into the Node, and adds the termination taint when `taint`.
-    async fn update(&self, name: &str, annotations: Value, taint: bool) {
-        let mut patch = json!({"metadata": {"annotations": annotations}});
-        if taint {
-            let node = self.bed.nodes().get(name).await.unwrap();
-            let mut taints = serde_json::to_value(node.spec.unwrap().taints.unwrap_or_default()).unwrap();
-            taints
-                .as_array_mut()
-                .unwrap()
-                .push(json!({"key": keys::DEFAULT_TAINT_KEY, "value": "true", "effect": "NoSchedule"}));
-            patch["spec"] = json!({"taints": taints});
-        }
+    /// Adds the termination taint to the Node.
+    async fn taint(&self, name: &str) {
+        let node = self.bed.nodes().get(name).await.unwrap();
+        let mut taints = serde_json::to_value(node.spec.unwrap().taints.unwrap_or_default()).unwrap();
+        taints
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"key": keys::DEFAULT_TAINT_KEY, "value": "true", "effect": "NoSchedule"}));
+        let patch = json!({"spec": {"taints": taints}});
         self.bed
             .nodes()
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .unwrap_or_else(|e| panic!("update Node {name}: {e}"));
+            .unwrap_or_else(|e| panic!("taint Node {name}: {e}"));
     }
 
     /// Runs `spot-rebalancer status` for this test's nodes with `args`.
@@ -106,6 +158,21 @@ impl Nodes {
 
 impl Drop for Nodes {
     fn drop(&mut self) {
+        for record in self.records.values() {
+            let _ = Command::new(&self.bed.vars["BED_KUBECTL"])
+                .args(["--kubeconfig", &self.bed.vars["BED_KUBECONFIG"]])
+                .args([
+                    "-n",
+                    NAMESPACE,
+                    "delete",
+                    "spotreplacements.spot-rebalancer.io",
+                    record,
+                ])
+                .args(["--wait=false"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         for name in &self.names {
             let _ = Command::new(&self.bed.vars["BED_KUBECTL"])
                 .args(["--kubeconfig", &self.bed.vars["BED_KUBECONFIG"]])
@@ -124,6 +191,7 @@ fn status_command(bed: &Bed, opt_in_label: &str, args: &[&str]) -> Command {
         .arg("status")
         .args(["--kubeconfig", &bed.vars["BED_KUBECONFIG"]])
         .args(["--opt-in-label", opt_in_label])
+        .args(["--namespace", NAMESPACE])
         .args(args)
         .env("RUST_LOG", "warn")
         .env("NO_COLOR", "1")
@@ -145,17 +213,13 @@ fn scaling_record() -> Replacement {
         target_desired: 3,
         pre_scale_instances: vec!["i-0aaa".into(), "i-0bbb".into()],
         scale_requested_at: at("2026-11-25T10:00:02Z"),
+        activity_ids: Vec::new(),
     });
     record
 }
 
-fn controller_annotations(phase: Phase, record: &Replacement) -> Value {
-    json!({keys::PHASE: phase.to_string(), keys::REPLACEMENT: serde_json::to_string(record).unwrap()})
-}
-
-fn with_notice(mut annotations: Value, notice: &str) -> Value {
-    annotations[keys::REBALANCE_NOTICE_TIME] = json!(notice);
-    annotations
+fn notice(at: &str) -> Value {
+    json!({keys::REBALANCE_NOTICE_TIME: at})
 }
 
 /// The table's row for `node`, split into its cells (the REASON cell keeps its spaces).
@@ -174,52 +238,26 @@ fn row_cells(table: &str, node: &str) -> Vec<String> {
 async fn status_shows_each_noticed_node_with_its_phase_replacement_taint_and_reason() {
     let bed = Bed::connect().await;
     let mut nodes = Nodes::new(&bed);
-    let notice = Timestamp::now().to_string();
+    let notice_at = Timestamp::now().to_string();
 
     let mut done = scaling_record();
     done.instance_id = Some("i-0ccc".into());
     done.node = Some("ip-10-0-0-9.ec2.internal".into());
     done.ready_at = Some(at("2026-11-25T10:00:40Z"));
     done.tainted_at = Some(at("2026-11-25T10:00:41Z"));
-    let tainted = nodes
-        .create(
-            "tainted",
-            "i-0aaa",
-            with_notice(controller_annotations(Phase::Tainted, &done), &notice),
-            true,
-        )
-        .await;
+    let tainted = nodes.create("tainted", "i-0aaa", notice(&notice_at), true).await;
+    nodes.record(&tainted, "i-0aaa", Phase::Tainted, &done).await;
 
     let mut failed = scaling_record();
     failed.reason = Some("no spot or on-demand capacity: InsufficientInstanceCapacity".into());
-    let failed_node = nodes
-        .create(
-            "failed",
-            "i-0bbb",
-            with_notice(controller_annotations(Phase::Failed, &failed), &notice),
-            false,
-        )
-        .await;
+    let failed_node = nodes.create("failed", "i-0bbb", notice(&notice_at), false).await;
+    nodes.record(&failed_node, "i-0bbb", Phase::Failed, &failed).await;
 
-    let malformed = nodes
-        .create(
-            "malformed",
-            "i-0ddd",
-            with_notice(
-                json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: "{\"spotAsg\": 7"}),
-                &notice,
-            ),
-            false,
-        )
-        .await;
-    let noticed = nodes
-        .create(
-            "noticed",
-            "i-0eee",
-            json!({keys::REBALANCE_NOTICE_TIME: notice}),
-            false,
-        )
-        .await;
+    // A node that wrote a phase and a record on itself: only the controller's records count.
+    let forged = json!({keys::REBALANCE_NOTICE_TIME: notice_at, "spot-rebalancer.io/phase": "Tainted",
+                        "spot-rebalancer.io/replacement": "{\"replacementNode\": \"ip-10-0-0-66\"}"});
+    let forging = nodes.create("forging", "i-0ddd", forged, false).await;
+    let noticed = nodes.create("noticed", "i-0eee", notice(&notice_at), false).await;
     let quiet = nodes.create("quiet", "i-0fff", json!({}), false).await;
 
     let table = String::from_utf8(nodes.status(&[]).stdout).unwrap();
@@ -275,11 +313,11 @@ async fn status_shows_each_noticed_node_with_its_phase_replacement_taint_and_rea
         "no spot or on-demand capacity: InsufficientInstanceCapacity"
     );
 
-    let row = row_cells(&table, &malformed);
-    assert_eq!(row[3..5], ["ScalingSpot", "<malformed>"]);
-    assert!(
-        row[9].contains("spot-rebalancer.io/replacement is not a replacement record"),
-        "{row:?}"
+    let row = row_cells(&table, &forging);
+    assert_eq!(
+        row[3..6],
+        ["Noticed", "-", "no"],
+        "a node's own phase annotation counts for nothing"
     );
 
     let row = row_cells(&table, &noticed);
@@ -296,22 +334,15 @@ async fn status_shows_each_noticed_node_with_its_phase_replacement_taint_and_rea
     assert_eq!(tainted_row["replacementInstance"], "i-0ccc");
     assert_eq!(tainted_row["taintEffect"], "NoSchedule");
     assert_eq!(tainted_row["record"]["targetDesired"], 3);
-    assert_eq!(tainted_row["noticeTime"], notice.as_str());
+    assert_eq!(tainted_row["noticeTime"], notice_at.as_str());
 }
 
 #[tokio::test]
 async fn status_watch_prints_each_step_of_a_replacement_and_stops_at_the_phase_asked_for() {
     let bed = Bed::connect().await;
     let mut nodes = Nodes::new(&bed);
-    let notice = Timestamp::now().to_string();
-    let name = nodes
-        .create(
-            "watched",
-            "i-0aaa",
-            json!({keys::REBALANCE_NOTICE_TIME: notice}),
-            false,
-        )
-        .await;
+    let notice_at = Timestamp::now().to_string();
+    let name = nodes.create("watched", "i-0aaa", notice(&notice_at), false).await;
 
     let mut child = status_command(
         &bed,
@@ -345,9 +376,7 @@ async fn status_watch_prints_each_step_of_a_replacement_and_stops_at_the_phase_a
     let mut record = scaling_record();
     record.detected_at = Timestamp::now();
     record.scale.as_mut().unwrap().scale_requested_at = Timestamp::now();
-    nodes
-        .update(&name, controller_annotations(Phase::ScalingSpot, &record), false)
-        .await;
+    nodes.record(&name, "i-0aaa", Phase::ScalingSpot, &record).await;
     let detected = next_line("the detection");
     assert!(
         detected.contains("Detected") && detected.contains("spot ASG spot-a, on-demand fallback od-a"),
@@ -362,13 +391,7 @@ async fn status_watch_prints_each_step_of_a_replacement_and_stops_at_the_phase_a
     record.instance_id = Some("i-0ccc".into());
     record.node = Some("ip-10-0-0-9.ec2.internal".into());
     record.claimed_at = Some(Timestamp::now());
-    nodes
-        .update(
-            &name,
-            controller_annotations(Phase::AwaitingReady, &record),
-            false,
-        )
-        .await;
+    nodes.record(&name, "i-0aaa", Phase::AwaitingReady, &record).await;
     let claimed = next_line("the claim");
     assert!(
         claimed.contains("AwaitingReady")
@@ -378,9 +401,9 @@ async fn status_watch_prints_each_step_of_a_replacement_and_stops_at_the_phase_a
 
     record.ready_at = Some(Timestamp::now());
     record.tainted_at = Some(Timestamp::now());
-    nodes
-        .update(&name, controller_annotations(Phase::Tainted, &record), true)
-        .await;
+    // The controller taints, then records it.
+    nodes.taint(&name).await;
+    nodes.record(&name, "i-0aaa", Phase::Tainted, &record).await;
     let ready = next_line("Ready");
     assert!(
         ready.contains("replacement node ip-10-0-0-9.ec2.internal Ready"),

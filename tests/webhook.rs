@@ -13,14 +13,14 @@ use std::{
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use spot_rebalancer::{
-    controller::record::Replacement,
+use spot_rebalancer::contract::{
     keys::{self, DEFAULT_TAINT_KEY},
+    record::Phase,
 };
 use support::{
     Bed, eventually,
     identity::{Role, role_kubeconfig},
-    webhook::{Guarded, KwokNode, TestNamespace, kubectl},
+    webhook::{Guarded, KwokNode, TestNamespace, kubectl, write_record},
 };
 
 const NTH_SPOT_ITN: &str = "aws-node-termination-handler/spot-itn";
@@ -106,14 +106,8 @@ async fn a_no_execute_taint_the_pdb_allows_stays_no_execute() {
 async fn the_termination_taint_is_denied_until_the_replacement_is_ready() {
     let bed = Bed::connect().await;
     let guarded = Guarded::start(&bed).await;
-    let record = Replacement::new("spot-a".into(), None, jiff::Timestamp::now());
-    let old = KwokNode::opted_in(
-        &bed,
-        &guarded,
-        "wh-order-old",
-        json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: serde_json::to_string(&record).unwrap()}),
-    )
-    .await;
+    let old = KwokNode::opted_in(&bed, &guarded, "wh-order-old", json!({})).await;
+    let record = write_record(&bed, &old.name, None, Phase::ScalingSpot, None).await;
     guarded.wait_until_registered(&bed, &old.name).await;
 
     let denied = run_kubectl(&bed, &taint_arg(&old, "NoSchedule"));
@@ -132,16 +126,14 @@ async fn the_termination_taint_is_denied_until_the_replacement_is_ready() {
     // The controller claims a replacement and it turns Ready: now the taint may go on.
     let replacement = KwokNode::create(&bed, "wh-order-new", Default::default(), json!({})).await;
     replacement.wait_until_ready(&bed).await;
-    let mut claimed = record.clone();
-    claimed.node = Some(replacement.name.clone());
-    let annotations = json!({"metadata": {"annotations": {
-        keys::PHASE: "AwaitingReady",
-        keys::REPLACEMENT: serde_json::to_string(&claimed).unwrap(),
-    }}});
-    bed.nodes()
-        .patch(&old.name, &PatchParams::default(), &Patch::Merge(&annotations))
-        .await
-        .unwrap();
+    write_record(
+        &bed,
+        &old.name,
+        Some(&record),
+        Phase::AwaitingReady,
+        Some(&replacement.name),
+    )
+    .await;
     eventually("the taint to be allowed", Duration::from_secs(20), || async {
         run_kubectl(&bed, &taint_arg(&old, "NoSchedule"))
             .success
@@ -330,7 +322,7 @@ async fn the_agent_may_annotate_only_its_own_node_and_only_with_its_own_keys() {
     }
 
     // Its own node, but someone else's annotation, a label or a taint: denied.
-    let foreign = annotate(&own, keys::PHASE, "Tainted");
+    let foreign = annotate(&own, "spot-rebalancer.io/phase", "Tainted");
     assert!(
         !foreign.success && foreign.stderr.contains("may change only its own annotations"),
         "{}",
@@ -369,14 +361,8 @@ impl http_body::Body for StallingBody {
 async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still_guards() {
     let bed = Bed::connect().await;
     let guarded = Guarded::start(&bed).await;
-    let record = Replacement::new("spot-a".into(), None, jiff::Timestamp::now());
-    let old = KwokNode::opted_in(
-        &bed,
-        &guarded,
-        "wh-flood",
-        json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: serde_json::to_string(&record).unwrap()}),
-    )
-    .await;
+    let old = KwokNode::opted_in(&bed, &guarded, "wh-flood", json!({})).await;
+    write_record(&bed, &old.name, None, Phase::ScalingSpot, None).await;
     guarded.wait_until_registered(&bed, &old.name).await;
     let port = guarded.webhook.port;
     let client = reqwest::Client::builder()

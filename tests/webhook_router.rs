@@ -11,6 +11,7 @@ use axum::{
 use k8s_openapi::api::{core::v1::Pod, policy::v1::PodDisruptionBudget};
 use serde_json::{Value, json};
 use spot_rebalancer::{
+    contract::SpotReplacement,
     keys,
     node::OptInLabel,
     webhook::{
@@ -56,9 +57,26 @@ fn router(allowed: i32) -> Router {
     );
     server::router(Arc::new(Webhook {
         settings,
-        caches: Caches::from_objects(vec![web("web-1"), web("web-2")], vec![pdb], vec![]),
+        caches: Caches::from_objects(vec![web("web-1"), web("web-2")], vec![pdb], vec![])
+            .with_records(vec![scaling_record()]),
         metrics: Metrics::unregistered(),
     }))
+}
+
+/// The controller's record of `spot-1` (the fixtures' node, by its uid): a spot scale-up sent, no
+/// replacement yet.
+fn scaling_record() -> SpotReplacement {
+    serde_json::from_value(json!({
+        "apiVersion": "spot-rebalancer.io/v1alpha1", "kind": "SpotReplacement",
+        "metadata": {"name": "i-0abc0000", "namespace": "spot-rebalancer"},
+        "spec": {"nodeName": "spot-1", "nodeUid": "5d2c1c1e-0f44-4a39-9d1e-0d7b5f1a8e01",
+                 "instanceId": "i-0abc0000"},
+        "status": {"phase": "ScalingSpot", "spotAsg": "spot-a", "detectedAt": "2026-11-25T10:00:01Z",
+                   "asg": "spot-a", "capacityType": "spot", "baseline": 3, "targetDesired": 4,
+                   "preScaleInstances": ["i-0abc", "i-0def", "i-0123"],
+                   "scaleRequestedAt": "2026-11-25T10:00:02Z"}
+    }))
+    .unwrap()
 }
 
 async fn post(router: Router, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {

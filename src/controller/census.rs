@@ -1,11 +1,11 @@
 //! How many opted-in nodes are in each phase, and how long ago the oldest of them was noticed:
-//! gauges refreshed from the Node cache, so "a node stuck in a phase" is an exact alert.
+//! gauges refreshed from the records of the Nodes still there, so "a node stuck in a phase" is an exact alert.
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use super::reconcile::{Context, read_record};
+use super::reconcile::Context;
 
 /// How often the gauges are refreshed.
 pub const EVERY: Duration = Duration::from_secs(10);
@@ -47,10 +47,17 @@ pub async fn keep_counting(ctx: Arc<Context>, stop: CancellationToken) {
 }
 
 fn refresh(ctx: &Context) {
-    let opted_in = ctx.opted_in_nodes();
-    let records = opted_in
-        .iter()
-        .filter_map(|node| read_record(node).ok().flatten())
+    // Seats held: every open seat (also of a Node that is gone), by the ASG that holds the +1.
+    ctx.metrics.seats_held.reset();
+    for seat in ctx.seats().iter().filter(|seat| seat.state.is_open()) {
+        ctx.metrics
+            .seats_held
+            .with_label_values(&[seat.scaled_asg.as_str()])
+            .inc();
+    }
+    let records = ctx
+        .records()
+        .into_values()
         .map(|(phase, record)| (phase.to_string(), record.detected_at));
     let phases = census(records);
     let now = Timestamp::now();

@@ -56,6 +56,7 @@ pub fn coalesced_intent(
                 target_desired: baseline + others + 1,
                 pre_scale_instances: joined.scale.pre_scale_instances.clone(),
                 scale_requested_at: now,
+                activity_ids: Vec::new(),
             }
         }
         None => ScaleIntent {
@@ -65,6 +66,7 @@ pub fn coalesced_intent(
             target_desired: group.desired + 1,
             pre_scale_instances: group.instances.iter().map(|i| i.id.clone()).collect(),
             scale_requested_at: now,
+            activity_ids: Vec::new(),
         },
     }
 }
@@ -81,18 +83,50 @@ pub fn group_target(intent: &ScaleIntent, members: &[Member<'_>], max: i32, surg
     if surge_above_max { target } else { target.min(max) }
 }
 
-/// Why spot capacity counts as gone for a scale-up asked at `requested_at`, if it does: a Failed
-/// activity since then that names capacity, or no replacement within `capacity_timeout`.
+/// The desired capacities an activity's cause names, as AWS writes it: "… changing the desired
+/// capacity from 3 to 4" or "… increasing the capacity from 3 to 4".
+fn raise_in(cause: &str) -> Option<(i32, i32)> {
+    let after = &cause[cause.find("capacity from ")? + "capacity from ".len()..];
+    let (from, rest) = after.split_once(" to ")?;
+    let to: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((from.trim().parse().ok()?, to.parse().ok()?))
+}
+
+/// Whether `activity` is a launch the scale-up `intent` caused: started after it was asked for, and
+/// (when AWS says why) raising the group above the intent's baseline. A foreign scale-in, a refill
+/// or a launch from before the request is not.
+pub fn caused_by(activity: &Activity, intent: &ScaleIntent) -> bool {
+    let since = intent.scale_requested_at - CLOCK_SLACK;
+    if activity.start_time.is_some_and(|t| t < since) {
+        return false;
+    }
+    match raise_in(&activity.cause) {
+        Some((from, to)) => to > from && to > intent.baseline,
+        None => activity.cause.is_empty(),
+    }
+}
+
+/// The activities `intent` caused (rule 4), by id, in the order AWS listed them.
+pub fn activities_of(activities: &[Activity], intent: &ScaleIntent) -> Vec<String> {
+    activities
+        .iter()
+        .filter(|a| caused_by(a, intent))
+        .map(|a| a.id.clone())
+        .collect()
+}
+
+/// Why capacity counts as gone for the scale-up `intent`, if it does: a Failed launch it caused
+/// whose message names capacity, or no replacement within `capacity_timeout`.
 pub fn capacity_unavailable(
     activities: &[Activity],
-    requested_at: Timestamp,
+    intent: &ScaleIntent,
     now: Timestamp,
     capacity_timeout: SignedDuration,
 ) -> Option<String> {
-    let since = requested_at - CLOCK_SLACK;
+    let requested_at = intent.scale_requested_at;
     let failed = activities.iter().find(|a| {
         a.status == "Failed"
-            && a.start_time.is_none_or(|t| t >= since)
+            && caused_by(a, intent)
             && CAPACITY_MARKERS
                 .iter()
                 .any(|m| a.status_message.contains(m) || a.description.contains(m))
@@ -116,10 +150,24 @@ fn unsigned(duration: SignedDuration) -> std::time::Duration {
     std::time::Duration::try_from(duration.abs()).unwrap_or_default()
 }
 
-/// A scaling activity in progress before this controller starts a scale-up is not its own (rule 7):
-/// wait for it.
-pub fn foreign_activity_in_progress(activities: &[Activity]) -> Option<&Activity> {
-    activities.iter().find(|a| a.status == "InProgress")
+/// The statuses AWS gives a scaling activity that is over (`StatusCode` in the Auto Scaling API):
+/// every other one (`PendingSpotBidPlacement`, `WaitingForSpotInstanceRequestId`,
+/// `WaitingForSpotInstanceId`, `WaitingForInstanceId`, `PreInService`, `InProgress`,
+/// `WaitingForELBConnectionDraining`, `MidLifecycleAction`, `WaitingForInstanceWarmup`,
+/// `WaitingForConnectionDraining`, the in-place update ones, and any AWS adds) is still running.
+const FINISHED_ACTIVITY: [&str; 3] = ["Successful", "Failed", "Cancelled"];
+
+/// A scaling activity not finished and not caused by one of this controller's open scale-ups
+/// (`ours`) is another actor's (rule 7): wait for it before a first scale-up. Unfinished means any
+/// status but the finished ones, so a status AWS adds later counts as running rather than being
+/// missed.
+pub fn foreign_activity_in_progress<'a>(
+    activities: &'a [Activity],
+    ours: &[&ScaleIntent],
+) -> Option<&'a Activity> {
+    activities.iter().find(|a| {
+        !FINISHED_ACTIVITY.contains(&a.status.as_str()) && !ours.iter().any(|intent| caused_by(a, intent))
+    })
 }
 
 /// The new instance this node claims: InService, not in the pre-scale set, not claimed by another
@@ -192,9 +240,61 @@ pub fn undo_pending(undo: &Undo, group: &Group) -> bool {
     }
 }
 
+/// The ASG carries the opt-in tag `spot-rebalancer.io/enabled=true`.
+pub fn asg_opted_in(group: &Group) -> bool {
+    group.tags.get(crate::keys::ENABLED_LABEL).map(String::as_str) == Some("true")
+}
+
+/// Rule 5's exception: an interruption notice taints the node at once, whatever AWS is doing (no
+/// record yet, a scale-up in flight, every AWS call failing), unless the state machine tainted it
+/// already (`tainted_at`) or it is past the taint.
+pub fn taint_on_interruption(interrupted: bool, phase: Option<Phase>, tainted_at: Option<Timestamp>) -> bool {
+    interrupted && tainted_at.is_none() && !phase.is_some_and(Phase::is_tainted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_asg_tagged_enabled_true_is_opted_in() {
+        let mut group = Group::for_tests("spot", 2, 10, &[]);
+        assert!(!asg_opted_in(&group), "no tag");
+        group
+            .tags
+            .insert(crate::keys::ENABLED_LABEL.into(), "false".into());
+        assert!(!asg_opted_in(&group));
+        group
+            .tags
+            .insert(crate::keys::ENABLED_LABEL.into(), "true".into());
+        assert!(asg_opted_in(&group));
+    }
+
+    #[test]
+    fn an_interruption_taints_at_once_in_any_phase_before_the_taint_even_with_no_record() {
+        for phase in [
+            None,
+            Some(Phase::Detected),
+            Some(Phase::ScalingSpot),
+            Some(Phase::ScalingOnDemand),
+            Some(Phase::AwaitingReady),
+            Some(Phase::Failed),
+        ] {
+            assert!(taint_on_interruption(true, phase, None), "{phase:?}");
+            assert!(
+                !taint_on_interruption(false, phase, None),
+                "no notice, no taint: {phase:?}"
+            );
+        }
+        let at = Timestamp::from_second(1_800_000_000).unwrap();
+        assert!(
+            !taint_on_interruption(true, Some(Phase::AwaitingReady), Some(at)),
+            "tainted already"
+        );
+        for phase in [Phase::Tainted, Phase::Draining, Phase::Retired, Phase::Drained] {
+            assert!(!taint_on_interruption(true, Some(phase), None), "{phase:?}");
+        }
+    }
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + seconds).unwrap()
@@ -212,6 +312,7 @@ mod tests {
             target_desired: target,
             pre_scale_instances: pre.iter().map(|s| (*s).into()).collect(),
             scale_requested_at: at(0),
+            activity_ids: Vec::new(),
         }
     }
 
@@ -221,7 +322,18 @@ mod tests {
             status: status.into(),
             description: "Launching a new EC2 instance".into(),
             status_message: message.into(),
+            cause: format!(
+                "At {} a user request explicitly set group desired capacity changing the desired capacity from 3 to 4.",
+                at(start)
+            ),
             start_time: Some(at(start)),
+        }
+    }
+
+    fn requested(at_second: i64) -> ScaleIntent {
+        ScaleIntent {
+            scale_requested_at: at(at_second),
+            ..intent("spot", 3, 4, &[])
         }
     }
 
@@ -313,8 +425,43 @@ mod tests {
                 1,
             ),
         ];
-        let reason = capacity_unavailable(&activities, at(0), at(2), SignedDuration::from_secs(120));
+        let reason = capacity_unavailable(&activities, &requested(0), at(2), SignedDuration::from_secs(120));
         assert!(reason.unwrap().contains("InsufficientInstanceCapacity"));
+    }
+
+    #[test]
+    fn a_capacity_failure_counts_only_for_a_launch_this_request_caused() {
+        let mut foreign = activity("Failed", "InsufficientInstanceCapacity", 2);
+        // Another actor's scale-in, or a raise that stays at or below our baseline, is not ours.
+        foreign.cause =
+            "At 2026-12-01T10:00:02Z a user request explicitly set group desired capacity changing \
+                         the desired capacity from 5 to 3."
+                .into();
+        assert!(!caused_by(&foreign, &requested(0)));
+        assert_eq!(
+            capacity_unavailable(&[foreign], &requested(0), at(10), SignedDuration::from_secs(120)),
+            None
+        );
+        let mut refill = activity("Failed", "InsufficientInstanceCapacity", 2);
+        refill.cause =
+            "an instance was started in response to a difference between desired and actual capacity, \
+                        increasing the capacity from 2 to 3."
+                .into();
+        assert!(!caused_by(&refill, &requested(0)), "a refill up to the baseline");
+        let ours = activity("Failed", "InsufficientInstanceCapacity", 2);
+        assert!(caused_by(&ours, &requested(0)));
+        assert_eq!(activities_of(&[ours], &requested(0)), ["act-2"]);
+    }
+
+    #[test]
+    fn the_raise_is_read_from_the_cause_as_aws_writes_it() {
+        assert_eq!(
+            raise_in("changing the desired capacity from 3 to 4."),
+            Some((3, 4))
+        );
+        assert_eq!(raise_in("increasing the capacity from 10 to 12"), Some((10, 12)));
+        assert_eq!(raise_in("shrinking the capacity from 3 to 1."), Some((3, 1)));
+        assert_eq!(raise_in("an instance was taken out of service"), None);
     }
 
     #[test]
@@ -324,14 +471,15 @@ mod tests {
             activity("Failed", "Access denied to the launch template", 3),
         ];
         assert_eq!(
-            capacity_unavailable(&activities, at(0), at(10), SignedDuration::from_secs(120)),
+            capacity_unavailable(&activities, &requested(0), at(10), SignedDuration::from_secs(120)),
             None
         );
     }
 
     #[test]
     fn no_instance_within_the_capacity_timeout_means_capacity_is_gone() {
-        let reason = capacity_unavailable(&[], at(0), at(121), SignedDuration::from_secs(120)).unwrap();
+        let reason =
+            capacity_unavailable(&[], &requested(0), at(121), SignedDuration::from_secs(120)).unwrap();
         assert!(reason.contains("no new InService instance within 2m"), "{reason}");
     }
 
@@ -339,10 +487,34 @@ mod tests {
     fn only_activities_in_progress_hold_a_scale_up_back() {
         let activities = [activity("InProgress", "", 5), activity("Successful", "", 1)];
         assert_eq!(
-            foreign_activity_in_progress(&activities).map(|a| a.id.as_str()),
+            foreign_activity_in_progress(&activities, &[]).map(|a| a.id.as_str()),
             Some("act-5")
         );
-        assert!(foreign_activity_in_progress(&activities[1..]).is_none());
+        assert!(foreign_activity_in_progress(&activities[1..], &[]).is_none());
+        // A launch one of our own open scale-ups caused does not hold the next one back.
+        assert!(foreign_activity_in_progress(&activities, &[&requested(0)]).is_none());
+        for unfinished in [
+            "PendingSpotBidPlacement",
+            "WaitingForSpotInstanceRequestId",
+            "WaitingForSpotInstanceId",
+            "WaitingForInstanceId",
+            "PreInService",
+            "MidLifecycleAction",
+            "WaitingForELBConnectionDraining",
+            "WaitingForInstanceWarmup",
+        ] {
+            let activities = [activity("Successful", "", 1), activity(unfinished, "", 5)];
+            assert!(
+                foreign_activity_in_progress(&activities, &[]).is_some(),
+                "{unfinished}"
+            );
+        }
+        let over = [
+            activity("Failed", "", 1),
+            activity("Cancelled", "", 2),
+            activity("Successful", "", 3),
+        ];
+        assert!(foreign_activity_in_progress(&over, &[]).is_none());
     }
 
     #[test]

@@ -17,10 +17,10 @@ use tracing::{info, warn};
 
 use super::{
     lifecycle::{self, PodFacts, RetireOutcome},
-    reconcile::{Context, Error, Result, SCALE_DOWN_DISABLED, lock, old_instance, read_record, write_record},
+    reconcile::{Context, Error, Result, SCALE_DOWN_DISABLED, lock, old_instance, write_record},
     record::{Drain, DrainTrigger, Phase, Replacement, SeatState},
 };
-use crate::node;
+use crate::{keys, node};
 
 /// Evictions asked per reconcile at most, so one step stays short.
 const MAX_EVICTIONS_PER_STEP: usize = 20;
@@ -41,20 +41,32 @@ pub struct Pace {
 /// Drains the node when a trigger holds (webhook request, interruption notice, or the taint with
 /// `--drain-after-taint`), then retires it. Returns when to look again, if anything is left to do.
 pub async fn lifecycle(node: &Node, ctx: &Context) -> Result<Option<Duration>> {
-    let stored = match ctx.written(node) {
-        Some(state) => Some(state),
-        None => read_record(node)?,
-    };
+    if ctx.settings.dry_run {
+        // A dry run never tainted the node, so there is nothing to drain or retire.
+        return Ok(None);
+    }
+    let stored = ctx.written(node);
     let phase = stored.as_ref().map(|(phase, _)| *phase);
-    let Some(trigger) =
-        lifecycle::drain_trigger(node::annotations(node), phase, ctx.settings.drain_after_taint)
-    else {
+    let annotations = node::annotations(node);
+    let Some(trigger) = lifecycle::drain_trigger(annotations, phase, ctx.settings.drain_after_taint) else {
+        if annotations.contains_key(keys::DRAIN_REQUESTED) && !phase.is_some_and(Phase::is_finished) {
+            // The node itself can write the request: without a record saying this controller
+            // tainted it (its replacement Ready), it evicts nothing.
+            let note = format!(
+                "{} ignored: the node is not tainted by spot-rebalancer with a Ready replacement (phase {}); \
+                 nothing is evicted",
+                keys::DRAIN_REQUESTED,
+                phase.map_or("none".to_owned(), |p| p.to_string())
+            );
+            ctx.event(node, EventType::Normal, "DrainRequestIgnored", note)
+                .await;
+        }
         return Ok(None);
     };
     let now = Timestamp::now();
-    // A drain the webhook asked for on a node without a notice gets a record of its own.
-    let (mut phase, mut record) =
-        stored.unwrap_or_else(|| (Phase::Draining, Replacement::new(String::new(), None, now)));
+    let Some((mut phase, mut record)) = stored else {
+        return Ok(None);
+    };
     let starting = record.drain.is_none();
     if starting {
         record.drain = Some(Drain {
@@ -288,7 +300,7 @@ async fn retire(
         .unwrap_or_else(|| record.spot_asg.clone());
     let _sending = ctx.sending_on(&asg).await;
     let group = ctx.group(&asg, true).await?;
-    let seat = ctx.capacity.get(instance);
+    let seat = ctx.seat(instance);
     let desired_before = match seat.as_ref().map(|s| &s.state) {
         Some(SeatState::Retiring { desired_before }) => *desired_before,
         _ => group.desired,
@@ -318,7 +330,7 @@ async fn retire(
             if let Some(mut seat) = seat.filter(|s| !matches!(s.state, SeatState::Retiring { .. })) {
                 seat.state = SeatState::Retiring { desired_before };
                 seat.updated_at = Timestamp::now();
-                ctx.capacity.put(seat).await?;
+                ctx.put_seat(seat).await?;
             }
             ctx.terminate_with_decrement(instance).await?;
         }
@@ -330,10 +342,10 @@ async fn retire(
         }
     }
     ctx.forget_desired(&asg);
-    if let Some(mut seat) = ctx.capacity.get(instance) {
+    if let Some(mut seat) = ctx.seat(instance) {
         seat.state = SeatState::Retired;
         seat.updated_at = Timestamp::now();
-        ctx.capacity.put(seat).await?;
+        ctx.put_seat(seat).await?;
     }
     ctx.metrics.retirements.inc();
     let note = format!(
@@ -344,10 +356,7 @@ async fn retire(
     ctx.event(node, EventType::Normal, "Retired", note).await;
     record.retired_at = Some(Timestamp::now());
     match write_record(node, ctx, Phase::Retired, &record).await {
-        Err(Error::Kube {
-            source: kube::Error::Api(status),
-            ..
-        }) if status.is_not_found() => {}
+        Err(Error::Record(crate::controller::records::Error::Missing { .. })) => {}
         other => other?,
     }
     release_replacement(ctx, record.instance_id.as_deref()).await;

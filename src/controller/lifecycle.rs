@@ -1,7 +1,7 @@
 //! The end of a noticed node's life as plain functions of plain data: when a drain starts, which pods
 //! a drain step evicts and which it leaves, how long it backs off, whether the drained node is ours to
-//! retire, what the capacity ledger records for a node, and how the seat of an instance that went
-//! without us is given back. No I/O here; [`super::drain`] and [`super::ledger`] act on the answers.
+//! retire, what a record's seat holds for a node, and how the seat of an instance that went
+//! without us is given back. No I/O here; [`super::drain`] and [`super::records`] act on the answers.
 use std::{collections::BTreeMap, collections::HashSet, time::Duration};
 
 use jiff::{SignedDuration, Timestamp};
@@ -17,9 +17,11 @@ pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Whether the node should be drained now, and why. The webhook's request comes first, then an
-/// interruption notice, then `--drain-after-taint` (only once the node is tainted with a Ready
-/// replacement).
+/// Whether the node should be drained now, and why: an interruption notice on a noticed node, then
+/// the webhook's request, then `--drain-after-taint`. The webhook's request is an annotation, which
+/// the node itself can write too: it counts only on a node the record says this controller tainted
+/// (replacement Ready), where it only makes a drain come sooner. A node that forges it gets nothing
+/// evicted.
 pub fn drain_trigger(
     annotations: &BTreeMap<String, String>,
     phase: Option<Phase>,
@@ -28,13 +30,13 @@ pub fn drain_trigger(
     if phase.is_some_and(Phase::is_finished) {
         return None;
     }
-    if annotations.contains_key(keys::DRAIN_REQUESTED) {
+    let tainted = matches!(phase, Some(Phase::Tainted | Phase::Draining));
+    if annotations.contains_key(keys::DRAIN_REQUESTED) && tainted {
         return Some(DrainTrigger::Requested);
     }
     if annotations.contains_key(keys::INTERRUPTION_TIME) && phase.is_some() {
         return Some(DrainTrigger::Interruption);
     }
-    let tainted = matches!(phase, Some(Phase::Tainted | Phase::Draining));
     (drain_after_taint && tainted).then_some(DrainTrigger::AfterTaint)
 }
 
@@ -131,10 +133,10 @@ pub fn plan_drain(pods: &[PodFacts], limit: usize, step: usize) -> DrainPlan {
 }
 
 /// The wait before the next eviction round after `blocked_rounds` rounds in a row in which every
-/// eviction was refused (429 from a PDB): 1 s, doubling, at most 30 s.
+/// eviction was refused (429 from a PDB): a ceiling of 1 s, doubling, at most 30 s, with jitter
+/// ([`crate::backoff`]).
 pub fn eviction_backoff(blocked_rounds: u32) -> Duration {
-    let factor = 2u32.saturating_pow(blocked_rounds.saturating_sub(1).min(16));
-    (BACKOFF_FIRST * factor).min(BACKOFF_MAX)
+    crate::backoff::nth_wait(BACKOFF_FIRST, BACKOFF_MAX, blocked_rounds)
 }
 
 /// Whether a drain started at `started_at` has run past `timeout`.
@@ -167,8 +169,8 @@ pub fn membership(group: &Group, instance: &str) -> Membership {
     }
 }
 
-/// The ledger entry a node's record calls for, given the entry already there (`None`: nothing to
-/// write). An entry starts with the node's first scale-up intent, so it is in the ledger before the
+/// The seat a node's record calls for, given the entry already there (`None`: nothing to
+/// write). An entry starts with the node's first scale-up intent, so it is in the record before the
 /// Auto Scaling call (the caller writes it before the record); it follows the claimed replacement and
 /// a fallback; it becomes `Withdrawn` when the replacement flow took its +1 back. States the drain
 /// and the sweeper own (Retiring, Retired, Restoring, Restored) are never overwritten from here.
@@ -339,10 +341,10 @@ pub fn retire_outcome(desired_before: i32, group: &Group, instance: &str) -> Ret
     }
 }
 
-/// Finished ledger entries are kept this long after their Node went, for `kubectl get` and restarts.
+/// Finished records are kept this long after their Node went, for `kubectl get` and restarts.
 pub const FINISHED_SEAT_KEPT: SignedDuration = SignedDuration::from_hours(1);
 
-/// Whether a finished entry whose Node is gone may be dropped from the ledger.
+/// Whether a finished entry whose Node is gone may be deleted.
 pub fn prunable(seat: &Seat, node_present: bool, now: Timestamp) -> bool {
     !seat.state.is_open() && !node_present && now.duration_since(seat.updated_at) >= FINISHED_SEAT_KEPT
 }
@@ -368,6 +370,7 @@ mod tests {
             target_desired: baseline + 1,
             pre_scale_instances: pre.iter().map(|s| (*s).into()).collect(),
             scale_requested_at: at(0),
+            activity_ids: Vec::new(),
         }
     }
 
@@ -418,11 +421,20 @@ mod tests {
             drain_trigger(&interrupted, Some(Phase::ScalingSpot), false),
             Some(DrainTrigger::Interruption)
         );
-        let requested = annotations(&[keys::DRAIN_REQUESTED, keys::INTERRUPTION_TIME]);
+        let requested = annotations(&[keys::DRAIN_REQUESTED]);
+        assert_eq!(
+            drain_trigger(&requested, Some(Phase::Tainted), false),
+            Some(DrainTrigger::Requested)
+        );
         assert_eq!(
             drain_trigger(&requested, None, false),
-            Some(DrainTrigger::Requested),
-            "the webhook's request needs no record"
+            None,
+            "a node can write the request itself: without a record of ours it drains nothing"
+        );
+        assert_eq!(
+            drain_trigger(&requested, Some(Phase::AwaitingReady), false),
+            None,
+            "nor before the replacement is Ready"
         );
         assert_eq!(drain_trigger(&requested, Some(Phase::Retired), true), None);
     }
@@ -495,11 +507,12 @@ mod tests {
 
     #[test]
     fn blocked_evictions_back_off_doubling_up_to_thirty_seconds() {
-        assert_eq!(eviction_backoff(0), Duration::from_secs(1));
-        assert_eq!(eviction_backoff(1), Duration::from_secs(1));
-        assert_eq!(eviction_backoff(3), Duration::from_secs(4));
-        assert_eq!(eviction_backoff(10), Duration::from_secs(30));
-        assert_eq!(eviction_backoff(u32::MAX), Duration::from_secs(30));
+        let second = Duration::from_secs(1);
+        for (rounds, ceiling) in [(0, 1), (1, 1), (3, 4), (10, 30), (u32::MAX, 30)] {
+            let wait = eviction_backoff(rounds);
+            let ceiling = ceiling * second;
+            assert!((ceiling / 2..=ceiling).contains(&wait), "{rounds}: {wait:?}");
+        }
     }
 
     #[test]

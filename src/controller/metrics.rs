@@ -1,14 +1,14 @@
 //! The controller's metrics, prefix `spot_rebalancer_` (from the admin registry).
 use prometheus::{
-    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
 pub struct Metrics {
     pub notices: IntCounter,
     pub scale_ups: IntCounterVec,
-    pub fallbacks: IntCounter,
-    pub replacement_ready_seconds: Histogram,
+    pub fallbacks: IntCounterVec,
+    pub replacement_ready_seconds: HistogramVec,
     pub taints: IntCounterVec,
     pub failed: IntCounter,
     pub skipped: IntCounter,
@@ -22,26 +22,38 @@ pub struct Metrics {
     pub drain_timeouts: IntCounter,
     pub retirements: IntCounter,
     pub capacity_restores: IntCounterVec,
+    pub seats_held: IntGaugeVec,
 }
 
 impl Metrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let metrics = Metrics {
-            notices: IntCounter::new("notices_total", "Rebalance or interruption notices acted on")?,
+            // Not `notices_total`: the agent exports that name, counting IMDS notices by kind.
+            notices: IntCounter::new(
+                "controller_notices_total",
+                "Rebalance or interruption notices the controller took up (one per noticed instance)",
+            )?,
             scale_ups: IntCounterVec::new(
                 Opts::new(
                     "scale_ups_total",
-                    "SetDesiredCapacity calls by capacity type and result",
+                    "SetDesiredCapacity calls by ASG, capacity type and result",
                 ),
-                &["capacity_type", "result"],
+                &["asg", "capacity_type", "result"],
             )?,
-            fallbacks: IntCounter::new("fallbacks_total", "Replacements moved to the on-demand ASG")?,
-            replacement_ready_seconds: Histogram::with_opts(
+            fallbacks: IntCounterVec::new(
+                Opts::new(
+                    "fallbacks_total",
+                    "Replacements moved to the on-demand ASG, by the spot ASG that had no capacity",
+                ),
+                &["asg"],
+            )?,
+            replacement_ready_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "replacement_ready_seconds",
-                    "From notice to replacement Node Ready",
+                    "From notice to replacement Node Ready, by the ASG the replacement came from",
                 )
                 .buckets(vec![5.0, 15.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0]),
+                &["asg"],
             )?,
             taints: IntCounterVec::new(
                 Opts::new("taints_total", "Termination taints applied"),
@@ -110,6 +122,13 @@ impl Metrics {
                 ),
                 &["how"],
             )?,
+            seats_held: IntGaugeVec::new(
+                Opts::new(
+                    "seats_held",
+                    "Instances this controller added and still holds (scale-ups not yet given back), by ASG",
+                ),
+                &["asg"],
+            )?,
         };
         registry.register(Box::new(metrics.notices.clone()))?;
         registry.register(Box::new(metrics.scale_ups.clone()))?;
@@ -128,6 +147,7 @@ impl Metrics {
         registry.register(Box::new(metrics.drain_timeouts.clone()))?;
         registry.register(Box::new(metrics.retirements.clone()))?;
         registry.register(Box::new(metrics.capacity_restores.clone()))?;
+        registry.register(Box::new(metrics.seats_held.clone()))?;
         Ok(metrics)
     }
 }

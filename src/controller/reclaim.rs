@@ -1,7 +1,7 @@
 //! Instances that went without us: AWS reclaimed the spot instance, or someone terminated it without a
 //! decrement, and its Node (with its record) went with it. The ASG refills such a seat, on top of the
-//! +1 this controller added, so a sweeper reads the capacity ledger and gives each such seat back:
-//! exactly once (the plan is written to the ledger before the call, and re-checked against the ASG
+//! +1 this controller added, so a sweeper reads the seats in the records and gives each such seat back:
+//! exactly once (the plan is written to the record before the call, and re-checked against the ASG
 //! after a restart), never below the pre-notice size, never by letting the ASG pick a busy instance.
 use std::{collections::HashSet, sync::Arc};
 
@@ -19,7 +19,7 @@ use super::{
 };
 
 /// Runs until `stop`: once the Node cache is `synced` (a Node missing from an unsynced cache is not
-/// gone), looks at the ledger every `--asg-poll-interval`.
+/// gone), looks at the seats every `--asg-poll-interval`.
 pub async fn sweep_until(ctx: Arc<Context>, stop: CancellationToken, synced: CancellationToken) {
     tokio::select! {
         _ = stop.cancelled() => return,
@@ -34,10 +34,13 @@ pub async fn sweep_until(ctx: Arc<Context>, stop: CancellationToken, synced: Can
     }
 }
 
-/// One look at every seat of the ledger. A seat that fails (its ASG deleted, a call AWS refuses) is
+/// One look at every seat. A seat that fails (its ASG deleted, a call AWS refuses) is
 /// logged and counted, and the others are still looked after.
 async fn sweep(ctx: &Context) {
-    for seat in ctx.capacity.seats() {
+    if ctx.settings.dry_run {
+        return;
+    }
+    for seat in ctx.seats() {
         let instance = seat.instance.clone();
         if let Err(error) = look_after(ctx, seat).await {
             warn!(%error, instance, "giving back a seat failed; retrying at the next sweep");
@@ -55,7 +58,7 @@ async fn look_after(ctx: &Context, seat: Seat) -> Result<()> {
         .get(&ObjectRef::new(&seat.node))
         .is_some_and(|node| old_instance(&node) == Some(seat.instance.as_str()));
     if lifecycle::prunable(&seat, present, Timestamp::now()) {
-        return Ok(ctx.capacity.remove(&seat.instance).await?);
+        return Ok(ctx.records.delete(&seat.instance).await?);
     }
     // While the Node is there, its own reconcile drains and retires it.
     if !present && seat.state.is_open() {
@@ -69,7 +72,7 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
     let asg = seat.instance_asg.clone();
     let _sending = ctx.sending_on(&asg).await;
     // Read again under the ASG's lock: a retirement may have moved the seat on meanwhile.
-    let Some(mut seat) = ctx.capacity.get(&seat.instance).filter(|s| s.state.is_open()) else {
+    let Some(mut seat) = ctx.seat(&seat.instance).filter(|s| s.state.is_open()) else {
         return Ok(());
     };
     let group = ctx.group(&asg, true).await?;
@@ -99,7 +102,7 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
     if !matches!(seat.state, SeatState::Restoring { .. }) {
         seat.state = SeatState::Restoring { undo: undo.clone() };
         seat.updated_at = Timestamp::now();
-        ctx.capacity.put(seat.clone()).await?;
+        ctx.put_seat(seat.clone()).await?;
     }
     if lifecycle::restore_pending(&undo, &group) {
         ctx.carry_out(&asg, &undo).await?;
@@ -141,7 +144,7 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
     let (seat_instance, seat_asg) = (seat.instance.clone(), seat.instance_asg.clone());
     seat.state = SeatState::Restored { undo };
     seat.updated_at = Timestamp::now();
-    ctx.capacity.put(seat).await?;
+    ctx.put_seat(seat).await?;
     info!(%note, "capacity restored");
     ctx.notifier.send(&super::notify::Notification {
         node: gone_node,
@@ -163,8 +166,7 @@ async fn plan(ctx: &Context, seat: &Seat, group: &crate::aws::Group) -> Result<U
         .filter_map(|(_, record)| record.instance_id.clone())
         .collect();
     claimed.extend(
-        ctx.capacity
-            .seats()
+        ctx.seats()
             .into_iter()
             .filter(|s| s.state.is_open())
             .filter_map(|s| s.claimed),
@@ -195,7 +197,7 @@ async fn retired(ctx: &Context, mut seat: Seat, node: &ObjectReference, desired_
     let claimed = seat.claimed.clone();
     seat.state = SeatState::Retired;
     seat.updated_at = Timestamp::now();
-    ctx.capacity.put(seat).await?;
+    ctx.put_seat(seat).await?;
     ctx.metrics.retirements.inc();
     ctx.event_on(node, EventType::Normal, "Retired", note).await;
     release_replacement(ctx, claimed.as_deref()).await;

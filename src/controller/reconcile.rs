@@ -26,20 +26,21 @@ use tracing::{info, instrument, warn};
 
 use super::{
     decide::{self, Member},
-    drain,
-    ledger::{self, Ledger},
-    lifecycle,
+    drain, lifecycle,
     metrics::Metrics,
-    record::{Abandoned, CapacityType, Phase, Replacement, ScaleIntent, Undo},
+    node_input::NodeInput,
+    record::{Abandoned, CapacityType, Phase, Replacement, ScaleIntent, Seat, Undo},
+    records::{self, Records, Subject},
 };
 use crate::{
     aws::{self, Activity, AutoScaling, Group},
+    contract::SpotReplacementStatus,
     keys,
     node::{self, OptInLabel},
 };
 
-/// Field manager of the record (phase and replacement) the controller writes on a noticed node.
-pub const FIELD_MANAGER: &str = "spot-rebalancer-controller";
+/// Field manager of the controller's writes (and the reporter of its Events).
+pub const FIELD_MANAGER: &str = keys::CONTROLLER_FIELD_MANAGER;
 /// Field manager of the scale-down protection on a claimed replacement. A manager of its own: a
 /// replacement noticed in turn gets a record applied by [`FIELD_MANAGER`], and an apply drops every
 /// field its manager set before and left out this time.
@@ -63,12 +64,8 @@ pub enum Error {
         node: String,
         source: kube::Error,
     },
-    #[error("the replacement record on node {node} cannot be read ({source}); fix or remove the annotation")]
-    BadRecord { node: String, source: serde_json::Error },
-    #[error("the phase {value:?} on node {node} is unknown; fix or remove the annotation")]
-    BadPhase { node: String, value: String },
     #[error(transparent)]
-    Ledger(#[from] ledger::Error),
+    Record(#[from] records::Error),
 }
 
 impl Error {
@@ -76,9 +73,7 @@ impl Error {
         match self {
             Error::Aws(error) => error.metric_label(),
             Error::Kube { .. } => "kube",
-            Error::BadRecord { .. } => "bad_record",
-            Error::BadPhase { .. } => "bad_phase",
-            Error::Ledger(_) => "ledger",
+            Error::Record(error) => error.metric_label(),
         }
     }
 }
@@ -104,6 +99,8 @@ pub struct Settings {
     pub drain_after_taint: bool,
     /// A drain still not done after this long raises a Warning Event (and goes on; nothing is forced).
     pub drain_timeout: SignedDuration,
+    /// Detect, decide and report only: no Auto Scaling call, no taint, no eviction.
+    pub dry_run: bool,
 }
 
 /// What a reconcile shares with every other: clients, caches, the records this process wrote.
@@ -117,29 +114,18 @@ pub struct Context {
     pub metrics: Metrics,
     /// Every Node (opted in or not): replacements may come from a node group that is not opted in.
     pub all_nodes: Store<Node>,
-    /// What this controller added per noticed instance, outliving the Nodes (a ConfigMap).
-    pub capacity: Ledger,
+    /// One `SpotReplacement` per noticed instance: the state machine's record, outliving the Nodes.
+    pub records: Records,
     /// Posts each phase to the configured webhook URL, if any.
     pub notifier: super::notify::Notifier,
     /// Eviction rounds in a row that PDBs blocked entirely, per draining node (for the backoff).
     pub(super) drain_rounds: Mutex<HashMap<String, drain::Pace>>,
-    /// The records this process wrote, by Node name: the cache shows them only later.
-    written: Mutex<HashMap<String, Written>>,
     asgs: Mutex<HashMap<String, Arc<AsgState>>>,
     /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
     detecting: AtomicUsize,
     warned_rebalancing: Mutex<HashSet<String>>,
     /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
     failing: Mutex<HashMap<String, Streak>>,
-}
-
-/// A record this process wrote, with the uid of the Node it went on: a new Node of the same name (EKS
-/// names nodes by IP, and IPs come back) is another node and must not inherit it.
-#[derive(Debug, Clone)]
-struct Written {
-    uid: Option<String>,
-    phase: Phase,
-    record: Replacement,
 }
 
 /// Reconciles of one node failing in a row with errors of one kind.
@@ -165,14 +151,13 @@ fn count_failure(streaks: &mut HashMap<String, Streak>, node: &str, kind: &'stat
     streak.failures
 }
 
-/// The wait before retrying a node whose reconciles failed `failures` times in a row: 2 s, doubling,
-/// at most 30 s, so a lasting failure (a missing permission, AWS throttling) is not hammered. A
-/// change of the Node (an interruption notice) still reconciles it at once.
+/// The wait before retrying a node whose reconciles failed `failures` times in a row: a ceiling of
+/// 2 s, doubling, at most 30 s, with jitter (the project's one backoff, [`crate::backoff`]), so a
+/// lasting failure (a missing permission, AWS throttling) is not hammered and nodes that failed
+/// together do not retry in step. A change of the Node (an interruption notice) still reconciles it
+/// at once.
 fn retry_after(failures: u32) -> Duration {
-    const FIRST: Duration = Duration::from_secs(2);
-    const LONGEST: Duration = Duration::from_secs(30);
-    let doublings = failures.saturating_sub(1).min(8);
-    (FIRST * 2u32.pow(doublings)).min(LONGEST)
+    crate::backoff::nth_wait(Duration::from_secs(2), Duration::from_secs(30), failures)
 }
 
 /// Failed reconciles in a row (each after the AWS SDK's own retries) before a Warning Event: a
@@ -207,7 +192,7 @@ impl Context {
         recorder: Recorder,
         metrics: Metrics,
         all_nodes: Store<Node>,
-        capacity: Ledger,
+        records: Records,
         notifier: super::notify::Notifier,
     ) -> Self {
         Context {
@@ -218,10 +203,9 @@ impl Context {
             recorder,
             metrics,
             all_nodes,
-            capacity,
+            records,
             notifier,
             drain_rounds: Mutex::default(),
-            written: Mutex::default(),
             asgs: Mutex::default(),
             detecting: AtomicUsize::new(0),
             warned_rebalancing: Mutex::default(),
@@ -290,46 +274,72 @@ impl Context {
 
     /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
     pub fn claimant_of(&self, instance: &str) -> Option<ObjectRef<Node>> {
-        lock(&self.written)
-            .iter()
-            .find(|(_, written)| {
-                written.phase == Phase::AwaitingReady
-                    && written.record.instance_id.as_deref() == Some(instance)
+        self.records
+            .all()
+            .into_iter()
+            .find(|object| {
+                object.status.as_ref().is_some_and(|status| {
+                    status.phase == Phase::AwaitingReady
+                        && status.record.instance_id.as_deref() == Some(instance)
+                })
             })
-            .map(|(name, _)| ObjectRef::new(name))
+            .map(|object| ObjectRef::new(&object.spec.node_name))
     }
 
-    /// Every noticed node's phase and record: the cache, overridden by what this process wrote
-    /// (always newer, since only the leader writes records). Nodes that are gone are left out, with
-    /// what this process wrote for them (also for a gone Node whose name a new Node took).
+    /// Every noticed node's phase and record, by Node name: the records whose Node is still there
+    /// (with the record's instance in its provider id). A record whose Node went stays for the
+    /// capacity sweeper ([`super::reclaim`]) but no longer counts here.
     pub(super) fn records(&self) -> HashMap<String, (Phase, Replacement)> {
-        let mut records: HashMap<String, (Phase, Replacement)> = self
-            .all_nodes
-            .state()
-            .iter()
-            .filter_map(|node| Some((node.name_any(), read_record(node).ok()??)))
-            .collect();
-        let mut written = lock(&self.written);
-        written.retain(|name, written| {
-            self.all_nodes
-                .get(&ObjectRef::new(name))
-                .is_some_and(|node| node.uid() == written.uid)
-        });
-        records.extend(
-            written
-                .iter()
-                .map(|(name, w)| (name.clone(), (w.phase, w.record.clone()))),
-        );
-        records
+        self.records
+            .all()
+            .into_iter()
+            .filter_map(|object| {
+                let status = object.status?;
+                let present = self
+                    .all_nodes
+                    .get(&ObjectRef::new(&object.spec.node_name))
+                    .is_some_and(|node| node::instance_id(&node) == Some(object.spec.instance_id.as_str()));
+                present.then_some((object.spec.node_name, (status.phase, status.record)))
+            })
+            .collect()
     }
 
-    /// The phase and record this process last wrote on `node` (this very Node, not an earlier one
-    /// of the same name), if any.
+    /// The phase and record of `node`'s instance (named by its provider id), if it has one.
     pub(super) fn written(&self, node: &Node) -> Option<(Phase, Replacement)> {
-        lock(&self.written)
-            .get(&node.name_any())
-            .filter(|written| written.uid == node.uid())
-            .map(|written| (written.phase, written.record.clone()))
+        let instance = node::instance_id(node)?;
+        let status = self.records.get(instance)?.status?;
+        Some((status.phase, status.record))
+    }
+
+    /// The seat (what this controller added for it) of `instance`'s record.
+    pub(super) fn seat(&self, instance: &str) -> Option<Seat> {
+        self.records
+            .get(instance)
+            .as_ref()
+            .and_then(records::seat_of)
+            .cloned()
+    }
+
+    /// Every record's seat, also of records whose Node is gone.
+    pub(super) fn seats(&self) -> Vec<Seat> {
+        self.records
+            .all()
+            .iter()
+            .filter_map(records::seat_of)
+            .cloned()
+            .collect()
+    }
+
+    /// Writes `seat` into its instance's record (intent before action, like every record write).
+    pub(super) async fn put_seat(&self, seat: Seat) -> Result<()> {
+        let instance = seat.instance.clone();
+        self.records
+            .update(&instance, move |status| SpotReplacementStatus {
+                seat: Some(seat),
+                ..status.clone()
+            })
+            .await?;
+        Ok(())
     }
 
     /// The ASG as described now (`fresh`), or as described by anyone within [`AWS_CACHE_TTL`].
@@ -451,22 +461,6 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The node's phase and record, if it has them.
-pub fn read_record(node: &Node) -> Result<Option<(Phase, Replacement)>> {
-    let annotations = node::annotations(node);
-    let (Some(phase), Some(record)) = (annotations.get(keys::PHASE), annotations.get(keys::REPLACEMENT))
-    else {
-        return Ok(None);
-    };
-    let name = node.name_any();
-    let phase = phase.parse().map_err(|_| Error::BadPhase {
-        node: name.clone(),
-        value: phase.clone(),
-    })?;
-    let record = serde_json::from_str(record).map_err(|source| Error::BadRecord { node: name, source })?;
-    Ok(Some((phase, record)))
-}
-
 /// Members of coalesced scale-ups: every record with a scale-up in flight or done (and not retired).
 fn members<'a>(records: &'a HashMap<String, (Phase, Replacement)>) -> Vec<Member<'a>> {
     records
@@ -496,7 +490,34 @@ enum Step {
 
 #[instrument(skip_all, fields(node = %node.name_any()))]
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
-    let replacing = replace(node.clone(), ctx.clone()).await;
+    let input = NodeInput::read(node::annotations(&node), old_instance(&node));
+    if let Some(claimed) = &input.disagreeing_instance {
+        // The node names another instance than its provider id: it is lying (or misconfigured).
+        // Nothing is scaled, tainted, evicted or terminated for it.
+        let note = format!(
+            "the node's {} annotation says {claimed:?}, its provider id says {:?}; nothing is done for this node",
+            keys::INSTANCE_ID,
+            old_instance(&node).unwrap_or("nothing"),
+        );
+        warn!(%note, "untrusted node input");
+        ctx.metrics
+            .reconcile_errors
+            .with_label_values(&["instance_mismatch"])
+            .inc();
+        ctx.event(&node, EventType::Warning, "InstanceIdMismatch", note)
+            .await;
+        return Ok(Action::await_change());
+    }
+    if !input.problems.is_empty() {
+        let note = format!(
+            "ignored malformed notice annotations: {}",
+            input.problems.join("; ")
+        );
+        warn!(%note, "untrusted node input");
+        ctx.event(&node, EventType::Warning, "MalformedNotice", note)
+            .await;
+    }
+    let replacing = replace(node.clone(), ctx.clone(), &input).await;
     // The end of the node's life (drain, retire) goes on next to the replacement flow, also while
     // that fails: an interruption's drain, or one the webhook promised, must not wait for AWS.
     let ending = drain::lifecycle(&node, &ctx).await;
@@ -509,17 +530,36 @@ pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 /// The replacement state machine up to `Tainted`: the wait until the next look, if any.
-async fn replace(node: Arc<Node>, ctx: Arc<Context>) -> Result<Option<Duration>> {
-    let annotations = node::annotations(&node);
-    let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME);
-    let interrupted = annotations.contains_key(keys::INTERRUPTION_TIME);
-    let stored = ctx.written(&node);
-    let mut state = match stored {
-        Some(state) => Some(state),
-        None => read_record(&node)?,
-    };
+async fn replace(node: Arc<Node>, ctx: Arc<Context>, input: &NodeInput) -> Result<Option<Duration>> {
+    let noticed = input.rebalance.is_some();
+    let interrupted = input.interruption.is_some();
+    let mut state = ctx.written(&node);
     if state.is_none() && !noticed && !interrupted {
         return Ok(None);
+    }
+    // Rule 5's exception, before anything else and before any AWS call: an interrupted node dies
+    // in two minutes, replacement or not, so it is tainted at once even while every AWS call fails.
+    let phase_now = state.as_ref().map(|(phase, _)| *phase);
+    let tainted_at = state.as_ref().and_then(|(_, record)| record.tainted_at);
+    if decide::taint_on_interruption(interrupted, phase_now, tainted_at)
+        && !node::has_taint(&node, &ctx.settings.taint.key, &ctx.settings.taint.effect)
+        && ctx.settings.dry_run
+    {
+        let note = format!(
+            "dry run: would taint {} at once on its interruption notice",
+            taint_text(&ctx.settings.taint)
+        );
+        ctx.event(&node, EventType::Normal, "WouldTaint", note).await;
+    } else if decide::taint_on_interruption(interrupted, phase_now, tainted_at)
+        && !node::has_taint(&node, &ctx.settings.taint.key, &ctx.settings.taint.effect)
+    {
+        taint(&node, &ctx, "interruption notice").await?;
+        let note = format!(
+            "interruption notice: tainted at once, {}",
+            taint_text(&ctx.settings.taint)
+        );
+        ctx.event(&node, EventType::Warning, "TaintedOnInterruption", note)
+            .await;
     }
     let mut fallback = None;
     loop {
@@ -536,22 +576,17 @@ async fn replace(node: Arc<Node>, ctx: Arc<Context>) -> Result<Option<Duration>>
             }
             (None, None) => {
                 let _detecting = Counted::new(&ctx.detecting);
-                detect(&node, &ctx).await?
+                detect(&node, &ctx, interrupted).await?
             }
             (Some((phase, mut record)), None) => {
-                finish_undos(&node, &ctx, phase, &mut record).await?;
-                // Rule 5's exception: an interrupted node dies anyway, replacement or not.
-                if interrupted && record.tainted_at.is_none() && !phase.is_tainted() {
-                    taint(&node, &ctx, "interruption notice").await?;
+                // The taint made above (or in an earlier reconcile) goes into the record.
+                if decide::taint_on_interruption(interrupted, Some(phase), record.tainted_at)
+                    && !ctx.settings.dry_run
+                {
                     record.tainted_at = Some(Timestamp::now());
                     write_record(&node, &ctx, phase, &record).await?;
-                    let note = format!(
-                        "interruption notice: tainted at once, {}",
-                        taint_text(&ctx.settings.taint)
-                    );
-                    ctx.event(&node, EventType::Warning, "TaintedOnInterruption", note)
-                        .await;
                 }
+                finish_undos(&node, &ctx, phase, &mut record).await?;
                 match phase {
                     Phase::Detected => start_scale(&node, &ctx, record, CapacityType::Spot).await?,
                     Phase::ScalingSpot | Phase::ScalingOnDemand => {
@@ -581,10 +616,7 @@ pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action
     let kind = error.metric_label();
     ctx.metrics.reconcile_errors.with_label_values(&[kind]).inc();
     let failures = ctx.failed(&node.name_any(), kind);
-    let jitter = Duration::from_millis(u64::from(
-        Timestamp::now().subsec_nanosecond().unsigned_abs() % 1000,
-    ));
-    let wait = retry_after(failures) + jitter;
+    let wait = retry_after(failures);
     if failures == FAILURES_BEFORE_WARNING {
         // Operators look at the node, not at the controller's log: say there what keeps failing.
         let note = format!(
@@ -599,21 +631,19 @@ pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action
 }
 
 /// A notice arrived: find the node's ASGs and record them (or skip a node in no ASG).
-async fn detect(node: &Node, ctx: &Context) -> Result<Step> {
+async fn detect(node: &Node, ctx: &Context, interrupted: bool) -> Result<Step> {
     let now = Timestamp::now();
     ctx.metrics.notices.inc();
-    let annotations = node::annotations(node);
-    let instance = annotations
-        .get(keys::INSTANCE_ID)
-        .map(String::as_str)
-        .or_else(|| node::instance_id(node));
-    let Some(instance) = instance else {
-        return skip(
-            node,
-            ctx,
-            "the node has no EC2 instance id (annotation or aws:/// provider id)".into(),
-        )
-        .await;
+    let Some(instance) = old_instance(node) else {
+        // No record can be kept without an instance: say so, and do nothing.
+        let note = "notice on a node with no EC2 instance in its provider id (aws:///<zone>/<instance-id>); \
+                    nothing is done"
+            .to_owned();
+        warn!(%note, "skipped");
+        ctx.metrics.skipped.inc();
+        ctx.event(node, EventType::Warning, "ReplacementSkipped", note)
+            .await;
+        return Ok(Step::Done);
     };
     ctx.metrics
         .aws_calls
@@ -627,6 +657,20 @@ async fn detect(node: &Node, ctx: &Context) -> Result<Step> {
         )
         .await;
     };
+    // Only instances of opted-in ASGs are acted on (the IAM policy requires the tag for scaling
+    // anyway): a node's label alone, which the node can write, is not enough.
+    let own_group = ctx.group(&own_asg, false).await?;
+    if !decide::asg_opted_in(&own_group) {
+        return skip(
+            node,
+            ctx,
+            format!(
+                "instance {instance}'s ASG {own_asg} does not carry the tag {}=true",
+                keys::ENABLED_LABEL
+            ),
+        )
+        .await;
+    }
     let spot_asg = ctx.settings.spot_asg.clone().unwrap_or_else(|| own_asg.clone());
     let group = ctx.group(&spot_asg, false).await?;
     warn_capacity_rebalancing(node, ctx, &group).await;
@@ -637,6 +681,10 @@ async fn detect(node: &Node, ctx: &Context) -> Result<Step> {
         .or_else(|| ctx.settings.on_demand_asg.clone());
     let mut record = Replacement::new(spot_asg.clone(), on_demand_asg.clone(), now);
     record.instance_asg = Some(own_asg.clone());
+    if interrupted && !ctx.settings.dry_run {
+        // Tainted on its interruption notice before this detection (see `replace`).
+        record.tainted_at = Some(now);
+    }
     write_record(node, ctx, Phase::Detected, &record).await?;
     let fallback = on_demand_asg.map_or("no on-demand fallback".to_owned(), |asg| {
         format!("fallback {asg}")
@@ -723,7 +771,12 @@ async fn start_scale(
         .any(|m| m.node != name && m.scale.asg == asg && m.phase.is_scaling());
     if !joining && capacity_type == CapacityType::Spot {
         let activities = ctx.activities(&asg).await?;
-        if let Some(activity) = decide::foreign_activity_in_progress(&activities) {
+        let ours: Vec<&ScaleIntent> = others
+            .iter()
+            .filter(|m| m.scale.asg == asg)
+            .map(|m| m.scale)
+            .collect();
+        if let Some(activity) = decide::foreign_activity_in_progress(&activities, &ours) {
             let since = *record.waiting_since.get_or_insert(now);
             if now.duration_since(since) < ctx.settings.foreign_activity_timeout {
                 if since == now {
@@ -754,12 +807,41 @@ async fn start_scale(
     drop(decision);
 
     wait_for_concurrent_intents(ctx, &state).await;
+    if ctx.settings.dry_run {
+        // Detected and decided; the call is only reported. Nothing will launch, so the flow ends
+        // here (the record keeps what would have been asked).
+        let records = ctx.records();
+        let target = decide::group_target(
+            &intent,
+            &members(&records),
+            group.max,
+            ctx.settings.surge_above_max,
+        );
+        let note = format!(
+            "dry run: would raise {asg} ({capacity_type:?}) {} → {target}; no Auto Scaling call, no taint, no eviction",
+            intent.baseline
+        );
+        info!(%note, "dry run");
+        ctx.metrics
+            .scale_ups
+            .with_label_values(&[asg.as_str(), capacity_label(capacity_type), "dry_run"])
+            .inc();
+        ctx.event(node, EventType::Normal, "WouldScaleUp", note).await;
+        return Ok(Step::Done);
+    }
     if let Some(target) = ensure_desired(ctx, &intent).await? {
         let note = format!("asked {asg} ({capacity_type:?}) for desired capacity {target}");
         info!(%note, "scaling");
         ctx.event(node, EventType::Normal, "ScalingUp", note).await;
     }
     Ok(Step::Continue(phase, record))
+}
+
+fn capacity_label(capacity_type: CapacityType) -> &'static str {
+    match capacity_type {
+        CapacityType::Spot => "spot",
+        CapacityType::OnDemand => "on-demand",
+    }
 }
 
 /// Rule 2: before a call, let concurrent notices on the ASG write their intents (none still
@@ -785,10 +867,7 @@ async fn set_desired(
     target: i32,
     max: i32,
 ) -> Result<()> {
-    let label = match capacity_type {
-        CapacityType::Spot => "spot",
-        CapacityType::OnDemand => "on-demand",
-    };
+    let label = capacity_label(capacity_type);
     let sent = if target > max {
         info!(asg, from = max, to = target, "raising MaxSize to surge above it");
         ctx.metrics
@@ -805,11 +884,14 @@ async fn set_desired(
     };
     match sent {
         Ok(()) => {
-            ctx.metrics.scale_ups.with_label_values(&[label, "ok"]).inc();
+            ctx.metrics.scale_ups.with_label_values(&[asg, label, "ok"]).inc();
             Ok(())
         }
         Err(error) => {
-            ctx.metrics.scale_ups.with_label_values(&[label, "error"]).inc();
+            ctx.metrics
+                .scale_ups
+                .with_label_values(&[asg, label, "error"])
+                .inc();
             Err(error.into())
         }
     }
@@ -847,6 +929,9 @@ async fn await_instance(node: &Node, ctx: &Context, mut record: Replacement) -> 
     let Some(intent) = record.scale.clone() else {
         return Ok(Step::Continue(Phase::Detected, record));
     };
+    if ctx.settings.dry_run {
+        return Ok(Step::Done);
+    }
     let name = node.name_any();
     ensure_desired(ctx, &intent).await?;
     let group = ctx.group(&intent.asg, false).await?;
@@ -880,12 +965,15 @@ async fn await_instance(node: &Node, ctx: &Context, mut record: Replacement) -> 
 
     let activities = ctx.activities(&intent.asg).await?;
     let now = Timestamp::now();
-    match decide::capacity_unavailable(
-        &activities,
-        intent.scale_requested_at,
-        now,
-        ctx.settings.capacity_timeout,
-    ) {
+    // Keep the ActivityIds of the launches this request caused in the record.
+    let caused = decide::activities_of(&activities, &intent);
+    if !caused.is_empty() && caused != intent.activity_ids {
+        if let Some(scale) = record.scale.as_mut() {
+            scale.activity_ids = caused;
+        }
+        write_record(node, ctx, Phase::from(intent.capacity_type), &record).await?;
+    }
+    match decide::capacity_unavailable(&activities, &intent, now, ctx.settings.capacity_timeout) {
         Some(reason) => give_up_on(node, ctx, record, intent.capacity_type, reason).await,
         None => Ok(Step::Wait(ctx.settings.asg_poll_interval)),
     }
@@ -933,7 +1021,10 @@ async fn give_up_on(
     }
     let fallback = capacity_type == CapacityType::Spot && record.on_demand_asg.is_some();
     if fallback {
-        ctx.metrics.fallbacks.inc();
+        ctx.metrics
+            .fallbacks
+            .with_label_values(&[record.spot_asg.as_str()])
+            .inc();
         let on_demand = record.on_demand_asg.clone().unwrap_or_default();
         let note = format!("spot capacity unavailable ({reason}); falling back to on-demand ASG {on_demand}");
         warn!(%note, "falling back");
@@ -1047,7 +1138,14 @@ async fn await_ready(node: &Node, ctx: &Context, mut record: Replacement) -> Res
             record.ready_at = Some(now);
             write_record(node, ctx, Phase::Tainted, &record).await?;
             let latency = now.duration_since(record.detected_at).as_secs_f64();
-            ctx.metrics.replacement_ready_seconds.observe(latency);
+            let from = record
+                .scale
+                .as_ref()
+                .map_or(record.spot_asg.as_str(), |s| s.asg.as_str());
+            ctx.metrics
+                .replacement_ready_seconds
+                .with_label_values(&[from])
+                .observe(latency);
             let tainted = if tainted_before {
                 "it was tainted before, on its interruption notice".to_owned()
             } else {
@@ -1182,65 +1280,71 @@ async fn mark_scale_down_disabled(ctx: &Context, replacement: &str) -> Result<()
     Ok(())
 }
 
-/// The noticed node's own instance: the agent's annotation, else its provider id.
+/// The noticed node's own instance: from its provider id only (an annotation is the node's word).
 pub(super) fn old_instance(node: &Node) -> Option<&str> {
-    node::annotations(node)
-        .get(keys::INSTANCE_ID)
-        .map(String::as_str)
-        .or_else(|| node::instance_id(node))
+    node::instance_id(node)
 }
 
-/// Writes phase and record on the node (server-side apply, the controller's own field manager),
-/// and remembers them, since the cache shows them only later. The capacity ledger hears of a new
-/// or changed +1 first, so it knows of every scale-up before the Auto Scaling call.
+/// The record's subject for `node`: its name, uid and instance (from the provider id).
+fn subject(node: &Node) -> Option<Subject> {
+    Some(Subject {
+        node: node.name_any(),
+        node_uid: node.uid().unwrap_or_default(),
+        instance: old_instance(node)?.to_owned(),
+    })
+}
+
+/// Writes phase and record into the node's `SpotReplacement` (with its resourceVersion, so a write
+/// based on an older read fails), together with the seat it holds in its ASG, so the seat is known
+/// before the Auto Scaling call it announces. A new phase is posted to the notifier.
 pub(super) async fn write_record(
     node: &Node,
     ctx: &Context,
     phase: Phase,
     record: &Replacement,
 ) -> Result<()> {
-    let name = node.name_any();
-    if let Some(instance) = old_instance(node) {
-        let existing = ctx.capacity.get(instance);
-        let now = Timestamp::now();
-        if let Some(seat) = lifecycle::tracked_seat(existing.as_ref(), &name, instance, phase, record, now) {
-            ctx.capacity.put(seat).await?;
-        }
-    }
-    let record_json = serde_json::to_string(record).map_err(|source| Error::BadRecord {
-        node: name.clone(),
-        source,
-    })?;
-    let patch = json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "annotations": {keys::PHASE: phase.to_string(), keys::REPLACEMENT: record_json}},
-    });
-    ctx.nodes()
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::Kube {
-            action: "writing the replacement record",
-            node: name.clone(),
-            source,
-        })?;
-    let written = Written {
-        uid: node.uid(),
-        phase,
-        record: record.clone(),
+    let Some(subject) = subject(node) else {
+        let what = format!("the provider id of node {}", node.name_any());
+        return Err(records::Error::BadInstance(what).into());
     };
-    let before = lock(&ctx.written)
-        .insert(name.clone(), written)
-        .filter(|before| before.uid == node.uid())
-        .map(|before| before.phase)
-        .or_else(|| read_record(node).ok().flatten().map(|(before, _)| before));
+    let now = Timestamp::now();
+    let mut before = None;
+    ctx.records
+        .write(&subject, |current| {
+            before = current.map(|status| status.phase);
+            let existing_seat = current.and_then(|status| status.seat.as_ref());
+            // A dry run holds no seat: it added nothing.
+            let seat = if ctx.settings.dry_run {
+                None
+            } else {
+                lifecycle::tracked_seat(
+                    existing_seat,
+                    &subject.node,
+                    &subject.instance,
+                    phase,
+                    record,
+                    now,
+                )
+                .or_else(|| existing_seat.cloned())
+            };
+            let base = current.cloned().unwrap_or_else(|| SpotReplacementStatus {
+                phase,
+                record: record.clone(),
+                seat: None,
+                history: Vec::new(),
+            });
+            SpotReplacementStatus {
+                record: record.clone(),
+                seat,
+                ..base
+            }
+            .entering(phase, now)
+        })
+        .await?;
     if before != Some(phase) {
         ctx.notifier.send(&super::notify::Notification {
-            node: name.clone(),
-            instance: old_instance(node).map(str::to_owned),
+            node: subject.node.clone(),
+            instance: Some(subject.instance.clone()),
             asg: Some(
                 record
                     .instance_asg
@@ -1283,9 +1387,13 @@ mod tests {
 
     #[test]
     fn retries_back_off_from_2_s_to_at_most_30_s() {
-        let waits: Vec<u64> = (1..=7).map(|n| retry_after(n).as_secs()).collect();
-        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30]);
-        assert_eq!(retry_after(u32::MAX), Duration::from_secs(30));
+        let ceilings = [2, 4, 8, 16, 30, 30, 30];
+        for (failures, ceiling) in (1..=7).zip(ceilings) {
+            let wait = retry_after(failures);
+            let ceiling = Duration::from_secs(ceiling);
+            assert!((ceiling / 2..=ceiling).contains(&wait), "{failures}: {wait:?}");
+        }
+        assert!(retry_after(u32::MAX) <= Duration::from_secs(30));
     }
 
     #[test]

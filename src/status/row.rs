@@ -1,14 +1,18 @@
 //! One opted-in Node as an operator sees it: its instance, node group, phase, replacement, taint,
-//! readiness and what went wrong. Read from the Node alone (annotations written by the agent and the
-//! controller, labels, taints, conditions); a malformed annotation becomes a problem on the row.
+//! readiness and what went wrong. Read from the Node (the agent's notice annotations, labels, taints,
+//! conditions) and the controller's `SpotReplacement` record of it (phase and replacement); a
+//! malformed annotation becomes a problem on the row.
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::{
-    controller::record::{Phase, Replacement},
-    keys, node,
+    contract::{
+        SpotReplacement, keys,
+        record::{Phase, Replacement},
+    },
+    node,
 };
 
 /// What the row shows in its PHASE column.
@@ -20,8 +24,6 @@ pub enum State {
     Noticed,
     /// The controller's phase.
     Phase(Phase),
-    /// The phase annotation is missing, or not a phase the controller writes.
-    Malformed,
 }
 
 impl State {
@@ -30,7 +32,6 @@ impl State {
             State::Quiet => "-".to_owned(),
             State::Noticed => "Noticed".to_owned(),
             State::Phase(phase) => phase.to_string(),
-            State::Malformed => "Malformed".to_owned(),
         }
     }
 }
@@ -51,12 +52,11 @@ impl Default for Keys {
     }
 }
 
-/// The replacement record as read, or why it could not be.
+/// The controller's replacement record of the node, if it has one.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordCell {
     Absent,
     Read(Box<Replacement>),
-    Malformed,
 }
 
 /// Whether a node has its agent: a pod of the agent DaemonSet on it, and whether that pod is Ready
@@ -106,8 +106,9 @@ pub struct Row {
 }
 
 impl Row {
-    /// Reads a Node; never fails: what cannot be read is a problem on the row.
-    pub fn from_node(node: &Node, keys: &Keys) -> Row {
+    /// Reads a Node and the controller's record of it (its `SpotReplacement`, if any); never fails:
+    /// what cannot be read is a problem on the row.
+    pub fn from_node(node: &Node, record: Option<&SpotReplacement>, keys: &Keys) -> Row {
         let annotations = node::annotations(node);
         let mut problems = Vec::new();
         let mut time = |key: &str| {
@@ -121,37 +122,15 @@ impl Row {
         let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME)
             || annotations.contains_key(keys::INTERRUPTION_TIME);
 
-        let record = match annotations.get(keys::REPLACEMENT) {
-            None => RecordCell::Absent,
-            Some(text) => match serde_json::from_str::<Replacement>(text) {
-                Ok(record) => RecordCell::Read(Box::new(record)),
-                Err(error) => {
-                    problems.push(format!(
-                        "{} is not a replacement record: {error}",
-                        keys::REPLACEMENT
-                    ));
-                    RecordCell::Malformed
-                }
-            },
+        let status = record.and_then(|record| record.status.as_ref());
+        let (state, record) = match status {
+            Some(status) => (
+                State::Phase(status.phase),
+                RecordCell::Read(Box::new(status.record.clone())),
+            ),
+            None if noticed => (State::Noticed, RecordCell::Absent),
+            None => (State::Quiet, RecordCell::Absent),
         };
-        let state = match (annotations.get(keys::PHASE), &record) {
-            (Some(text), _) => match text.parse::<Phase>() {
-                Ok(phase) => State::Phase(phase),
-                Err(_) => {
-                    problems.push(format!("{} {text:?} is not a phase", keys::PHASE));
-                    State::Malformed
-                }
-            },
-            (None, RecordCell::Absent) if noticed => State::Noticed,
-            (None, RecordCell::Absent) => State::Quiet,
-            (None, _) => {
-                problems.push(format!("{} is missing next to the record", keys::PHASE));
-                State::Malformed
-            }
-        };
-        if matches!(state, State::Phase(_)) && record == RecordCell::Absent {
-            problems.push(format!("{} is missing next to the phase", keys::REPLACEMENT));
-        }
 
         let instance = node::instance_id(node)
             .map(str::to_owned)
@@ -189,7 +168,6 @@ impl Row {
     /// The claimed replacement: its Node, else its instance.
     pub fn replacement_cell(&self) -> String {
         match &self.record {
-            RecordCell::Malformed => "<malformed>".to_owned(),
             RecordCell::Absent => "-".to_owned(),
             RecordCell::Read(record) => record
                 .node
@@ -260,7 +238,7 @@ pub struct JsonRow<'a> {
     pub notice_time: Option<Timestamp>,
     pub interruption_time: Option<Timestamp>,
     pub reason: Option<String>,
-    /// The controller's whole record, as on the Node.
+    /// The controller's whole record, as in the status of its `SpotReplacement`.
     pub record: Option<&'a Replacement>,
 }
 
@@ -285,16 +263,33 @@ pub(crate) mod tests {
         .unwrap()
     }
 
-    pub fn record_json(extra: Value) -> String {
-        let mut record = json!({"spotAsg": "spot-a", "detectedAt": "2026-11-25T10:00:01Z"});
+    /// The controller's record of `node` in `phase`: `spotAsg` spot-a, detected at 10:00:01, plus
+    /// the status fields in `extra` (camelCase, as the API server holds them).
+    pub fn record(node: &str, phase: &str, extra: Value) -> SpotReplacement {
+        let mut status = json!({"phase": phase, "spotAsg": "spot-a", "detectedAt": "2026-11-25T10:00:01Z"});
         for (key, value) in extra.as_object().unwrap() {
-            record[key] = value.clone();
+            status[key] = value.clone();
         }
-        record.to_string()
+        serde_json::from_value(json!({
+            "apiVersion": "spot-rebalancer.io/v1alpha1", "kind": "SpotReplacement",
+            "metadata": {"name": "i-0old0000", "namespace": "spot-rebalancer"},
+            "spec": {"nodeName": node, "nodeUid": format!("uid-{node}"), "instanceId": "i-0old0000"},
+            "status": status,
+        }))
+        .unwrap()
     }
 
     fn row(annotations: Value) -> Row {
-        Row::from_node(&node("n1", annotations, None, true), &Keys::default())
+        Row::from_node(&node("n1", annotations, None, true), None, &Keys::default())
+    }
+
+    fn row_with(phase: &str, extra: Value) -> Row {
+        let record = record("n1", phase, extra);
+        Row::from_node(
+            &node("n1", json!({}), None, true),
+            Some(&record),
+            &Keys::default(),
+        )
     }
 
     #[test]
@@ -318,11 +313,12 @@ pub(crate) mod tests {
 
     #[test]
     fn the_replacement_is_its_node_else_its_instance() {
-        let claimed = row(json!({keys::PHASE: "AwaitingReady",
-            keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new"}))}));
+        let claimed = row_with("AwaitingReady", json!({"replacementInstance": "i-0new"}));
         assert_eq!(claimed.replacement_cell(), "i-0new");
-        let named = row(json!({keys::PHASE: "Tainted",
-            keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new", "node": "ip-10-0-0-9"}))}));
+        let named = row_with(
+            "Tainted",
+            json!({"replacementInstance": "i-0new", "replacementNode": "ip-10-0-0-9"}),
+        );
         assert_eq!(named.replacement_cell(), "ip-10-0-0-9");
         assert_eq!(named.state, State::Phase(Phase::Tainted));
         assert_eq!(
@@ -334,35 +330,18 @@ pub(crate) mod tests {
 
     #[test]
     fn the_reason_shows_only_when_failed_or_skipped() {
-        let failed = row(json!({keys::PHASE: "Failed",
-            keys::REPLACEMENT: record_json(json!({"reason": "no capacity anywhere"}))}));
+        let failed = row_with("Failed", json!({"reason": "no capacity anywhere"}));
         assert_eq!(failed.reason().as_deref(), Some("no capacity anywhere"));
-        let scaling = row(json!({keys::PHASE: "ScalingSpot",
-            keys::REPLACEMENT: record_json(json!({"reason": "left over"}))}));
+        let scaling = row_with("ScalingSpot", json!({"reason": "left over"}));
         assert_eq!(scaling.reason(), None);
     }
 
     #[test]
-    fn a_malformed_record_is_a_problem_not_a_panic() {
-        let row = row(json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: "{not json"}));
-        assert_eq!(row.state, State::Phase(Phase::ScalingSpot));
-        assert_eq!(row.record, RecordCell::Malformed);
-        assert_eq!(row.replacement_cell(), "<malformed>");
-        let reason = row.reason().unwrap();
-        assert!(reason.contains("is not a replacement record"), "{reason}");
-    }
-
-    #[test]
-    fn an_unknown_phase_is_malformed_and_says_which() {
-        let row = row(json!({keys::PHASE: "Sleeping", keys::REPLACEMENT: record_json(json!({}))}));
-        assert_eq!(row.state, State::Malformed);
-        assert!(row.reason().unwrap().contains("\"Sleeping\" is not a phase"));
-    }
-
-    #[test]
-    fn a_record_without_a_phase_is_malformed() {
-        let row = row(json!({keys::REPLACEMENT: record_json(json!({}))}));
-        assert_eq!(row.state, State::Malformed);
+    fn phase_annotations_on_the_node_count_for_nothing() {
+        let row = row(json!({"spot-rebalancer.io/phase": "Tainted",
+                             "spot-rebalancer.io/replacement": "{\"spotAsg\": \"x\"}"}));
+        assert_eq!(row.state, State::Quiet);
+        assert_eq!(row.record, RecordCell::Absent);
     }
 
     #[test]
@@ -380,7 +359,7 @@ pub(crate) mod tests {
     #[test]
     fn taint_and_readiness_come_from_the_node() {
         let node = node("n1", json!({}), Some("NoExecute"), false);
-        let row = Row::from_node(&node, &Keys::default());
+        let row = Row::from_node(&node, None, &Keys::default());
         assert_eq!(row.taint_effect.as_deref(), Some("NoExecute"));
         assert!(!row.ready);
     }
@@ -389,7 +368,7 @@ pub(crate) mod tests {
     fn without_a_provider_id_the_instance_is_the_agents() {
         let mut node = node("n1", json!({keys::INSTANCE_ID: "i-0agent"}), None, true);
         node.spec.as_mut().unwrap().provider_id = None;
-        let row = Row::from_node(&node, &Keys::default());
+        let row = Row::from_node(&node, None, &Keys::default());
         assert_eq!(row.instance.as_deref(), Some("i-0agent"));
     }
 }

@@ -99,10 +99,10 @@ pub fn human_age(age: SignedDuration) -> String {
 mod tests {
     use super::super::row::{
         Agent, Keys,
-        tests::{node, record_json},
+        tests::{node, record},
     };
     use super::*;
-    use crate::keys;
+    use crate::contract::keys;
     use serde_json::json;
 
     fn now() -> Timestamp {
@@ -128,25 +128,25 @@ mod tests {
     fn the_table_has_every_column_aligned() {
         let tainted = node(
             "ip-10-0-0-1.ec2.internal",
-            json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z", keys::PHASE: "Tainted",
-                   keys::REPLACEMENT: record_json(json!({"instanceId": "i-0new", "node": "ip-10-0-0-9.ec2.internal"}))}),
+            json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z"}),
             Some("NoSchedule"),
             true,
         );
-        let skipped = node(
-            "n2",
-            json!({keys::PHASE: "Skipped", keys::REPLACEMENT: record_json(json!({"reason": "i-0old is in no ASG"}))}),
-            None,
-            false,
+        let tainted_record = record(
+            "ip-10-0-0-1.ec2.internal",
+            "Tainted",
+            json!({"replacementInstance": "i-0new", "replacementNode": "ip-10-0-0-9.ec2.internal"}),
         );
+        let skipped = node("n2", json!({}), None, false);
+        let skipped_record = record("n2", "Skipped", json!({"reason": "i-0old is in no ASG"}));
         let rows = [
             Row {
                 agent: Agent::Ready,
-                ..Row::from_node(&tainted, &Keys::default())
+                ..Row::from_node(&tainted, Some(&tainted_record), &Keys::default())
             },
             Row {
                 agent: Agent::Missing,
-                ..Row::from_node(&skipped, &Keys::default())
+                ..Row::from_node(&skipped, Some(&skipped_record), &Keys::default())
             },
         ];
         let table = render_table(&rows, now());
@@ -167,13 +167,20 @@ n2                         i-0old     spot-a      Skipped   -                   
     fn json_carries_the_row_and_the_whole_record() {
         let noticed = node(
             "n1",
-            json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z", keys::PHASE: "ScalingSpot",
-                   keys::REPLACEMENT: record_json(json!({"asg": "spot-a", "capacityType": "spot", "baseline": 2,
-                       "targetDesired": 3, "preScaleInstances": ["i-0old"], "scaleRequestedAt": "2026-11-25T10:00:02Z"}))}),
+            json!({keys::REBALANCE_NOTICE_TIME: "2026-11-25T10:00:00Z"}),
             None,
             true,
         );
-        let text = render_json(&[Row::from_node(&noticed, &Keys::default())], now());
+        let scaling = record(
+            "n1",
+            "ScalingSpot",
+            json!({"asg": "spot-a", "capacityType": "spot", "baseline": 2, "targetDesired": 3,
+                   "preScaleInstances": ["i-0old"], "scaleRequestedAt": "2026-11-25T10:00:02Z"}),
+        );
+        let text = render_json(
+            &[Row::from_node(&noticed, Some(&scaling), &Keys::default())],
+            now(),
+        );
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         let row = &value[0];
         assert_eq!(row["node"], "n1");

@@ -1,13 +1,13 @@
 //! `status --watch`: a noticed node's story as steps (notice, detection, each scale-up, the claimed
-//! replacement, its Ready, the taint, the drain, the retirement, a terminal phase), read from the node's annotations and dated by
-//! the record's own timestamps. The watch prints each step once, with the time since the notice.
+//! replacement, its Ready, the taint, the drain, the retirement, a terminal phase), read from the
+//! node's notice annotations and its `SpotReplacement` record, and dated by the record's own timestamps. The watch prints each step once, with the time since the notice.
 use std::collections::{BTreeSet, HashMap};
 
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
 
 use super::row::{RecordCell, Row, State};
-use crate::controller::record::{CapacityType, DrainTrigger, Phase, ScaleIntent, Undo};
+use crate::contract::record::{CapacityType, DrainTrigger, Phase, ScaleIntent, Undo};
 
 /// One thing that happened to a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,10 +58,15 @@ pub fn steps(row: &Row) -> Vec<Step> {
             "detected",
             Some(record.detected_at),
             Phase::Detected,
-            format!(
-                "controller took it: spot ASG {}, on-demand fallback {fallback}",
-                record.spot_asg
-            ),
+            // A node skipped before its ASG was known (no ASG, an ASG not opted in) has none to name.
+            if record.spot_asg.is_empty() {
+                "controller looked at it".to_owned()
+            } else {
+                format!(
+                    "controller took it: spot ASG {}, on-demand fallback {fallback}",
+                    record.spot_asg
+                )
+            },
         ));
         for (index, abandoned) in record.abandoned.iter().enumerate() {
             steps.push(scale_step(index, &abandoned.scale));
@@ -290,10 +295,10 @@ pub fn settled<'a>(rows: impl IntoIterator<Item = &'a Row>, until: &[Phase], any
 mod tests {
     use super::super::row::{
         Keys,
-        tests::{node, record_json},
+        tests::{node, record},
     };
     use super::*;
-    use crate::keys;
+    use crate::contract::keys;
     use serde_json::{Value, json};
 
     fn at(text: &str) -> Timestamp {
@@ -301,7 +306,17 @@ mod tests {
     }
 
     fn row_of(annotations: Value, taint: Option<&str>) -> Row {
-        Row::from_node(&node("n1", annotations, taint, true), &Keys::default())
+        Row::from_node(&node("n1", annotations, taint, true), None, &Keys::default())
+    }
+
+    /// A row of `n1` with its record in `phase` (status fields `status`).
+    fn recorded(annotations: Value, phase: &str, status: Value, taint: Option<&str>) -> Row {
+        let record = record("n1", phase, status);
+        Row::from_node(
+            &node("n1", annotations, taint, true),
+            Some(&record),
+            &Keys::default(),
+        )
     }
 
     const NOTICE: &str = "2026-11-25T10:00:00Z";
@@ -322,12 +337,14 @@ mod tests {
     fn the_whole_flow_reads_in_order_with_times_since_the_notice() {
         let record = with(
             scaling(),
-            json!({"onDemandAsg": "od-a", "instanceId": "i-0new", "node": "n9",
+            json!({"onDemandAsg": "od-a", "replacementInstance": "i-0new", "replacementNode": "n9",
                    "claimedAt": "2026-11-25T10:00:05Z", "readyAt": "2026-11-25T10:00:07Z",
                    "taintedAt": "2026-11-25T10:00:07.25Z"}),
         );
-        let row = row_of(
-            json!({keys::REBALANCE_NOTICE_TIME: NOTICE, keys::PHASE: "Tainted", keys::REPLACEMENT: record_json(record)}),
+        let row = recorded(
+            json!({keys::REBALANCE_NOTICE_TIME: NOTICE}),
+            "Tainted",
+            record,
             Some("NoSchedule"),
         );
         let lines = Watch::default().update(&row, at("2026-11-25T10:00:08Z"));
@@ -364,14 +381,16 @@ mod tests {
     fn the_end_of_life_follows_the_taint() {
         let record = with(
             scaling(),
-            json!({"instanceId": "i-0new", "claimedAt": "2026-11-25T10:00:05Z", "taintedAt": "2026-11-25T10:00:07Z",
+            json!({"replacementInstance": "i-0new", "claimedAt": "2026-11-25T10:00:05Z", "taintedAt": "2026-11-25T10:00:07Z",
                    "instanceAsg": "spot-a",
                    "drain": {"trigger": "interruption", "startedAt": "2026-11-25T10:00:20Z",
                              "completedAt": "2026-11-25T10:00:24.5Z"},
                    "retiredAt": "2026-11-25T10:00:25Z"}),
         );
-        let row = row_of(
-            json!({keys::REBALANCE_NOTICE_TIME: NOTICE, keys::PHASE: "Retired", keys::REPLACEMENT: record_json(record)}),
+        let row = recorded(
+            json!({keys::REBALANCE_NOTICE_TIME: NOTICE}),
+            "Retired",
+            record,
             Some("NoSchedule"),
         );
         let lines = Watch::default().update(&row, at("2026-11-25T10:00:26Z"));
@@ -413,8 +432,10 @@ mod tests {
         let first = watch.update(&noticed, at("2026-11-25T10:00:01Z"));
         assert_eq!(first.len(), 1);
         assert!(watch.update(&noticed, at("2026-11-25T10:00:02Z")).is_empty());
-        let scaling = row_of(
-            json!({keys::REBALANCE_NOTICE_TIME: NOTICE, keys::PHASE: "ScalingSpot", keys::REPLACEMENT: record_json(scaling())}),
+        let scaling = recorded(
+            json!({keys::REBALANCE_NOTICE_TIME: NOTICE}),
+            "ScalingSpot",
+            scaling(),
             None,
         );
         let next: Vec<String> = watch
@@ -434,10 +455,7 @@ mod tests {
             "asg": "od-a", "capacityType": "on-demand", "baseline": 1, "targetDesired": 2,
             "preScaleInstances": [], "scaleRequestedAt": "2026-11-25T10:02:05Z",
             "abandoned": [with(scaling(), json!({"undo": {"kind": "lower", "from": 3, "to": 2}, "undone": true}))]});
-        let row = row_of(
-            json!({keys::PHASE: "ScalingOnDemand", keys::REPLACEMENT: record_json(record)}),
-            None,
-        );
+        let row = recorded(json!({}), "ScalingOnDemand", record, None);
         let texts: Vec<String> = steps(&row).into_iter().map(|step| step.text).collect();
         assert_eq!(
             texts,
@@ -452,9 +470,10 @@ mod tests {
 
     #[test]
     fn a_terminal_phase_shows_its_reason() {
-        let row = row_of(
-            json!({keys::REBALANCE_NOTICE_TIME: NOTICE, keys::PHASE: "Skipped",
-                   keys::REPLACEMENT: record_json(json!({"reason": "i-0old is in no ASG"}))}),
+        let row = recorded(
+            json!({keys::REBALANCE_NOTICE_TIME: NOTICE}),
+            "Skipped",
+            json!({"reason": "i-0old is in no ASG"}),
             None,
         );
         let last = steps(&row).pop().unwrap();
@@ -465,29 +484,22 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_record_is_one_step_saying_so() {
-        let row = row_of(json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: "[]"}), None);
-        let steps = steps(&row);
-        assert_eq!(steps.len(), 1);
-        assert_eq!(steps[0].phase, "ScalingSpot");
-        assert!(
-            steps[0].text.contains("is not a replacement record"),
-            "{}",
-            steps[0].text
+    fn a_node_skipped_before_its_asg_was_known_names_no_asg() {
+        let row = recorded(
+            json!({keys::REBALANCE_NOTICE_TIME: NOTICE}),
+            "Skipped",
+            json!({"spotAsg": "", "reason": "its ASG is not opted in"}),
+            None,
         );
+        let texts: Vec<String> = steps(&row).into_iter().map(|step| step.text).collect();
+        assert_eq!(texts[1..], ["controller looked at it", "its ASG is not opted in"]);
     }
 
     #[test]
     fn settled_waits_for_every_noticed_node() {
         let quiet = row_of(json!({}), None);
-        let tainted = row_of(
-            json!({keys::PHASE: "Tainted", keys::REPLACEMENT: record_json(json!({}))}),
-            Some("NoSchedule"),
-        );
-        let scaling = row_of(
-            json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: record_json(scaling())}),
-            None,
-        );
+        let tainted = recorded(json!({}), "Tainted", json!({}), Some("NoSchedule"));
+        let scaling = recorded(json!({}), "ScalingSpot", scaling(), None);
         let until = [Phase::Tainted, Phase::Failed];
         assert!(!settled([&quiet], &until, false), "nothing noticed yet");
         assert!(settled([&quiet, &tainted], &until, false));

@@ -1,5 +1,5 @@
-//! The webhook's watch caches (kube-runtime reflectors) of Pods, PodDisruptionBudgets and Nodes: every
-//! review is judged from memory, never with an API call. Objects are slimmed to the fields the guards
+//! The webhook's watch caches (kube-runtime reflectors) of Pods, PodDisruptionBudgets, Nodes and the
+//! controller's `SpotReplacement` records: every review is judged from memory, never with an API call. Objects are slimmed to the fields the guards
 //! read before they are stored, so thousands of pods cost a few MiB.
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -18,23 +18,37 @@ use kube::{
 };
 
 use super::pdb_guard::MIRROR_POD_ANNOTATION;
+use crate::contract::{self, SpotReplacement};
 
 /// Finished pods are never evicted: the API server leaves them out of the watch.
 const UNFINISHED_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
 
-/// Read handles on the three caches. Cheap to clone.
+/// Read handles on the four caches. Cheap to clone.
 #[derive(Clone)]
 pub struct Caches {
     pub pods: Store<Pod>,
     pub pdbs: Store<PodDisruptionBudget>,
     pub nodes: Store<Node>,
+    /// The controller's records, in its namespace (only the controller may write there).
+    pub records: Store<SpotReplacement>,
 }
 
 impl Caches {
     /// Starts watching the cluster. The returned future drives the watches (retrying with backoff,
     /// logging failures) and never ends on its own: run it next to the server, drop it to stop.
-    pub fn watch(client: Client) -> (Caches, impl Future<Output = ()> + Send + 'static) {
+    pub fn watch(
+        client: Client,
+        records_namespace: &str,
+    ) -> (Caches, impl Future<Output = ()> + Send + 'static) {
         let (pods, pods_writer) = reflector::store();
+        let (records, records_writer) = reflector::store();
+        let records_watch = watcher(
+            Api::<SpotReplacement>::namespaced(client.clone(), records_namespace),
+            watcher::Config::default(),
+        )
+        .backoff(crate::kube_config::watch_backoff())
+        .modify(slim_record)
+        .reflect(records_writer);
         let (pdbs, pdbs_writer) = reflector::store();
         let (nodes, nodes_writer) = reflector::store();
         let pods_config = watcher::Config::default().fields(UNFINISHED_PODS);
@@ -58,9 +72,18 @@ impl Caches {
                 pods_watch.for_each(|event| log_failure("pods", event)),
                 pdbs_watch.for_each(|event| log_failure("poddisruptionbudgets", event)),
                 nodes_watch.for_each(|event| log_failure("nodes", event)),
+                records_watch.for_each(|event| log_failure("spotreplacements", event)),
             );
         };
-        (Caches { pods, pdbs, nodes }, driven)
+        (
+            Caches {
+                pods,
+                pdbs,
+                nodes,
+                records,
+            },
+            driven,
+        )
     }
 
     /// Caches holding the given objects (slimmed as the watches would), ready at once: for tests,
@@ -70,14 +93,27 @@ impl Caches {
             pods: filled(pods, slim_pod),
             pdbs: filled(pdbs, slim_pdb),
             nodes: filled(nodes, slim_node),
+            records: filled(Vec::new(), slim_record),
         }
+    }
+
+    /// The same caches with these records (for tests).
+    pub fn with_records(mut self, records: Vec<SpotReplacement>) -> Caches {
+        self.records = filled(records, slim_record);
+        self
     }
 
     /// Resolves once every cache has listed its objects.
     pub async fn wait_until_ready(&self) -> Result<(), WriterDropped> {
         self.pods.wait_until_ready().await?;
         self.pdbs.wait_until_ready().await?;
-        self.nodes.wait_until_ready().await
+        self.nodes.wait_until_ready().await?;
+        self.records.wait_until_ready().await
+    }
+
+    /// The controller's record of the Node `name` with uid `uid` (see [`contract::record_of`]).
+    pub fn record_of(&self, name: &str, uid: Option<&str>) -> Option<Arc<SpotReplacement>> {
+        contract::record_of(self.records.state(), name, uid)
     }
 
     /// Pods bound to the node.
@@ -162,6 +198,15 @@ pub fn slim_pdb(pdb: &mut PodDisruptionBudget) {
             expected_pods: status.expected_pods,
             ..PodDisruptionBudgetStatus::default()
         });
+    }
+}
+
+/// Keeps the spec and the status but the history (the order guard reads phase and replacement).
+pub fn slim_record(record: &mut SpotReplacement) {
+    record.metadata.managed_fields = None;
+    record.metadata.annotations = None;
+    if let Some(status) = record.status.as_mut() {
+        status.history = Vec::new();
     }
 }
 

@@ -1,10 +1,13 @@
 //! The order guard's decision, a pure function: the termination taint goes on an opted-in node only
 //! once its replacement is Ready — unless the controller itself adds it (it knows the order) or an
 //! interruption notice is present (the node dies in two minutes anyway).
+//!
+//! Phase and replacement come from the controller's `SpotReplacement` record of the node (from the
+//! webhook's watch cache), never from the Node: a node may write its own annotations.
 use super::{review::NodeUpdate, taints};
 use crate::{
-    controller::record::{Phase, Replacement},
-    keys, node,
+    contract::{SpotReplacement, keys},
+    node,
 };
 
 /// What the order guard needs to know besides the review.
@@ -32,9 +35,15 @@ pub enum Decision {
     Deny(String),
 }
 
-/// Decides on an update of an opted-in node. `is_ready` tells whether a Node (by name) is Ready, from
-/// the node cache. Phase, record and notice are read from the node as the update would leave it.
-pub fn decide(update: &NodeUpdate, settings: &OrderSettings, is_ready: impl Fn(&str) -> bool) -> Decision {
+/// Decides on an update of an opted-in node. `record` is the controller's record of the node, if
+/// any; `is_ready` tells whether a Node (by name) is Ready, from the node cache. The interruption
+/// notice is read from the node as the update would leave it.
+pub fn decide(
+    update: &NodeUpdate,
+    settings: &OrderSettings,
+    record: Option<&SpotReplacement>,
+    is_ready: impl Fn(&str) -> bool,
+) -> Decision {
     let adds_termination_taint = taints::added(node::taints(&update.old), node::taints(&update.new))
         .iter()
         .any(|(_, taint)| taint.key == settings.taint_key);
@@ -52,17 +61,12 @@ pub fn decide(update: &NodeUpdate, settings: &OrderSettings, is_ready: impl Fn(&
     if annotations.contains_key(keys::INTERRUPTION_TIME) {
         return Decision::Allow(Allowed::InterruptionNotice);
     }
-    let phase = annotations.get(keys::PHASE).map(String::as_str);
-    if phase
-        .and_then(|text| text.parse::<Phase>().ok())
-        .is_some_and(Phase::is_tainted)
-    {
+    let status = record.and_then(|record| record.status.as_ref());
+    let phase = status.map(|status| status.phase);
+    if phase.is_some_and(|phase| phase.is_tainted()) {
         return Decision::Allow(Allowed::PhaseTainted);
     }
-    let replacement = annotations
-        .get(keys::REPLACEMENT)
-        .and_then(|json| serde_json::from_str::<Replacement>(json).ok())
-        .and_then(|record| record.node);
+    let replacement = status.and_then(|status| status.record.node.clone());
     if let Some(replacement) = &replacement
         && is_ready(replacement)
     {
@@ -85,6 +89,10 @@ pub fn decide(update: &NodeUpdate, settings: &OrderSettings, is_ready: impl Fn(&
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contract::{
+        SpotReplacementSpec, SpotReplacementStatus,
+        record::{Phase, Replacement},
+    };
     use crate::webhook::review::{Review, parse};
     use serde_json::{Value, json};
 
@@ -117,21 +125,33 @@ mod tests {
         }
     }
 
-    fn record(node: Option<&str>) -> String {
+    /// The controller's record of `old-1` in `phase`, with `replacement` claimed.
+    fn record(phase: Phase, replacement: Option<&str>) -> SpotReplacement {
         let mut record = Replacement::new("spot".into(), None, "2026-11-25T10:00:00Z".parse().unwrap());
-        record.node = node.map(Into::into);
-        serde_json::to_string(&record).unwrap()
+        record.node = replacement.map(Into::into);
+        let mut object = SpotReplacement::new(
+            "i-0000000a",
+            SpotReplacementSpec {
+                node_name: "old-1".into(),
+                node_uid: "uid-1".into(),
+                instance_id: "i-0000000a".into(),
+            },
+        );
+        object.status = Some(SpotReplacementStatus {
+            phase,
+            record,
+            seat: None,
+            history: Vec::new(),
+        });
+        object
     }
 
     #[test]
     fn the_taint_before_the_replacement_is_ready_is_denied_naming_node_and_phase() {
-        let update = update(
-            "alice",
-            json!({keys::PHASE: "ScalingSpot", keys::REPLACEMENT: record(None)}),
-            "NoSchedule",
-        );
+        let update = update("alice", json!({}), "NoSchedule");
+        let record = record(Phase::ScalingSpot, None);
         assert_eq!(
-            decide(&update, &settings(), |_| false),
+            decide(&update, &settings(), Some(&record), |_| false),
             Decision::Deny(
                 "node old-1: replacement not Ready (phase ScalingSpot); spot-rebalancer taints it once \
                  its replacement is Ready"
@@ -142,12 +162,9 @@ mod tests {
 
     #[test]
     fn a_claimed_but_unready_replacement_is_named() {
-        let update = update(
-            "alice",
-            json!({keys::PHASE: "AwaitingReady", keys::REPLACEMENT: record(Some("new-1"))}),
-            "NoExecute",
-        );
-        let Decision::Deny(message) = decide(&update, &settings(), |_| false) else {
+        let update = update("alice", json!({}), "NoExecute");
+        let record = record(Phase::AwaitingReady, Some("new-1"));
+        let Decision::Deny(message) = decide(&update, &settings(), Some(&record), |_| false) else {
             panic!("allowed");
         };
         assert!(
@@ -158,39 +175,53 @@ mod tests {
 
     #[test]
     fn a_ready_replacement_allows_the_taint() {
-        let update = update(
-            "alice",
-            json!({keys::PHASE: "AwaitingReady", keys::REPLACEMENT: record(Some("new-1"))}),
-            "NoSchedule",
-        );
+        let update = update("alice", json!({}), "NoSchedule");
+        let record = record(Phase::AwaitingReady, Some("new-1"));
         assert_eq!(
-            decide(&update, &settings(), |name| name == "new-1"),
+            decide(&update, &settings(), Some(&record), |name| name == "new-1"),
             Decision::Allow(Allowed::ReplacementReady("new-1".into()))
         );
     }
 
     #[test]
     fn the_controller_a_tainted_phase_or_an_interruption_notice_allow_the_taint() {
+        let tainted = record(Phase::Tainted, Some("new-1"));
+        let draining = record(Phase::Draining, Some("new-1"));
         let cases = [
-            (CONTROLLER, json!({}), Allowed::ByTheController),
-            ("alice", json!({keys::PHASE: "Tainted"}), Allowed::PhaseTainted),
-            ("alice", json!({keys::PHASE: "Draining"}), Allowed::PhaseTainted),
+            (CONTROLLER, json!({}), None, Allowed::ByTheController),
+            ("alice", json!({}), Some(&tainted), Allowed::PhaseTainted),
+            ("alice", json!({}), Some(&draining), Allowed::PhaseTainted),
             (
                 "alice",
                 json!({keys::INTERRUPTION_TIME: "2026-11-25T10:02:00Z"}),
+                None,
                 Allowed::InterruptionNotice,
             ),
         ];
-        for (user, annotations, why) in cases {
+        for (user, annotations, record, why) in cases {
             let update = update(user, annotations, "NoSchedule");
-            assert_eq!(decide(&update, &settings(), |_| false), Decision::Allow(why));
+            assert_eq!(
+                decide(&update, &settings(), record, |_| false),
+                Decision::Allow(why)
+            );
         }
+    }
+
+    #[test]
+    fn phase_annotations_a_node_wrote_itself_count_for_nothing() {
+        let forged = json!({"spot-rebalancer.io/phase": "Tainted",
+                            "spot-rebalancer.io/replacement": "{\"replacementNode\":\"new-1\"}"});
+        let update = update("system:node:old-1", forged, "NoSchedule");
+        let Decision::Deny(message) = decide(&update, &settings(), None, |_| true) else {
+            panic!("a forged phase annotation let the taint through");
+        };
+        assert!(message.contains("(no phase"), "{message}");
     }
 
     #[test]
     fn a_node_never_noticed_is_denied_saying_so() {
         let update = update("alice", json!({}), "NoSchedule");
-        let Decision::Deny(message) = decide(&update, &settings(), |_| false) else {
+        let Decision::Deny(message) = decide(&update, &settings(), None, |_| false) else {
             panic!("allowed");
         };
         assert!(

@@ -293,7 +293,12 @@ fn guard_pdbs(update: &NodeUpdate, webhook: &Webhook, now: Timestamp) -> Answer 
 
 fn order_decision(update: &NodeUpdate, webhook: &Webhook) -> order_guard::Decision {
     let settings = &webhook.settings.order;
-    order_guard::decide(update, settings, |name| webhook.caches.node_is_ready(name))
+    let record = webhook
+        .caches
+        .record_of(update.name(), update.new.metadata.uid.as_deref());
+    order_guard::decide(update, settings, record.as_deref(), |name| {
+        webhook.caches.node_is_ready(name)
+    })
 }
 
 fn guard_order(update: &NodeUpdate, webhook: &Webhook) -> Answer {

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, Taint};
 use k8s_openapi::api::events::v1::Event as EventsEvent;
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams},
+    api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams},
     runtime::watcher,
 };
 use serde::Deserialize;
@@ -34,6 +34,8 @@ pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
 pub const PHASE: &str = "spot-rebalancer.io/phase";
 pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
 pub const FALLBACK_ASG_TAG: &str = "spot-rebalancer.io/fallback-asg";
+/// The ASG tag that opts an ASG in (the controller acts only on instances of such ASGs).
+pub const OPT_IN_TAG: &str = "spot-rebalancer.io/enabled";
 pub const DRAIN_REQUESTED: &str = "spot-rebalancer.io/drain-requested";
 pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
 pub const TAINT_KEY: &str = "spot-instance-terminating";
@@ -218,7 +220,30 @@ impl Scenario {
             })
             .await;
         self.asgs.lock().unwrap().push(name.clone());
+        if spot {
+            // Opted in on the AWS side too: the controller acts only on ASGs with this tag.
+            self.tag_asg(&name, OPT_IN_TAG, "true").await;
+        }
         name
+    }
+
+    /// Sets the plain ASG tag `key=value` on `asg`.
+    pub async fn tag_asg(&self, asg: &str, key: &str, value: &str) {
+        self.bed
+            .autoscaling
+            .create_or_update_tags()
+            .tags(
+                aws_sdk_autoscaling::types::Tag::builder()
+                    .resource_id(asg)
+                    .resource_type("auto-scaling-group")
+                    .key(key)
+                    .value(value)
+                    .propagate_at_launch(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("tag {asg} with {key}={value}: {e:?}"));
     }
 
     /// Tags `spot_asg` with `spot-rebalancer.io/fallback-asg=<on_demand_asg>` (a plain ASG tag).
@@ -300,7 +325,7 @@ impl Scenario {
             "1s".into(),
         ];
         args.extend(extra.iter().map(|arg| arg.to_string()));
-        identity::grant_capacity_ledger(&self.bed, &self.lease);
+        identity::install_records(&self.bed);
         ControllerProcess::start(&self.bed, identity, &args)
     }
 
@@ -336,12 +361,33 @@ impl Scenario {
         self.bed.nodes_labelled(NODEGROUP_LABEL, asg).await
     }
 
+    /// The Node `name` as the tests look at it: the Node, with its instance's record (the
+    /// controller's `SpotReplacement`, found by the instance in the provider id) attached to this
+    /// local copy as the [`PHASE`] and [`REPLACEMENT`] annotations, so [`phase_of`] and
+    /// [`record_of`] read the record. The controller writes neither on the Node itself.
     pub async fn node(&self, name: &str) -> Node {
-        self.bed
+        let mut node = self
+            .bed
             .nodes()
             .get(name)
             .await
-            .unwrap_or_else(|e| panic!("read Node {name}: {e}"))
+            .unwrap_or_else(|e| panic!("read Node {name}: {e}"));
+        if let Some(status) = self.record_status(&node).await {
+            let annotations = node.metadata.annotations.get_or_insert_with(Default::default);
+            annotations.insert(PHASE.into(), status["phase"].as_str().unwrap_or_default().into());
+            annotations.insert(REPLACEMENT.into(), status.to_string());
+        }
+        node
+    }
+
+    /// The status of the record of `node`'s instance, if the controller keeps one.
+    pub async fn record_status(&self, node: &Node) -> Option<Value> {
+        let instance = instance_id(node)?;
+        let record = records_api(&self.bed)
+            .get_opt(&instance)
+            .await
+            .unwrap_or_else(|e| panic!("read the record of {instance}: {e}"))?;
+        Some(record.data["status"].clone()).filter(|status| !status.is_null())
     }
 
     pub async fn annotate(&self, node: &str, annotations: Value) {
@@ -770,7 +816,7 @@ pub fn termination_taint(node: &Node) -> Option<&Taint> {
         .find(|taint| taint.key == TAINT_KEY)
 }
 
-/// The controller's replacement record (`spot-rebalancer.io/replacement`), camelCase JSON.
+/// The controller's replacement record (the status of its `SpotReplacement`), camelCase JSON.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Replacement {
@@ -781,7 +827,9 @@ pub struct Replacement {
     pub baseline: Option<i64>,
     pub target_desired: Option<i64>,
     pub pre_scale_instances: Option<Vec<String>>,
+    #[serde(rename = "replacementInstance")]
     pub instance_id: Option<String>,
+    #[serde(rename = "replacementNode")]
     pub node: Option<String>,
     pub detected_at: Option<String>,
     pub scale_requested_at: Option<String>,
@@ -867,37 +915,72 @@ pub struct TaintOrderWatch {
 #[derive(Default)]
 struct WatchState {
     nodes: BTreeMap<String, Node>,
+    /// The controller's records, by instance id.
+    records: BTreeMap<String, Value>,
     synced: bool,
     observations: u64,
     /// Nodes seen tainted, with the observation number of the first time.
     tainted: BTreeMap<String, u64>,
+    /// Nodes seen tainted whose record did not name a replacement yet (the record and the Node are
+    /// two watches: the record written before the taint may arrive after it), with the Ready Nodes
+    /// at that moment.
+    pending: BTreeMap<String, ReadyAt>,
     violations: Vec<String>,
-    violators: BTreeSet<String>,
+}
+
+/// The Ready Nodes (names and instances) at one observation.
+#[derive(Debug, Clone)]
+struct ReadyAt {
+    observation: u64,
+    version: String,
+    names: BTreeSet<String>,
+    instances: BTreeSet<String>,
 }
 
 impl TaintOrderWatch {
-    /// Starts watching Nodes labelled `eks.amazonaws.com/nodegroup` in `asgs`; returns once the
-    /// initial list is in.
+    /// Starts watching Nodes labelled `eks.amazonaws.com/nodegroup` in `asgs`, and the records;
+    /// returns once both initial lists are in.
     pub async fn start(bed: &Bed, asgs: &[&str]) -> Self {
         let selector = format!("{NODEGROUP_LABEL} in ({})", asgs.join(","));
         let state = Arc::new(Mutex::new(WatchState::default()));
-        let api: Api<Node> = bed.nodes();
+        let nodes: Api<Node> = bed.nodes();
+        let records: Api<DynamicObject> = records_api(bed);
         let watched = state.clone();
         let task = tokio::spawn(async move {
-            let mut events = watcher(api, watcher::Config::default().labels(&selector)).boxed();
+            enum Seen {
+                Node(Box<watcher::Event<Node>>),
+                Record(Box<watcher::Event<DynamicObject>>),
+            }
+            let node_events = watcher(nodes, watcher::Config::default().labels(&selector))
+                .map(|e| e.map(|event| Seen::Node(Box::new(event))));
+            let record_events = watcher(records, watcher::Config::default())
+                .map(|e| e.map(|event| Seen::Record(Box::new(event))));
+            let mut events = futures::stream::select(node_events, record_events).boxed();
+            let (mut nodes_synced, mut records_synced) = (false, false);
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { continue };
                 let mut state = watched.lock().unwrap();
                 match event {
-                    watcher::Event::Init => state.nodes.clear(),
-                    watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
-                        state.nodes.insert(name_of(&node), node);
-                    }
-                    watcher::Event::Delete(node) => {
-                        state.nodes.remove(&name_of(&node));
-                    }
-                    watcher::Event::InitDone => state.synced = true,
+                    Seen::Node(event) => match *event {
+                        watcher::Event::Init => state.nodes.clear(),
+                        watcher::Event::InitApply(node) | watcher::Event::Apply(node) => {
+                            state.nodes.insert(name_of(&node), node);
+                        }
+                        watcher::Event::Delete(node) => {
+                            state.nodes.remove(&name_of(&node));
+                        }
+                        watcher::Event::InitDone => nodes_synced = true,
+                    },
+                    Seen::Record(event) => match *event {
+                        watcher::Event::InitApply(record) | watcher::Event::Apply(record) => {
+                            let name = record.metadata.name.clone().unwrap_or_default();
+                            state.records.insert(name, record.data.clone());
+                        }
+                        watcher::Event::InitDone => records_synced = true,
+                        _ => {}
+                    },
                 }
+                state.synced = nodes_synced && records_synced;
                 if state.synced {
                     state.check();
                 }
@@ -915,9 +998,18 @@ impl TaintOrderWatch {
         watch
     }
 
-    /// Every time a Node was seen tainted without its claimed replacement Ready (empty is good).
+    /// Every time a Node was seen tainted without its claimed replacement Ready (empty is good),
+    /// including a tainted Node whose record never named a replacement.
     pub fn violations(&self) -> Vec<String> {
-        self.state.lock().unwrap().violations.clone()
+        let state = self.state.lock().unwrap();
+        let mut violations = state.violations.clone();
+        violations.extend(state.pending.iter().map(|(name, at)| {
+            format!(
+                "observation {} (Node {name} at resourceVersion {}): tainted, and its record names no replacement",
+                at.observation, at.version
+            )
+        }));
+        violations
     }
 
     /// Nodes seen tainted so far.
@@ -942,60 +1034,88 @@ impl TaintOrderWatch {
 }
 
 impl WatchState {
+    /// Judges each Node the first time it is seen tainted (without an interruption notice): its
+    /// record's claimed replacement must have been Ready then. A record that names no replacement
+    /// yet is judged when it does, against the Ready Nodes of that moment.
     fn check(&mut self) {
         self.observations += 1;
         let observation = self.observations;
-        let mut found = Vec::new();
-        for (name, node) in &self.nodes {
-            if termination_taint(node).is_none() {
+        let ready = ReadyAt {
+            observation,
+            version: String::new(),
+            names: self.nodes.values().filter(|n| is_ready(n)).map(name_of).collect(),
+            instances: self
+                .nodes
+                .values()
+                .filter(|n| is_ready(n))
+                .filter_map(instance_id)
+                .collect(),
+        };
+        let newly_tainted: Vec<(String, String)> = self
+            .nodes
+            .iter()
+            .filter(|(name, node)| termination_taint(node).is_some() && !self.tainted.contains_key(*name))
+            .map(|(name, node)| {
+                (
+                    name.clone(),
+                    node.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for (name, version) in newly_tainted {
+            self.tainted.insert(name.clone(), observation);
+            if annotation(&self.nodes[&name], INTERRUPTION_TIME).is_some() {
                 continue;
             }
-            if !self.tainted.contains_key(name) {
-                self.tainted.insert(name.clone(), observation);
-            }
-            if annotation(node, INTERRUPTION_TIME).is_some() || self.violators.contains(name) {
-                continue;
-            }
-            let problem = match record_of(node) {
-                None => Some("no replacement record".to_owned()),
-                Some(record) => {
-                    let claimed = self.nodes.values().find(|candidate| {
-                        record.node.as_deref() == Some(name_of(candidate).as_str())
-                            || (record.instance_id.is_some() && instance_id(candidate) == record.instance_id)
-                    });
-                    match claimed {
-                        _ if record.node.is_none() && record.instance_id.is_none() => {
-                            Some(format!("no claimed replacement in the record {}", record.raw))
-                        }
-                        None => Some(format!(
-                            "its claimed replacement has no Node yet; record {}",
-                            record.raw
-                        )),
-                        Some(replacement) if !is_ready(replacement) => Some(format!(
-                            "its claimed replacement {} is not Ready; record {}",
-                            name_of(replacement),
-                            record.raw
-                        )),
-                        Some(_) => None,
-                    }
-                }
-            };
-            if let Some(problem) = problem {
-                found.push((name.clone(), problem));
-            }
+            self.pending.insert(
+                name,
+                ReadyAt {
+                    version,
+                    ..ready.clone()
+                },
+            );
         }
-        for (name, problem) in found {
-            let version = self.nodes[&name]
-                .metadata
-                .resource_version
-                .clone()
-                .unwrap_or_default();
-            self.violations.push(format!(
-                "observation {observation} (Node {name} at resourceVersion {version}): tainted, {problem}"
-            ));
-            self.violators.insert(name);
+        let judged: Vec<(String, Option<String>)> = self
+            .pending
+            .iter()
+            .filter_map(|(name, at)| {
+                let instance = self.nodes.get(name).and_then(instance_id)?;
+                let record = self.records.get(&instance)?;
+                let status = &record["status"];
+                let (claimed_node, claimed_instance) =
+                    (status["replacementNode"].as_str(), status["replacementInstance"].as_str());
+                if claimed_node.is_none() && claimed_instance.is_none() {
+                    return None;
+                }
+                let was_ready = claimed_node.is_some_and(|n| at.names.contains(n))
+                    || claimed_instance.is_some_and(|i| at.instances.contains(i));
+                let problem = (!was_ready).then(|| {
+                    format!(
+                        "observation {} (Node {name} at resourceVersion {}): tainted, its claimed replacement \
+                         {claimed_node:?}/{claimed_instance:?} was not Ready; record {status}",
+                        at.observation, at.version
+                    )
+                });
+                Some((name.clone(), problem))
+            })
+            .collect();
+        for (name, problem) in judged {
+            self.pending.remove(&name);
+            self.violations.extend(problem);
         }
     }
+}
+
+/// The records (`SpotReplacement`) in the controller's namespace, untyped: the tests pin the JSON.
+pub fn records_api(bed: &Bed) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "spot-rebalancer.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "spot-rebalancer.io/v1alpha1".into(),
+        kind: "SpotReplacement".into(),
+        plural: "spotreplacements".into(),
+    };
+    Api::namespaced_with(bed.kube.clone(), identity::NAMESPACE, &resource)
 }
 
 impl Drop for TaintOrderWatch {

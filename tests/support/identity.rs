@@ -101,41 +101,47 @@ pub fn apply_chart_identities(bed: &Bed) {
     });
 }
 
-/// The chart's capacity-ledger rule names one ConfigMap, `<leaseName>-capacity`. Each scenario runs
-/// its controller with a lease of its own, so it gets the chart's Role and RoleBinding for its own
-/// ledger: the rendered documents with only the names changed (same verbs, same `resourceNames`
-/// shape), applied once per lease. Returns when the API server's authorizer lets it write the ledger.
-pub fn grant_capacity_ledger(bed: &Bed, lease: &str) {
-    const CHART_LEDGER: &str = "spot-rebalancer-controller-capacity";
-    const CHART_ROLE: &str = "spot-rebalancer-controller-capacity-ledger";
-    static GRANTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    if GRANTED.lock().unwrap().iter().any(|granted| granted == lease) {
-        return;
-    }
-    let documents: Vec<String> = rendered_documents(&["Role", "RoleBinding"])
-        .into_iter()
-        .filter(|doc| doc.contains(&format!("name: {CHART_ROLE}\n")))
-        .map(|doc| {
-            doc.replace(CHART_ROLE, &format!("{lease}-ledger"))
-                .replace(&format!("\"{CHART_LEDGER}\""), &format!("\"{lease}-capacity\""))
-        })
-        .collect();
-    assert_eq!(
-        documents.len(),
-        2,
-        "the capacity-ledger Role and RoleBinding in {RENDERED}"
-    );
-    apply_chart_identities(bed);
-    let what = format!("the ledger grant of {lease}");
-    apply(bed, &documents, &what);
-    let ledger = format!("configmaps/{lease}-capacity");
-    let controller = Role::Controller.username();
-    wait_until_allowed(
-        bed,
-        &["patch", &ledger, "-n", NAMESPACE, "--as", &controller],
-        &what,
-    );
-    GRANTED.lock().unwrap().push(lease.to_owned());
+/// The controller's records: the `SpotReplacement` CRD (from the type itself,
+/// `SpotReplacement::crd()`, as the chart's manifest must match it) and the chart's RBAC, applied
+/// once per test process. Returns when the CRD is established and the API server's authorizer lets
+/// the controller write a record's status.
+pub fn install_records(bed: &Bed) {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        use kube::CustomResourceExt;
+        apply_chart_identities(bed);
+        let crd = serde_json::to_string(&spot_rebalancer::contract::SpotReplacement::crd()).unwrap();
+        apply(bed, &[crd], "the SpotReplacement CRD");
+        let established = kubectl(
+            bed,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=30s",
+                "crd/spotreplacements.spot-rebalancer.io",
+            ],
+            "",
+        );
+        assert!(
+            established.success,
+            "the CRD is not established: {}",
+            established.stderr
+        );
+        let controller = Role::Controller.username();
+        wait_until_allowed(
+            bed,
+            &[
+                "update",
+                "spotreplacements.spot-rebalancer.io",
+                "--subresource=status",
+                "-n",
+                NAMESPACE,
+                "--as",
+                &controller,
+            ],
+            "the controller's records grant",
+        );
+    });
 }
 
 /// Server-side applies `documents` as the bed's admin (field manager `e2e-chart`, taking over

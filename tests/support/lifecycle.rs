@@ -1,5 +1,5 @@
 //! The end of a node's life on the bed: workloads on a node group (Deployment, DaemonSet, PDB), a
-//! watch that checks a PDB is never violated at any change, the controller's capacity ledger, and a
+//! watch that checks a PDB is never violated at any change, the seat in the controller's record, and a
 //! spot reclaim behind the controller's back.
 use std::{
     collections::BTreeMap,
@@ -10,7 +10,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
-    core::v1::{ConfigMap, Pod},
+    core::v1::Pod,
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
@@ -20,7 +20,11 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use super::{Bed, controller::Scenario, eventually, identity};
+use super::{
+    Bed,
+    controller::{Scenario, records_api},
+    eventually,
+};
 
 /// Ledger states, as the controller writes them (`kind` of an entry's `state`).
 pub mod seat {
@@ -30,30 +34,27 @@ pub mod seat {
 }
 
 impl Scenario {
-    /// The controller's capacity ledger entry for `instance` (ConfigMap `<lease>-capacity`), if any.
+    /// The seat of `instance` in the controller's record (what it added to which ASG), if any.
     pub async fn seat(&self, instance: &str) -> Option<Value> {
-        let config_maps: Api<ConfigMap> = Api::namespaced(self.bed.kube.clone(), identity::NAMESPACE);
-        let ledger = config_maps
-            .get_opt(&format!("{}-capacity", self.lease))
+        let record = records_api(&self.bed)
+            .get_opt(instance)
             .await
-            .expect("read the capacity ledger")?;
-        let raw = ledger.data?.get(instance)?.clone();
-        Some(serde_json::from_str(&raw).expect("a ledger entry is JSON"))
+            .expect("read the record")?;
+        Some(record.data["status"]["seat"].clone()).filter(|seat| !seat.is_null())
     }
 
-    /// Deletes the controller's capacity ledger ConfigMap (as a careless operator would).
-    pub async fn delete_ledger(&self) {
-        let config_maps: Api<ConfigMap> = Api::namespaced(self.bed.kube.clone(), identity::NAMESPACE);
-        config_maps
-            .delete(&format!("{}-capacity", self.lease), &Default::default())
+    /// Deletes the record of `instance` (as a careless operator would).
+    pub async fn delete_record(&self, instance: &str) {
+        records_api(&self.bed)
+            .delete(instance, &Default::default())
             .await
-            .expect("delete the capacity ledger");
+            .expect("delete the record");
     }
 
     /// Waits until the ledger entry of `instance` is in state `kind`; returns it.
     pub async fn wait_for_seat(&self, instance: &str, kind: &str, timeout: Duration) -> Value {
         eventually(
-            &format!("ledger entry of {instance} in state {kind}"),
+            &format!("seat of {instance} in state {kind}"),
             timeout,
             || async {
                 let seat = self.seat(instance).await?;
@@ -314,12 +315,17 @@ impl Drop for DisruptionWatch {
     }
 }
 
-/// A Slack-compatible webhook on loopback that keeps the `text` of every post it gets.
+/// A Slack-compatible webhook on loopback (HTTPS, a certificate of a test CA) that keeps the `text`
+/// of every post it gets.
 pub struct NotificationSink {
     /// The URL to post to; its path stands for the secret token a real webhook URL carries.
     pub url: String,
+    /// The test CA's certificate (PEM), for `--notify-ca-file`.
+    pub ca_file: std::path::PathBuf,
     texts: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
+    _certs: super::webhook::TestCerts,
+    _dir: tempfile::TempDir,
 }
 
 impl NotificationSink {
@@ -337,12 +343,28 @@ impl NotificationSink {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/services/{token}", listener.local_addr().unwrap());
+        let certs = super::webhook::TestCerts::new();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &certs.ca_pem).unwrap();
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(certs.cert_path(), certs.key_path())
+            .await
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("https://{}/services/{token}", listener.local_addr().unwrap());
+        let server = axum_server::from_tcp_rustls(listener, tls).unwrap();
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = server.serve(app.into_make_service()).await;
         });
-        NotificationSink { url, texts, task }
+        NotificationSink {
+            url,
+            ca_file,
+            texts,
+            task,
+            _certs: certs,
+            _dir: dir,
+        }
     }
 
     pub fn texts(&self) -> Vec<String> {

@@ -25,6 +25,11 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+use spot_rebalancer::contract::{
+    SpotReplacement, SpotReplacementSpec, SpotReplacementStatus,
+    record::{Phase, Replacement},
+};
+
 use super::process::{RoleCommand, RoleProcess};
 use super::{Bed, eventually, identity, unique};
 
@@ -120,6 +125,7 @@ impl WebhookProcess {
             .arg("--kubeconfig")
             .arg(identity::role_kubeconfig(bed, identity::Role::Webhook))
             .args(["--opt-in-label", opt_in])
+            .args(["--records-namespace", identity::NAMESPACE])
             .spawn();
         process.wait_ready(Duration::from_secs(30)).await;
         let admin_port = process.admin_port;
@@ -266,6 +272,8 @@ pub struct Guarded {
 
 impl Guarded {
     pub async fn start(bed: &Bed) -> Self {
+        // The order guard reads the controller's records: their CRD and the webhook's Role on them.
+        identity::install_records(bed);
         let certs = TestCerts::new();
         let opt_in_value = unique("t");
         let webhook = WebhookProcess::start(bed, &certs, &format!("{TEST_OPT_IN_KEY}={opt_in_value}")).await;
@@ -308,6 +316,64 @@ impl Guarded {
         )
         .await;
     }
+}
+
+// ----- the controller's records ----------------------------------------------------------------
+
+/// Writes, as the bed's admin, what the controller would: the `SpotReplacement` of `node` (named by
+/// a fresh instance id, created once) in `phase`, with `replacement` claimed. Returns the record's
+/// name; a later call with that name moves the same record on.
+pub async fn write_record(
+    bed: &Bed,
+    node: &str,
+    existing: Option<&str>,
+    phase: Phase,
+    replacement: Option<&str>,
+) -> String {
+    let records: Api<SpotReplacement> = Api::namespaced(bed.kube.clone(), identity::NAMESPACE);
+    let node_uid = bed
+        .nodes()
+        .get(node)
+        .await
+        .expect("read the Node")
+        .metadata
+        .uid
+        .expect("a stored Node has a uid");
+    let name = match existing {
+        Some(name) => name.to_owned(),
+        None => {
+            let instance = format!("i-{:016x}", fastrand::u64(..));
+            let record = SpotReplacement::new(
+                &instance,
+                SpotReplacementSpec {
+                    node_name: node.to_owned(),
+                    node_uid,
+                    instance_id: instance.clone(),
+                },
+            );
+            records
+                .create(&PostParams::default(), &record)
+                .await
+                .expect("create a SpotReplacement");
+            instance
+        }
+    };
+    let mut record = records.get(&name).await.expect("read the SpotReplacement");
+    let mut replacement_record = Replacement::new("spot-a".into(), None, jiff::Timestamp::now());
+    replacement_record.node = replacement.map(str::to_owned);
+    let status = SpotReplacementStatus {
+        phase,
+        record: replacement_record,
+        seat: None,
+        history: Vec::new(),
+    }
+    .entering(phase, jiff::Timestamp::now());
+    record.status = Some(status);
+    records
+        .replace_status(&name, &PostParams::default(), &record)
+        .await
+        .expect("write the SpotReplacement's status");
+    name
 }
 
 // ----- nodes, pods, PDBs ------------------------------------------------------------------------

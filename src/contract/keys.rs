@@ -18,10 +18,12 @@ pub const INTERRUPTION_TIME: &str = "spot-rebalancer.io/interruption-time";
 /// Written by the agent: the EC2 instance id of the node.
 pub const INSTANCE_ID: &str = "spot-rebalancer.io/instance-id";
 
-/// Written by the controller: the node's phase in the replacement state machine.
-pub const PHASE: &str = "spot-rebalancer.io/phase";
-/// Written by the controller: the replacement record (JSON).
-pub const REPLACEMENT: &str = "spot-rebalancer.io/replacement";
+/// Label on each `SpotReplacement` naming the Node it was noticed on.
+pub const RECORD_NODE_LABEL: &str = "spot-rebalancer.io/node";
+/// Label on each `SpotReplacement` naming the controller (its lease name) that keeps it.
+pub const RECORD_CONTROLLER_LABEL: &str = "spot-rebalancer.io/controller";
+/// Field manager of the controller's writes (records, taints, Events' reporter).
+pub const CONTROLLER_FIELD_MANAGER: &str = "spot-rebalancer-controller";
 
 /// Written by the webhook: a NoExecute taint on this node was made NoSchedule because evicting its pods
 /// at once would exceed a PodDisruptionBudget; drain it at the PDBs' pace (JSON: time, taints, reason).

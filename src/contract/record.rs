@@ -1,10 +1,13 @@
-//! The replacement record the controller keeps on each noticed Node (annotations `phase` and
-//! `replacement`), so a restarted controller resumes exactly where the last one stopped.
+//! The replacement record's parts: what the controller decides from for one noticed instance. It is
+//! held in the status of that instance's `SpotReplacement` (see [`super::spot_replacement`]), which
+//! only the controller can write, so a restarted controller (or a new leader) resumes exactly where
+//! the last one stopped and a node cannot forge it.
 use jiff::Timestamp;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
 /// Where a noticed node is in the replacement state machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Phase {
     /// A notice was seen; the node's ASGs are known.
     Detected,
@@ -44,6 +47,16 @@ impl std::str::FromStr for Phase {
     }
 }
 
+/// The phase of a scale-up of this capacity type.
+impl From<CapacityType> for Phase {
+    fn from(capacity_type: CapacityType) -> Phase {
+        match capacity_type {
+            CapacityType::Spot => Phase::ScalingSpot,
+            CapacityType::OnDemand => Phase::ScalingOnDemand,
+        }
+    }
+}
+
 impl Phase {
     /// Waiting for a new instance of the ASG it scaled.
     pub fn is_scaling(self) -> bool {
@@ -77,7 +90,7 @@ impl Phase {
 }
 
 /// What started a drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum DrainTrigger {
     /// The webhook made a NoExecute taint NoSchedule and asked for a PDB-paced drain.
@@ -89,19 +102,22 @@ pub enum DrainTrigger {
 }
 
 /// A drain in progress (or done) on the node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Drain {
     pub trigger: DrainTrigger,
+    #[schemars(with = "String")]
     pub started_at: Timestamp,
     /// Set once `--drain-timeout` passed with pods left (the Warning Event was sent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub timed_out_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub completed_at: Option<Timestamp>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum CapacityType {
     Spot,
@@ -109,7 +125,7 @@ pub enum CapacityType {
 }
 
 /// One scale-up this node asked of an ASG: the intent, written before the AWS call.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ScaleIntent {
     pub asg: String,
@@ -120,11 +136,16 @@ pub struct ScaleIntent {
     pub target_desired: i32,
     /// Instances in the ASG before the scale-up: none of them can be the replacement.
     pub pre_scale_instances: Vec<String>,
+    #[schemars(with = "String")]
     pub scale_requested_at: Timestamp,
+    /// The scaling activities AWS reported for the launches this request caused (matched by time
+    /// and cause), so a capacity failure is judged on them only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activity_ids: Vec<String>,
 }
 
 /// A scale-up given up (spot capacity gone, or everything failed) and how its +1 was undone.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Abandoned {
     #[serde(flatten)]
@@ -147,12 +168,13 @@ pub enum Undo {
 }
 
 /// Everything the controller knows about one noticed node's replacement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Replacement {
     pub spot_asg: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand_asg: Option<String>,
+    #[schemars(with = "String")]
     pub detected_at: Timestamp,
     /// The scale-up in progress (or done), flattened so `asg`, `targetDesired`, … read at the top.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
@@ -160,18 +182,26 @@ pub struct Replacement {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub abandoned: Vec<Abandoned>,
     /// The claimed replacement instance and its Node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "replacementInstance",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub instance_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "replacementNode", skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub claimed_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub ready_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub tainted_at: Option<Timestamp>,
     /// Since when a foreign scaling activity has held this node's scale-up back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub waiting_since: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -181,10 +211,12 @@ pub struct Replacement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<Drain>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub retired_at: Option<Timestamp>,
     /// When the Warning that the claimed replacement is not Ready went out (once per claim, also
     /// across restarts and leader changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub not_ready_warned_at: Option<Timestamp>,
 }
 
@@ -211,10 +243,10 @@ impl Replacement {
     }
 }
 
-/// The capacity ledger's entry for one noticed instance: what this controller added for it and what
-/// it did about that +1 since. It lives in a ConfigMap, so it outlives the Node (see
-/// [`super::ledger`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The seat of one noticed instance: what this controller added for it and what it did about that
+/// +1 since. It lives in the instance's record, which outlives the Node (see
+/// [`super::spot_replacement`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Seat {
     /// The noticed Node and its instance.
@@ -233,6 +265,7 @@ pub struct Seat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed: Option<String>,
     pub state: SeatState,
+    #[schemars(with = "String")]
     pub updated_at: Timestamp,
 }
 
@@ -256,12 +289,57 @@ pub enum SeatState {
 }
 
 impl SeatState {
-    /// The ledger still has something to do for this seat.
+    /// Something is still to be done for this seat.
     pub fn is_open(&self) -> bool {
         matches!(
             self,
             SeatState::Active | SeatState::Retiring { .. } | SeatState::Restoring { .. }
         )
+    }
+}
+
+/// An undo as one flat object (`kind` and the fields of that kind): the API server's structural
+/// schemas take no tagged unions.
+impl JsonSchema for Undo {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Undo".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "object",
+            "required": ["kind"],
+            "properties": {
+                "kind": {"type": "string", "enum": ["lower", "terminate", "leave"]},
+                "from": {"type": "integer", "format": "int32"},
+                "to": {"type": "integer", "format": "int32"},
+                "instance": {"type": "string"},
+                "reason": {"type": "string"}
+            }
+        })
+    }
+}
+
+/// A seat's state as one flat object, like [`Undo`].
+impl JsonSchema for SeatState {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SeatState".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let undo = Undo::json_schema(generator);
+        json_schema!({
+            "type": "object",
+            "required": ["kind"],
+            "properties": {
+                "kind": {
+                    "type": "string",
+                    "enum": ["active", "withdrawn", "retiring", "retired", "restoring", "restored"]
+                },
+                "desiredBefore": {"type": "integer", "format": "int32"},
+                "undo": undo
+            }
+        })
     }
 }
 
@@ -283,6 +361,7 @@ mod tests {
             target_desired: 4,
             pre_scale_instances: vec!["i-1".into()],
             scale_requested_at: at("2026-11-25T10:00:01Z"),
+            activity_ids: Vec::new(),
         });
         let json = serde_json::to_value(&record).unwrap();
         assert_eq!(json["asg"], "spot");
@@ -299,6 +378,21 @@ mod tests {
         let record = Replacement::new("spot".into(), None, at("2026-11-25T10:00:00Z"));
         let back: Replacement = serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
         assert_eq!(back.scale, None);
+    }
+
+    #[test]
+    fn undos_and_seat_states_serialize_as_their_flat_schemas_say() {
+        let undo = serde_json::to_value(Undo::Lower { from: 4, to: 3 }).unwrap();
+        assert_eq!(undo, serde_json::json!({"kind": "lower", "from": 4, "to": 3}));
+        let state = serde_json::to_value(SeatState::Retiring { desired_before: 4 }).unwrap();
+        assert_eq!(state, serde_json::json!({"kind": "retiring", "desiredBefore": 4}));
+        let state = serde_json::to_value(SeatState::Restored {
+            undo: Undo::Terminate {
+                instance: "i-1".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(state["undo"]["instance"], "i-1");
     }
 
     #[test]
