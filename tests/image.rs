@@ -22,7 +22,7 @@ use std::{
 use support::{
     Bed,
     agent::{INSTANCE_ID, ImdsMock, MOCK_INSTANCE_ID, REBALANCE_NOTICE_TIME, TestNode},
-    identity::{NAMESPACE, Role, grant_capacity_ledger, role_kubeconfig},
+    identity::{NAMESPACE, Role, install_records, role_kubeconfig},
     unique,
     webhook::{TestCerts, free_loopback_port},
 };
@@ -298,7 +298,7 @@ async fn the_agent_in_the_image_annotates_its_node_from_the_metadata_mock() {
 async fn the_controller_in_the_image_comes_up_and_stops_cleanly() {
     let bed = Bed::connect().await;
     let lease = unique("image-controller");
-    grant_capacity_ledger(&bed, &lease);
+    install_records(&bed);
     let staged = Staged::new();
     let kubeconfig = staged.kubeconfig(&role_kubeconfig(&bed, Role::Controller));
     let controller = Container::start(
@@ -326,6 +326,8 @@ async fn the_controller_in_the_image_comes_up_and_stops_cleanly() {
 #[tokio::test]
 async fn the_webhook_in_the_image_comes_up_and_stops_cleanly() {
     let bed = Bed::connect().await;
+    // The webhook is ready once its cache of the controller's records is filled.
+    install_records(&bed);
     let certs = TestCerts::new();
     let staged = Staged::new();
     let read = |path: PathBuf| std::fs::read_to_string(path).unwrap();
@@ -347,6 +349,8 @@ async fn the_webhook_in_the_image_comes_up_and_stops_cleanly() {
             &key,
             "--kubeconfig",
             &kubeconfig,
+            "--records-namespace",
+            NAMESPACE,
         ],
     );
     webhook.wait_ready().await;
