@@ -11,9 +11,12 @@
 //! [`drain`]) and the sweeper ([`reclaim`]) fetch, act and record.
 pub mod audit;
 pub mod census;
+pub mod context;
 pub mod decide;
 pub mod drain;
+pub mod effects;
 pub mod lifecycle;
+pub mod machine;
 pub mod metrics;
 pub mod node_input;
 pub mod notify;
@@ -49,7 +52,7 @@ use crate::{
     keys,
     node::OptInLabel,
 };
-use reconcile::{Context, Settings};
+use context::{Context, Settings};
 
 /// How long a SIGTERM waits for in-flight work and the lease hand-back.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -141,6 +144,17 @@ pub struct Args {
     #[arg(long, env = "DRY_RUN", default_value_t = false)]
     pub dry_run: bool,
 
+    /// A claimed replacement whose Node is not Ready after this long is released: terminated with a
+    /// decrement (it is this controller's and runs no pods), then another instance is asked for, or
+    /// the on-demand fallback after two such releases.
+    #[arg(long, env = "REPLACEMENT_READY_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
+    pub replacement_ready_timeout: Duration,
+
+    /// A node whose replacement failed is tried again when a notice newer than the failure arrives
+    /// (an interruption notice), at the earliest this long after the failure.
+    #[arg(long, env = "FAILED_RETRY_AFTER", default_value = "5m", value_parser = positive_duration)]
+    pub failed_retry_after: Duration,
+
     /// A drain not done after this long raises a Warning Event (evictions go on; nothing is forced).
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10m", value_parser = positive_duration)]
     pub drain_timeout: Duration,
@@ -208,6 +222,8 @@ impl Args {
             drain_after_taint: self.drain_after_taint,
             drain_timeout: signed(self.drain_timeout),
             dry_run: self.dry_run,
+            ready_timeout: signed(self.replacement_ready_timeout),
+            retry_cooldown: signed(self.failed_retry_after),
         }
     }
 }
@@ -315,7 +331,7 @@ async fn lead_and_reconcile(
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
-            controller: reconcile::FIELD_MANAGER.into(),
+            controller: context::FIELD_MANAGER.into(),
             instance: Some(identity.clone()),
         },
     );

@@ -153,6 +153,26 @@ pub struct Abandoned {
     pub undo: Undo,
     /// Set once the undo was carried out (or found unnecessary).
     pub undone: bool,
+    /// Why the scale-up was given up.
+    #[serde(default)]
+    pub cause: AbandonCause,
+}
+
+/// Why a scale-up was given up: what decides whether the next attempt stays on spot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AbandonCause {
+    /// A launch it caused failed for capacity, or nothing launched within `--capacity-timeout`.
+    #[default]
+    Capacity,
+    /// The ASG is at its MaxSize (and surging above it is off): nothing was raised.
+    MaxSize,
+    /// The scale-up call kept failing (access denied, a validation error, a missing ASG, throttling)
+    /// for `--capacity-timeout`.
+    CallFailing,
+    /// The claimed replacement had no Ready Node within `--replacement-ready-timeout`; it was
+    /// released (terminated with a decrement: it was ours and ran no pods).
+    NeverReady,
 }
 
 /// How an abandoned +1 is taken back without ever letting the ASG pick a busy instance.
@@ -218,6 +238,18 @@ pub struct Replacement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<String>")]
     pub not_ready_warned_at: Option<Timestamp>,
+    /// When the current attempt began, if it is not the first: a `Failed` node tried again after a
+    /// new notice. Scale-ups given up before it no longer decide the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub attempt_started_at: Option<Timestamp>,
+    /// Since when the scale-up call of the current intent has been failing, and its last error (the
+    /// controller's log has the whole text; this is what decides the give-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub failing_since: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl Replacement {
@@ -239,6 +271,9 @@ impl Replacement {
             drain: None,
             retired_at: None,
             not_ready_warned_at: None,
+            attempt_started_at: None,
+            failing_since: None,
+            last_error: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::{ResourceExt, runtime::events::EventType};
 use tracing::{debug, info, warn};
 
-use super::reconcile::Context;
+use super::context::Context;
 use crate::{aws, node};
 
 /// One opted-in node per node group (by `nodegroup_label`; a node without one stands for itself), so

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use super::reconcile::Context;
+use super::context::Context;
 
 /// How often the gauges are refreshed.
 pub const EVERY: Duration = Duration::from_secs(10);

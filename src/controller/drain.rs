@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::{
     lifecycle::{self, PodFacts, RetireOutcome},
-    reconcile::{Context, Error, Result, SCALE_DOWN_DISABLED, lock, old_instance, write_record},
+    context::{Context, Error, Result, SCALE_DOWN_DISABLED, lock, old_instance, write_record},
     record::{Drain, DrainTrigger, Phase, Replacement, SeatState},
 };
 use crate::{keys, node};
@@ -341,7 +341,7 @@ async fn retire(
             return Ok(Some(ctx.settings.asg_poll_interval));
         }
     }
-    ctx.forget_desired(&asg);
+    ctx.forget_views(&asg);
     if let Some(mut seat) = ctx.seat(instance) {
         seat.state = SeatState::Retired;
         seat.updated_at = Timestamp::now();

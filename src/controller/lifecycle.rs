@@ -573,6 +573,7 @@ mod tests {
             scale: intent("spot", 2, &["i-old", "i-2"]),
             undo: Undo::Lower { from: 3, to: 2 },
             undone: true,
+            cause: Default::default(),
         });
         record.scale = Some(intent("od", 0, &[]));
         let seat = tracked_seat(None, "old", "i-old", Phase::ScalingOnDemand, &record, at(1)).unwrap();

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub retirements: IntCounter,
     pub capacity_restores: IntCounterVec,
     pub seats_held: IntGaugeVec,
+    pub released: IntCounterVec,
+    pub retried: IntCounter,
+    pub min_size_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -129,6 +132,25 @@ impl Metrics {
                 ),
                 &["asg"],
             )?,
+            released: IntCounterVec::new(
+                Opts::new(
+                    "replacements_released_total",
+                    "Claimed replacements with no Ready Node within --replacement-ready-timeout, \
+                     terminated with a decrement, by ASG",
+                ),
+                &["asg"],
+            )?,
+            retried: IntCounter::new(
+                "replacements_retried_total",
+                "Failed replacements tried again on a newer notice",
+            )?,
+            min_size_refusals: IntCounterVec::new(
+                Opts::new(
+                    "min_size_refusals_total",
+                    "Retirements or give-backs MinSize forbade (the instance is left; a Warning says so), by ASG",
+                ),
+                &["asg"],
+            )?,
         };
         registry.register(Box::new(metrics.notices.clone()))?;
         registry.register(Box::new(metrics.scale_ups.clone()))?;
@@ -148,6 +170,9 @@ impl Metrics {
         registry.register(Box::new(metrics.retirements.clone()))?;
         registry.register(Box::new(metrics.capacity_restores.clone()))?;
         registry.register(Box::new(metrics.seats_held.clone()))?;
+        registry.register(Box::new(metrics.released.clone()))?;
+        registry.register(Box::new(metrics.retried.clone()))?;
+        registry.register(Box::new(metrics.min_size_refusals.clone()))?;
         Ok(metrics)
     }
 }

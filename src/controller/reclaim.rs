@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{
     drain::{pods_on, release_replacement},
     lifecycle::{self, Membership, RetireOutcome},
-    reconcile::{Context, Result, old_instance},
+    context::{Context, Result, old_instance},
     record::{Seat, SeatState, Undo},
 };
 
@@ -106,7 +106,7 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
     }
     if lifecycle::restore_pending(&undo, &group) {
         ctx.carry_out(&asg, &undo).await?;
-        ctx.forget_desired(&asg);
+        ctx.forget_views(&asg);
     }
     let (how, type_, reason, note) = match &undo {
         Undo::Lower { from, to } => (
@@ -187,7 +187,7 @@ async fn plan(ctx: &Context, seat: &Seat, group: &crate::aws::Group) -> Result<U
 }
 
 async fn retired(ctx: &Context, mut seat: Seat, node: &ObjectReference, desired_before: i32) -> Result<()> {
-    ctx.forget_desired(&seat.instance_asg);
+    ctx.forget_views(&seat.instance_asg);
     let note = format!(
         "retired: removed instance {} from {} with a decrement (desired capacity {desired_before} → {})",
         seat.instance,

@@ -1,0 +1,647 @@
+//! What every reconcile shares: the clients, the caches of Nodes and records, short-lived views of
+//! the ASGs, the per-ASG locks that serialise decisions and calls, and the one way to write a
+//! record and to publish an Event. No rule lives here: the rules are in [`super::machine`].
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
+    },
+};
+use tracing::warn;
+
+use super::{
+    decide::Member,
+    drain, lifecycle,
+    metrics::Metrics,
+    record::{Phase, Replacement, Seat, Undo},
+    records::{self, Records, Subject},
+};
+use crate::{
+    aws::{self, Activity, AutoScaling, Group},
+    contract::SpotReplacementStatus,
+    keys,
+    node::{self, OptInLabel},
+};
+
+/// Field manager of the controller's writes (and the reporter of its Events).
+pub const FIELD_MANAGER: &str = keys::CONTROLLER_FIELD_MANAGER;
+/// Field manager of the scale-down protection on a claimed replacement. A manager of its own: a
+/// replacement noticed in turn gets a record applied by [`FIELD_MANAGER`], and an apply drops every
+/// field its manager set before and left out this time.
+pub const PROTECTION_FIELD_MANAGER: &str = "spot-rebalancer-controller-protection";
+/// cluster-autoscaler leaves a node with this annotation alone (the claimed replacement).
+pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
+/// How long a describe answer is reused by concurrent reconciles of one ASG.
+pub(super) const AWS_CACHE_TTL: Duration = Duration::from_millis(500);
+/// The longest a scale-up call waits for concurrent notices to write their intents.
+pub(super) const MAX_COALESCE_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Aws(#[from] aws::Error),
+    #[error("{action} on node {node}: {source}")]
+    Kube {
+        action: &'static str,
+        node: String,
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Record(#[from] records::Error),
+    /// An action the records no longer allow (checked right before it).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Aws(error) => error.metric_label(),
+            Error::Kube { .. } => "kube",
+            Error::Record(error) => error.metric_label(),
+            Error::Refused(_) => "refused",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The controller's settings, validated at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub spot_asg: Option<String>,
+    pub on_demand_asg: Option<String>,
+    pub capacity_timeout: SignedDuration,
+    pub foreign_activity_timeout: SignedDuration,
+    pub asg_poll_interval: Duration,
+    /// How long a scale-up waits for concurrent notices on its ASG before the call (rule 2).
+    pub coalesce_window: Duration,
+    pub surge_above_max: bool,
+    pub taint: Taint,
+    pub opt_in: OptInLabel,
+    /// The label naming a node's node group.
+    pub nodegroup_label: String,
+    /// Drain a node once it is tainted with its replacement Ready (not only on request or interruption).
+    pub drain_after_taint: bool,
+    /// A drain still not done after this long raises a Warning Event (and goes on; nothing is forced).
+    pub drain_timeout: SignedDuration,
+    /// Detect, decide and report only: no Auto Scaling call, no taint, no eviction.
+    pub dry_run: bool,
+    /// A claimed replacement with no Ready Node this long is released.
+    pub ready_timeout: SignedDuration,
+    /// How long after a failure a new notice may try a `Failed` node again.
+    pub retry_cooldown: SignedDuration,
+}
+
+impl Settings {
+    /// The settings the state machine's rules read.
+    pub fn rules(&self) -> super::machine::Rules {
+        super::machine::Rules {
+            capacity_timeout: self.capacity_timeout,
+            foreign_activity_timeout: self.foreign_activity_timeout,
+            poll: self.asg_poll_interval,
+            surge_above_max: self.surge_above_max,
+            dry_run: self.dry_run,
+            ready_timeout: self.ready_timeout,
+            retry_cooldown: self.retry_cooldown,
+        }
+    }
+}
+
+/// What a reconcile shares with every other: clients, caches, the records this process wrote.
+pub struct Context {
+    pub client: Client,
+    /// For the Eviction API only: no automatic retry of a 429 (a drain requeues instead).
+    pub evictions: Client,
+    pub aws: AutoScaling,
+    pub settings: Settings,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Every Node (opted in or not): replacements may come from a node group that is not opted in.
+    pub all_nodes: Store<Node>,
+    /// One `SpotReplacement` per noticed instance: the state machine's record, outliving the Nodes.
+    pub records: Records,
+    /// Posts each phase to the configured webhook URL, if any.
+    pub notifier: super::notify::Notifier,
+    /// Eviction rounds in a row that PDBs blocked entirely, per draining node (for the backoff).
+    pub(super) drain_rounds: Mutex<HashMap<String, drain::Pace>>,
+    asgs: Mutex<HashMap<String, Arc<AsgState>>>,
+    /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
+    pub(super) detecting: AtomicUsize,
+    pub(super) warned_rebalancing: Mutex<HashSet<String>>,
+    /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
+    failing: Mutex<HashMap<String, Streak>>,
+}
+
+/// Reconciles of one node failing in a row with errors of one kind.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Streak {
+    kind: &'static str,
+    failures: u32,
+}
+
+/// Counts a failure of `kind` on `node` in `streaks`; returns the streak's length (a different kind
+/// of error starts the count over).
+fn count_failure(streaks: &mut HashMap<String, Streak>, node: &str, kind: &'static str) -> u32 {
+    let streak = streaks
+        .entry(node.to_owned())
+        .and_modify(|streak| {
+            if streak.kind == kind {
+                streak.failures += 1;
+            } else {
+                *streak = Streak { kind, failures: 1 };
+            }
+        })
+        .or_insert(Streak { kind, failures: 1 });
+    streak.failures
+}
+
+/// The wait before retrying a node whose reconciles failed `failures` times in a row: a ceiling of
+/// 2 s, doubling, at most 30 s, with jitter (the project's one backoff, [`crate::backoff`]), so a
+/// lasting failure (a missing permission, AWS throttling) is not hammered and nodes that failed
+/// together do not retry in step. A change of the Node (an interruption notice) still reconciles it
+/// at once.
+pub(super) fn retry_after(failures: u32) -> Duration {
+    crate::backoff::nth_wait(Duration::from_secs(2), Duration::from_secs(30), failures)
+}
+
+/// Failed reconciles in a row (each after the AWS SDK's own retries) before a Warning Event: a
+/// throttle or a blip heals within one or two, a missing permission or a broken ASG does not.
+pub const FAILURES_BEFORE_WARNING: u32 = 3;
+
+/// Per-ASG state. `decide` serialises the decisions on the group's records (joining a scale-up,
+/// claiming an instance, planning an undo); `send` serialises the Auto Scaling calls, so that
+/// intents written meanwhile ride on the next call; short-lived caches let concurrent reconciles
+/// share one describe.
+#[derive(Default)]
+pub(super) struct AsgState {
+    pub(super) decide: Arc<tokio::sync::Mutex<()>>,
+    pub(super) send: Arc<tokio::sync::Mutex<()>>,
+    /// Scale-ups on the way to writing their intent, and when the last one was written: the call
+    /// waits until they are in (rule 2).
+    pub(super) pending: AtomicUsize,
+    pub(super) last_intent: Mutex<Option<Instant>>,
+    /// The last describe and when it was made. Dropped by every call this process makes on the
+    /// ASG, so no decision reads a view from before its own last call.
+    group: Mutex<Option<(Instant, Group)>>,
+    activities: Mutex<Option<(Instant, Vec<Activity>)>>,
+    /// Counts this process's calls on the ASG: a describe that began before one is not kept.
+    calls: AtomicUsize,
+}
+
+impl Context {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        evictions: Client,
+        aws: AutoScaling,
+        settings: Settings,
+        recorder: Recorder,
+        metrics: Metrics,
+        all_nodes: Store<Node>,
+        records: Records,
+        notifier: super::notify::Notifier,
+    ) -> Self {
+        Context {
+            client,
+            evictions,
+            aws,
+            settings,
+            recorder,
+            metrics,
+            all_nodes,
+            records,
+            notifier,
+            drain_rounds: Mutex::default(),
+            asgs: Mutex::default(),
+            detecting: AtomicUsize::new(0),
+            warned_rebalancing: Mutex::default(),
+            failing: Mutex::default(),
+        }
+    }
+
+    /// Counts a failed reconcile of `node`; returns the length of its streak (a new kind of error
+    /// starts a new one).
+    pub(super) fn failed(&self, node: &str, kind: &'static str) -> u32 {
+        let mut failing = lock(&self.failing);
+        failing.retain(|name, _| name == node || self.all_nodes.get(&ObjectRef::new(name)).is_some());
+        count_failure(&mut failing, node, kind)
+    }
+
+    /// A reconcile of `node` went through: its failing streak, if any, is over.
+    pub(super) fn succeeded(&self, node: &str) {
+        lock(&self.failing).remove(node);
+    }
+
+    pub(super) fn nodes(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    pub(super) fn asg(&self, name: &str) -> Arc<AsgState> {
+        lock(&self.asgs).entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Serialises an Auto Scaling call on `asg` with every other (scale-ups, undos, retirements).
+    pub(super) async fn sending_on(&self, asg: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let state = self.asg(asg);
+        state.send.clone().lock_owned().await
+    }
+
+    /// Removes `instance` from its ASG with a decrement (counted in `aws_calls_total`): a
+    /// retirement, or taking back a +1 or a refill by id, never letting the ASG pick.
+    pub(super) async fn terminate_with_decrement(&self, instance: &str) -> Result<()> {
+        self.metrics
+            .aws_calls
+            .with_label_values(&["TerminateInstanceInAutoScalingGroup"])
+            .inc();
+        Ok(self.aws.terminate_and_decrement(instance).await?)
+    }
+
+    /// Carries out `undo` on `asg`: lowers its desired capacity, or removes one instance by id with a
+    /// decrement (never letting the ASG pick which); `Leave` calls nothing.
+    pub(super) async fn carry_out(&self, asg: &str, undo: &Undo) -> Result<()> {
+        match undo {
+            Undo::Lower { to, .. } => {
+                self.forget_views(asg);
+                self.metrics
+                    .aws_calls
+                    .with_label_values(&["SetDesiredCapacity"])
+                    .inc();
+                Ok(self.aws.set_desired(asg, *to).await?)
+            }
+            Undo::Terminate { instance } => {
+                self.forget_views(asg);
+                self.terminate_with_decrement(instance).await
+            }
+            Undo::Leave { .. } => Ok(()),
+        }
+    }
+
+    /// Drops the views of `asg` read before a call this process just made on it: the next read
+    /// is fresh.
+    pub(super) fn forget_views(&self, asg: &str) {
+        let state = self.asg(asg);
+        state.calls.fetch_add(1, Ordering::SeqCst);
+        *lock(&state.group) = None;
+        *lock(&state.activities) = None;
+    }
+
+    /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
+    pub fn claimant_of(&self, instance: &str) -> Option<ObjectRef<Node>> {
+        self.records
+            .all()
+            .into_iter()
+            .find(|object| {
+                object.status.as_ref().is_some_and(|status| {
+                    status.phase == Phase::AwaitingReady
+                        && status.record.instance_id.as_deref() == Some(instance)
+                })
+            })
+            .map(|object| ObjectRef::new(&object.spec.node_name))
+    }
+
+    /// Every noticed node's phase and record, by Node name: the records whose Node is still there
+    /// (with the record's instance in its provider id). A record whose Node went stays for the
+    /// capacity sweeper ([`super::reclaim`]) but no longer counts here.
+    pub(super) fn records(&self) -> HashMap<String, (Phase, Replacement)> {
+        self.records
+            .all()
+            .into_iter()
+            .filter_map(|object| {
+                let status = object.status?;
+                let present = self
+                    .all_nodes
+                    .get(&ObjectRef::new(&object.spec.node_name))
+                    .is_some_and(|node| node::instance_id(&node) == Some(object.spec.instance_id.as_str()));
+                present.then_some((object.spec.node_name, (status.phase, status.record)))
+            })
+            .collect()
+    }
+
+    /// The phase and record of `node`'s instance (named by its provider id), if it has one.
+    pub(super) fn written(&self, node: &Node) -> Option<(Phase, Replacement)> {
+        let instance = node::instance_id(node)?;
+        let status = self.records.get(instance)?.status?;
+        Some((status.phase, status.record))
+    }
+
+    /// The whole record of `node`'s instance (named by its provider id), if it has one.
+    pub(super) fn status_of(&self, node: &Node) -> Option<SpotReplacementStatus> {
+        self.records.get(node::instance_id(node)?)?.status
+    }
+
+    /// The seat (what this controller added for it) of `instance`'s record.
+    pub(super) fn seat(&self, instance: &str) -> Option<Seat> {
+        self.records
+            .get(instance)
+            .as_ref()
+            .and_then(records::seat_of)
+            .cloned()
+    }
+
+    /// Every record's seat, also of records whose Node is gone.
+    pub(super) fn seats(&self) -> Vec<Seat> {
+        self.records
+            .all()
+            .iter()
+            .filter_map(records::seat_of)
+            .cloned()
+            .collect()
+    }
+
+    /// Writes `seat` into its instance's record (intent before action, like every record write).
+    pub(super) async fn put_seat(&self, seat: Seat) -> Result<()> {
+        let instance = seat.instance.clone();
+        self.records
+            .update(&instance, move |status| SpotReplacementStatus {
+                seat: Some(seat),
+                ..status.clone()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The ASG as described now (`fresh`), or as described by anyone within [`AWS_CACHE_TTL`].
+    pub(super) async fn group(&self, asg: &str, fresh: bool) -> Result<Group> {
+        let max_age = if fresh { Duration::ZERO } else { AWS_CACHE_TTL };
+        self.group_within(asg, max_age).await
+    }
+
+    /// The ASG as described at most `max_age` ago (described now when older).
+    pub(super) async fn group_within(&self, asg: &str, max_age: Duration) -> Result<Group> {
+        let state = self.asg(asg);
+        if let Some((at, group)) = lock(&state.group).as_ref()
+            && at.elapsed() < max_age
+        {
+            return Ok(group.clone());
+        }
+        self.metrics
+            .aws_calls
+            .with_label_values(&["DescribeAutoScalingGroups"])
+            .inc();
+        let calls = state.calls.load(Ordering::SeqCst);
+        let group = self.aws.group(asg).await?;
+        self.metrics
+            .capacity_rebalancing
+            .with_label_values(&[asg])
+            .set(i64::from(group.capacity_rebalance));
+        if state.calls.load(Ordering::SeqCst) == calls {
+            *lock(&state.group) = Some((Instant::now(), group.clone()));
+        }
+        Ok(group)
+    }
+
+    pub(super) async fn activities(&self, asg: &str) -> Result<Vec<Activity>> {
+        let state = self.asg(asg);
+        if let Some((at, activities)) = lock(&state.activities).as_ref()
+            && at.elapsed() < AWS_CACHE_TTL
+        {
+            return Ok(activities.clone());
+        }
+        self.metrics
+            .aws_calls
+            .with_label_values(&["DescribeScalingActivities"])
+            .inc();
+        let calls = state.calls.load(Ordering::SeqCst);
+        let activities = self.aws.activities(asg).await?;
+        if state.calls.load(Ordering::SeqCst) == calls {
+            *lock(&state.activities) = Some((Instant::now(), activities.clone()));
+        }
+        Ok(activities)
+    }
+
+    /// The opted-in Nodes in the cache: the ones this controller acts on.
+    pub fn opted_in_nodes(&self) -> Vec<Arc<Node>> {
+        self.all_nodes
+            .state()
+            .into_iter()
+            .filter(|n| self.settings.opt_in.matches(n))
+            .collect()
+    }
+
+    /// Readiness of the Node of `instance`, from the cache of all Nodes; `None` when it has none.
+    pub(super) fn node_of_instance(&self, instance: &str) -> Option<Arc<Node>> {
+        self.all_nodes.find(|n| node::instance_id(n) == Some(instance))
+    }
+
+    pub(super) async fn event(&self, node: &Node, type_: EventType, reason: &str, note: String) {
+        self.event_on(&node.object_ref(&()), type_, reason, note).await;
+    }
+
+    /// An Event about any object (also a Node that is gone: its Events stay readable).
+    pub(super) async fn event_on(
+        &self,
+        object: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(fit_note(note)),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, object).await {
+            warn!(%error, reason, "publishing an event failed");
+        }
+    }
+}
+
+/// The API server refuses an Event whose note is over 1024 bytes (an eviction list, an AWS error
+/// with its whole response): cut it at a character boundary, marked with an ellipsis.
+fn fit_note(mut note: String) -> String {
+    const NOTE_LIMIT: usize = 1024;
+    const ELLIPSIS: &str = "…";
+    if note.len() <= NOTE_LIMIT {
+        return note;
+    }
+    let mut end = NOTE_LIMIT - ELLIPSIS.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push_str(ELLIPSIS);
+    note
+}
+
+/// Counts a piece of work in flight for as long as it lives.
+pub(super) struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    pub(super) fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Members of coalesced scale-ups: every record with a scale-up in flight or done (and not retired).
+pub(super) fn members<'a>(records: &'a HashMap<String, (Phase, Replacement)>) -> Vec<Member<'a>> {
+    records
+        .iter()
+        .filter(|(_, (phase, _))| !phase.is_finished())
+        .filter_map(|(node, (phase, record))| {
+            Some(Member {
+                node: node.as_str(),
+                phase: *phase,
+                scale: record.scale.as_ref()?,
+            })
+        })
+        .collect()
+}
+
+
+/// The noticed node's own instance: from its provider id only (an annotation is the node's word).
+pub(super) fn old_instance(node: &Node) -> Option<&str> {
+    node::instance_id(node)
+}
+
+/// The record's subject for `node`: its name, uid and instance (from the provider id).
+fn subject(node: &Node) -> Option<Subject> {
+    Some(Subject {
+        node: node.name_any(),
+        node_uid: node.uid().unwrap_or_default(),
+        instance: old_instance(node)?.to_owned(),
+    })
+}
+
+/// Writes phase and record into the node's `SpotReplacement` (with its resourceVersion, so a write
+/// based on an older read fails), together with the seat it holds in its ASG, so the seat is known
+/// before the Auto Scaling call it announces. A new phase is posted to the notifier.
+pub(super) async fn write_record(
+    node: &Node,
+    ctx: &Context,
+    phase: Phase,
+    record: &Replacement,
+) -> Result<()> {
+    let Some(subject) = subject(node) else {
+        let what = format!("the provider id of node {}", node.name_any());
+        return Err(records::Error::BadInstance(what).into());
+    };
+    let now = Timestamp::now();
+    let mut before = None;
+    ctx.records
+        .write(&subject, |current| {
+            before = current.map(|status| status.phase);
+            let existing_seat = current.and_then(|status| status.seat.as_ref());
+            // A dry run holds no seat: it added nothing.
+            let seat = if ctx.settings.dry_run {
+                None
+            } else {
+                lifecycle::tracked_seat(
+                    existing_seat,
+                    &subject.node,
+                    &subject.instance,
+                    phase,
+                    record,
+                    now,
+                )
+                .or_else(|| existing_seat.cloned())
+            };
+            let base = current.cloned().unwrap_or_else(|| SpotReplacementStatus {
+                phase,
+                record: record.clone(),
+                seat: None,
+                history: Vec::new(),
+            });
+            SpotReplacementStatus {
+                record: record.clone(),
+                seat,
+                ..base
+            }
+            .entering(phase, now)
+        })
+        .await?;
+    if before != Some(phase) {
+        ctx.notifier.send(&super::notify::Notification {
+            node: subject.node.clone(),
+            instance: Some(subject.instance.clone()),
+            asg: Some(
+                record
+                    .instance_asg
+                    .clone()
+                    .unwrap_or_else(|| record.spot_asg.clone()),
+            ),
+            phase: phase.to_string(),
+            reason: record.reason.clone(),
+        });
+    }
+    Ok(())
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_note_is_cut_to_what_the_api_server_takes() {
+        assert_eq!(fit_note("short".into()), "short");
+        let exact = "x".repeat(1024);
+        assert_eq!(fit_note(exact.clone()), exact);
+        let long = fit_note("é".repeat(800)); // 1600 bytes, two per character
+        assert!(long.len() <= 1024 && long.ends_with('…'), "{} bytes", long.len());
+        assert!(long.starts_with("éé"));
+    }
+
+    #[test]
+    fn a_streak_counts_up_and_reaches_the_warning_threshold_once() {
+        let mut streaks = HashMap::new();
+        let counts: Vec<_> = (0..5)
+            .map(|_| count_failure(&mut streaks, "n1", "set_desired"))
+            .collect();
+        assert_eq!(counts, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            counts.iter().filter(|n| **n == FAILURES_BEFORE_WARNING).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn retries_back_off_from_2_s_to_at_most_30_s() {
+        let ceilings = [2, 4, 8, 16, 30, 30, 30];
+        for (failures, ceiling) in (1..=7).zip(ceilings) {
+            let wait = retry_after(failures);
+            let ceiling = Duration::from_secs(ceiling);
+            assert!((ceiling / 2..=ceiling).contains(&wait), "{failures}: {wait:?}");
+        }
+        assert!(retry_after(u32::MAX) <= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn another_kind_of_error_starts_a_new_streak_and_nodes_count_apart() {
+        let mut streaks = HashMap::new();
+        let mut fail = |node, kind| count_failure(&mut streaks, node, kind);
+        assert_eq!(fail("n1", "set_desired"), 1);
+        assert_eq!(fail("n1", "set_desired"), 2);
+        assert_eq!(fail("n2", "set_desired"), 1);
+        // A kube error after two AWS ones: the AWS streak is over, this one starts at 1.
+        assert_eq!(fail("n1", "kube"), 1);
+        assert_eq!(fail("n1", "kube"), 2);
+        assert_eq!(fail("n2", "set_desired"), 2);
+    }
+}
+
