@@ -372,10 +372,54 @@ impl AutoScaling {
     }
 }
 
+/// `text` with every ARN and AWS account id in it replaced. AWS error messages name the caller's
+/// role and account: the controller's log keeps them, Events (readable by anyone who can read the
+/// namespace) get this.
+pub fn redacted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (index, word) in text.split(' ').enumerate() {
+        if index > 0 {
+            out.push(' ');
+        }
+        let core = word.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != ':' && c != '/');
+        let start = word.find(core).unwrap_or(0);
+        let (before, after) = (&word[..start], &word[start + core.len()..]);
+        if let Some(arn) = core.find("arn:aws") {
+            out.push_str(before);
+            out.push_str(&core[..arn]);
+            out.push_str("arn:(redacted)");
+            out.push_str(after);
+        } else if core.len() == 12 && core.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(before);
+            out.push_str("(account)");
+            out.push_str(after);
+        } else {
+            out.push_str(word);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use aws_config::Region;
+
+    #[test]
+    fn an_error_text_loses_its_arns_and_account_ids_for_events() {
+        let text = "AccessDenied: User: arn:aws:sts::123456789012:assumed-role/sr/controller is not \
+                    authorized to perform: autoscaling:SetDesiredCapacity on resource: \
+                    \"arn:aws:autoscaling:eu-west-1:123456789012:autoScalingGroup:x\", account 123456789012.";
+        let shown = redacted(text);
+        assert!(
+            !shown.contains("123456789012") && !shown.contains("arn:aws"),
+            "{shown}"
+        );
+        assert!(shown.contains("autoscaling:SetDesiredCapacity"), "{shown}");
+        assert!(shown.contains("\"arn:(redacted)\","), "{shown}");
+        assert!(shown.ends_with("account (account)."), "{shown}");
+        assert_eq!(redacted("desired 3 → 4 in spot-a"), "desired 3 → 4 in spot-a");
+    }
     use aws_sdk_autoscaling::config::{Credentials, SharedCredentialsProvider};
 
     /// An AWS endpoint on loopback that counts the connections it is sent.

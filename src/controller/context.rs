@@ -513,7 +513,6 @@ pub(super) fn members<'a>(records: &'a HashMap<String, (Phase, Replacement)>) ->
         .collect()
 }
 
-
 /// The noticed node's own instance: from its provider id only (an annotation is the node's word).
 pub(super) fn old_instance(node: &Node) -> Option<&str> {
     node::instance_id(node)
@@ -592,7 +591,6 @@ pub(super) async fn write_record(
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -644,4 +642,3 @@ mod tests {
         assert_eq!(fail("n2", "set_desired"), 2);
     }
 }
-

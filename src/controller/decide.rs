@@ -207,6 +207,9 @@ pub fn plan_undo(
             ),
         };
     }
+    if let Some(refusal) = super::lifecycle::below_min_size(group) {
+        return refusal;
+    }
     let lowered = group.desired - 1;
     if group.instances.len() as i32 <= lowered {
         return Undo::Lower {

@@ -16,8 +16,8 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::{
-    lifecycle::{self, PodFacts, RetireOutcome},
     context::{Context, Error, Result, SCALE_DOWN_DISABLED, lock, old_instance, write_record},
+    lifecycle::{self, PodFacts, RetireOutcome},
     record::{Drain, DrainTrigger, Phase, Replacement, SeatState},
 };
 use crate::{keys, node};
@@ -335,6 +335,9 @@ async fn retire(
             ctx.terminate_with_decrement(instance).await?;
         }
         RetireOutcome::Done => {}
+        RetireOutcome::BelowMinSize => {
+            return left_at_min_size(node, ctx, record, instance, &group).await;
+        }
         RetireOutcome::WentWithoutUs => {
             // Someone else removed it without a decrement: the capacity sweeper gives its seat
             // back once the Node is gone.
@@ -359,6 +362,42 @@ async fn retire(
         Err(Error::Record(crate::controller::records::Error::Missing { .. })) => {}
         other => other?,
     }
+    release_replacement(ctx, record.instance_id.as_deref()).await;
+    Ok(None)
+}
+
+/// The drained instance cannot be removed with a decrement: its ASG is at MinSize. It is left
+/// running (drained and tainted), its seat marked as left with the reason, and a Warning and a
+/// metric say so: no call is made that AWS would refuse at every try.
+async fn left_at_min_size(
+    node: &Node,
+    ctx: &Context,
+    mut record: Replacement,
+    instance: &str,
+    group: &crate::aws::Group,
+) -> Result<Option<Duration>> {
+    let Some(super::record::Undo::Leave { reason }) = lifecycle::below_min_size(group) else {
+        return Ok(Some(ctx.settings.asg_poll_interval));
+    };
+    if let Some(mut seat) = ctx.seat(instance) {
+        seat.state = SeatState::Restored {
+            undo: super::record::Undo::Leave {
+                reason: reason.clone(),
+            },
+        };
+        seat.updated_at = Timestamp::now();
+        ctx.put_seat(seat).await?;
+    }
+    record.reason = Some(reason.clone());
+    write_record(node, ctx, Phase::Drained, &record).await?;
+    ctx.metrics
+        .min_size_refusals
+        .with_label_values(&[group.name.as_str()])
+        .inc();
+    let note = format!("drained but not retired: {reason}");
+    warn!(%note, "retirement refused by MinSize");
+    ctx.event(node, EventType::Warning, "RetirementBelowMinSize", note)
+        .await;
     release_replacement(ctx, record.instance_id.as_deref()).await;
     Ok(None)
 }

@@ -265,6 +265,9 @@ pub fn plan_restore(seat: &Seat, group: &Group, claimed: &HashSet<String>, busy:
         baseline - 1
     };
     let lowered = group.desired - 1;
+    if let Some(refusal) = below_min_size(group) {
+        return refusal;
+    }
     if lowered < floor {
         return Undo::Leave {
             reason: format!(
@@ -312,6 +315,19 @@ pub fn plan_restore(seat: &Seat, group: &Group, claimed: &HashSet<String>, busy:
     }
 }
 
+/// AWS refuses to take the desired capacity of `group` below its MinSize (a lower, or a
+/// termination with a decrement): the plan is to leave it, with the reason, instead of a call that
+/// fails again at every try. The MinSize is the operator's; changing it is theirs too.
+pub fn below_min_size(group: &Group) -> Option<Undo> {
+    (group.desired - 1 < group.min).then(|| Undo::Leave {
+        reason: format!(
+            "{} is at its MinSize of {} (desired {}); taking one off would go below it, so the instance is \
+             left (lower the MinSize to let it go)",
+            group.name, group.min, group.desired
+        ),
+    })
+}
+
 /// Whether a recorded restore still has to be carried out against the group as it is now.
 pub fn restore_pending(undo: &Undo, group: &Group) -> bool {
     match undo {
@@ -331,10 +347,14 @@ pub enum RetireOutcome {
     /// The instance left but the desired capacity did not drop: it went without us, so its seat must be
     /// given back like any instance reclaimed behind our back.
     WentWithoutUs,
+    /// The instance serves, and removing it with a decrement would take the ASG below its MinSize:
+    /// AWS would refuse, so it is left (a Warning says why).
+    BelowMinSize,
 }
 
 pub fn retire_outcome(desired_before: i32, group: &Group, instance: &str) -> RetireOutcome {
     match membership(group, instance) {
+        Membership::Serving if below_min_size(group).is_some() => RetireOutcome::BelowMinSize,
         Membership::Serving => RetireOutcome::Pending,
         _ if group.desired < desired_before => RetireOutcome::Done,
         _ => RetireOutcome::WentWithoutUs,
@@ -688,6 +708,24 @@ mod tests {
             plan_restore(&unknown, &asg, &HashSet::new(), &HashSet::new()),
             Undo::Leave { .. }
         ));
+    }
+
+    #[test]
+    fn min_size_forbids_a_retirement_a_restore_and_an_undo_instead_of_failing_at_every_try() {
+        let mut fixed = group("spot", 2, &[("i-old", "InService"), ("i-2", "InService")]);
+        fixed.min = 2;
+        assert_eq!(retire_outcome(2, &fixed, "i-old"), RetireOutcome::BelowMinSize);
+        assert!(
+            matches!(below_min_size(&fixed), Some(Undo::Leave { reason }) if reason.contains("MinSize of 2"))
+        );
+        let seat = seat("spot", "spot", 1, &[]);
+        assert!(matches!(
+            plan_restore(&seat, &fixed, &HashSet::new(), &HashSet::new()),
+            Undo::Leave { .. }
+        ));
+        fixed.min = 1;
+        assert_eq!(below_min_size(&fixed), None);
+        assert_eq!(retire_outcome(2, &fixed, "i-old"), RetireOutcome::Pending);
     }
 
     #[test]

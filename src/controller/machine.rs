@@ -87,7 +87,11 @@ pub enum Placement {
     /// The instance is in no Auto Scaling group.
     NotInAsg { instance: String },
     /// `own` is the instance's ASG; `spot` the one to scale (the same, unless `--spot-asg-name`).
-    Found { instance: String, own: Group, spot: Group },
+    Found {
+        instance: String,
+        own: Group,
+        spot: Group,
+    },
 }
 
 /// Everything one step decides from. What is not needed for the record's phase is left empty
@@ -156,10 +160,20 @@ pub enum Tick {
     Notice,
     Skipped,
     Failed,
-    Fallback { spot_asg: String },
-    DryRunScaleUp { asg: String, capacity_type: CapacityType },
-    Ready { asg: String, seconds: f64 },
-    Released { asg: String },
+    Fallback {
+        spot_asg: String,
+    },
+    DryRunScaleUp {
+        asg: String,
+        capacity_type: CapacityType,
+    },
+    Ready {
+        asg: String,
+        seconds: f64,
+    },
+    Released {
+        asg: String,
+    },
     Retried,
 }
 
@@ -304,9 +318,9 @@ pub fn next_capacity(record: &Replacement) -> Option<CapacityType> {
     }
 }
 
-/// Rule 5's exception, decided before anything is read from AWS: an interrupted node dies in two
-/// minutes, replacement or not, so it is tainted at once even while every AWS call fails. The
-/// taint goes into the record, if there is one.
+/// Rule 5's exception, decided once per reconcile before anything is read from AWS: an interrupted
+/// node dies in two minutes, replacement or not, so it is tainted at once even while every AWS call
+/// fails. The taint goes into the record, if there is one. A dry run only says it would.
 pub fn on_interruption(node: &NodeFacts, record: Option<Record<'_>>, dry_run: bool) -> Option<Transition> {
     let tainted_at = record.and_then(|r| r.replacement.tainted_at);
     let phase = record.map(|r| r.phase);
@@ -314,8 +328,10 @@ pub fn on_interruption(node: &NodeFacts, record: Option<Record<'_>>, dry_run: bo
         return None;
     }
     if dry_run {
-        // Said once, with the detection (see `detect`), not at every look.
-        return None;
+        return Some(Transition::then(Then::Next).report(Report::normal(
+            "WouldTaint",
+            "dry run: would taint the node at once on its interruption notice".to_owned(),
+        )));
     }
     let mut transition = Transition::then(Then::Next)
         .act(Act::Taint {
@@ -347,7 +363,11 @@ pub fn next(facts: &Facts<'_>) -> Transition {
     match record.phase {
         Phase::Detected => match next_capacity(record.replacement) {
             Some(capacity_type) => start_scale(facts, &record, capacity_type),
-            None => fail(facts, &record, "spot and on-demand capacity were both given up".to_owned()),
+            None => fail(
+                facts,
+                &record,
+                "spot and on-demand capacity were both given up".to_owned(),
+            ),
         },
         Phase::ScalingSpot | Phase::ScalingOnDemand => await_instance(facts, &record),
         Phase::AwaitingReady => await_ready(facts, &record),
@@ -373,11 +393,8 @@ fn detect(facts: &Facts<'_>) -> Transition {
         record.reason = Some(reason.clone());
         Transition::write(Phase::Skipped, record)
             .report(
-                Report::warning(
-                    "ReplacementSkipped",
-                    format!("{reason}; the node is not tainted"),
-                )
-                .tick(Tick::Skipped),
+                Report::warning("ReplacementSkipped", format!("{reason}; the node is not tainted"))
+                    .tick(Tick::Skipped),
             )
             .and_then(Then::Done)
     };
@@ -422,7 +439,7 @@ fn detect(facts: &Facts<'_>) -> Transition {
     let fallback = on_demand.map_or("no on-demand fallback".to_owned(), |asg| {
         format!("fallback {asg}")
     });
-    let mut transition = Transition::write(Phase::Detected, record).report(
+    Transition::write(Phase::Detected, record).report(
         Report::normal(
             "RebalanceNoticed",
             format!(
@@ -431,14 +448,7 @@ fn detect(facts: &Facts<'_>) -> Transition {
             ),
         )
         .tick(Tick::Notice),
-    );
-    if facts.rules.dry_run && facts.node.interruption.is_some() && !facts.node.tainted {
-        transition = transition.report(Report::normal(
-            "WouldTaint",
-            "dry run: would taint the node at once on its interruption notice".to_owned(),
-        ));
-    }
-    transition
+    )
 }
 
 /// Ask `capacity_type`'s ASG for one more instance: join the coalesced scale-up in flight on it or
@@ -551,7 +561,11 @@ fn await_instance(facts: &Facts<'_>, record: &Record<'_>) -> Transition {
             "the scale-up call on {} has been failing for {}: {}",
             intent.asg,
             seconds(facts.now.duration_since(since)),
-            record.replacement.last_error.as_deref().unwrap_or("unknown error")
+            record
+                .replacement
+                .last_error
+                .as_deref()
+                .unwrap_or("unknown error")
         );
         return give_up(facts, record, AbandonCause::CallFailing, reason);
     }
@@ -641,7 +655,10 @@ fn short_of_capacity(me: &str, waiting: &[Member<'_>], coming: usize) -> bool {
         .map(|m| (m.scale.scale_requested_at, m.node))
         .collect();
     order.sort();
-    let rank = order.iter().position(|(_, node)| *node == me).unwrap_or(order.len());
+    let rank = order
+        .iter()
+        .position(|(_, node)| *node == me)
+        .unwrap_or(order.len());
     rank >= coming
 }
 
@@ -818,9 +835,8 @@ fn after_give_up(
         let spot_asg = next.spot_asg.clone();
         // The undo of the spot +1 comes first (it is pending in the record), then the on-demand
         // scale-up from `Detected`.
-        return Transition::write(Phase::Detected, next).report(
-            Report::warning("SpotCapacityUnavailable", note).tick(Tick::Fallback { spot_asg }),
-        );
+        return Transition::write(Phase::Detected, next)
+            .report(Report::warning("SpotCapacityUnavailable", note).tick(Tick::Fallback { spot_asg }));
     }
     if next_capacity(&next).is_some() {
         // Another attempt on the same capacity type (a replacement that never turned Ready).
@@ -837,7 +853,8 @@ fn fail(_facts: &Facts<'_>, record: &Record<'_>, reason: String) -> Transition {
     let mut next = record.replacement.clone();
     next.reason = Some(reason.clone());
     let note = format!("no replacement capacity: {reason}; the node is not tainted");
-    Transition::write(Phase::Failed, next).report(Report::warning("ReplacementFailed", note).tick(Tick::Failed))
+    Transition::write(Phase::Failed, next)
+        .report(Report::warning("ReplacementFailed", note).tick(Tick::Failed))
 }
 
 /// A `Failed` node is tried again when a notice newer than the failure arrives (an interruption,
@@ -849,12 +866,13 @@ fn retry_failed(facts: &Facts<'_>, record: &Record<'_>) -> Transition {
     if notice <= record.since {
         return Transition::then(Then::Done);
     }
-    let ready_at = record.since.saturating_add(facts.rules.retry_cooldown).unwrap_or(record.since);
+    let ready_at = record
+        .since
+        .saturating_add(facts.rules.retry_cooldown)
+        .unwrap_or(record.since);
     if facts.now < ready_at {
         let left = facts.now.duration_since(ready_at).abs();
-        return Transition::then(Then::After(
-            Duration::try_from(left).unwrap_or(facts.rules.poll),
-        ));
+        return Transition::then(Then::After(Duration::try_from(left).unwrap_or(facts.rules.poll)));
     }
     let mut next = record.replacement.clone();
     next.attempt_started_at = Some(facts.now);
@@ -865,7 +883,8 @@ fn retry_failed(facts: &Facts<'_>, record: &Record<'_>) -> Transition {
         "a new notice {} after the replacement failed: trying again",
         seconds(notice.duration_since(record.since))
     );
-    Transition::write(Phase::Detected, next).report(Report::normal("ReplacementRetried", note).tick(Tick::Retried))
+    Transition::write(Phase::Detected, next)
+        .report(Report::normal("ReplacementRetried", note).tick(Tick::Retried))
 }
 
 /// The first abandoned scale-up whose undo is not done yet, as the step that does it: re-planned

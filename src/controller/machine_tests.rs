@@ -70,7 +70,10 @@ fn failed_launch(start: i64, from: i32, to: i32) -> Activity {
         status: "Failed".into(),
         description: "Launching a new EC2 instance. Status Reason: Could not launch Spot Instances.".into(),
         status_message: "InsufficientInstanceCapacity - There is no Spot capacity available".into(),
-        cause: format!("At {} a user request explicitly set group desired capacity changing the desired capacity from {from} to {to}.", at(start)),
+        cause: format!(
+            "At {} a user request explicitly set group desired capacity changing the desired capacity from {from} to {to}.",
+            at(start)
+        ),
         start_time: Some(at(start)),
     }
 }
@@ -176,7 +179,8 @@ fn a_node_without_a_notice_or_record_is_left_alone() {
 #[test]
 fn a_notice_on_an_opted_in_asg_is_detected_with_its_fallback_from_the_tag() {
     let mut spot = opted_in(group(3, 10, &[("i-old", "InService")]));
-    spot.tags.insert(keys::FALLBACK_ASG_TAG.into(), "od-tagged".into());
+    spot.tags
+        .insert(keys::FALLBACK_ASG_TAG.into(), "od-tagged".into());
     let mut world = World::new(5, node(Some(1), None));
     world.placement = Some(Placement::Found {
         instance: "i-old".into(),
@@ -253,11 +257,13 @@ fn an_interruption_while_scaling_taints_and_records_it_first() {
 }
 
 #[test]
-fn an_interruption_on_a_tainted_node_or_in_a_dry_run_adds_nothing() {
+fn an_interruption_on_a_tainted_node_adds_nothing_and_a_dry_run_only_says_it_would() {
     let mut tainted = node(None, Some(3));
     tainted.tainted = true;
     assert!(on_interruption(&tainted, None, false).is_none());
-    assert!(on_interruption(&node(None, Some(3)), None, true).is_none());
+    let dry = on_interruption(&node(None, Some(3)), None, true).expect("a report");
+    assert!(dry.acts.is_empty() && dry.write.is_none());
+    assert_eq!(reasons(&dry), ["WouldTaint"]);
 }
 
 // --- scaling up: fresh baseline, coalescing, rule 7, MaxSize ---
@@ -267,7 +273,11 @@ fn a_first_scale_up_starts_from_the_fresh_desired_capacity() {
     // A foreign scale-in took the group from 4 to 3 since the last notice: the baseline is 3.
     let world = World::new(10, node(Some(1), None))
         .record(Phase::Detected, 1, detected())
-        .group(group(3, 10, &[("i-old", "InService"), ("i-2", "InService"), ("i-3", "InService")]));
+        .group(group(
+            3,
+            10,
+            &[("i-old", "InService"), ("i-2", "InService"), ("i-3", "InService")],
+        ));
     let transition = world.next();
     let (phase, record) = written(&transition);
     assert_eq!(phase, Phase::ScalingSpot);
@@ -341,7 +351,11 @@ fn a_dry_run_reports_the_scale_up_and_calls_nothing() {
     let transition = world.next();
     assert!(transition.acts.is_empty());
     assert_eq!(reasons(&transition), ["WouldScaleUp"]);
-    assert!(transition.reports[0].note.contains("3 → 4"), "{}", transition.reports[0].note);
+    assert!(
+        transition.reports[0].note.contains("3 → 4"),
+        "{}",
+        transition.reports[0].note
+    );
     assert_eq!(transition.then, Then::Done);
 }
 
@@ -365,7 +379,12 @@ fn the_claim_takes_a_new_instance_preferring_a_ready_node_and_never_the_noticed_
         .group(group(
             4,
             10,
-            &[("i-old", "InService"), ("i-2", "InService"), ("i-a", "InService"), ("i-b", "InService")],
+            &[
+                ("i-old", "InService"),
+                ("i-2", "InService"),
+                ("i-a", "InService"),
+                ("i-b", "InService"),
+            ],
         ))
         .node_of("i-b", "new-b", true);
     world.claimed.insert("i-zzz".into());
@@ -451,11 +470,20 @@ fn no_instance_within_the_capacity_timeout_gives_up_and_plans_a_lower() {
 fn a_late_instance_is_taken_back_by_id_never_by_lowering() {
     // The launch arrived after all: lowering would let the ASG pick a victim.
     let world = World::new(70, node(Some(1), None))
-        .record(Phase::ScalingSpot, 2, scaling(intent(3, 4, &["i-old", "i-2", "i-3"], 2)))
+        .record(
+            Phase::ScalingSpot,
+            2,
+            scaling(intent(3, 4, &["i-old", "i-2", "i-3"], 2)),
+        )
         .group(group(
             4,
             10,
-            &[("i-old", "InService"), ("i-2", "InService"), ("i-3", "InService"), ("i-late", "Pending")],
+            &[
+                ("i-old", "InService"),
+                ("i-2", "InService"),
+                ("i-3", "InService"),
+                ("i-late", "Pending"),
+            ],
         ));
     let transition = world.next();
     assert_eq!(
@@ -506,7 +534,13 @@ fn on_demand_capacity_gone_too_ends_in_failed_with_the_reason() {
     let transition = world.next();
     let (phase, written) = written(&transition);
     assert_eq!(phase, Phase::Failed);
-    assert!(written.reason.as_deref().unwrap().contains("no new InService instance"));
+    assert!(
+        written
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("no new InService instance")
+    );
     assert_eq!(reasons(&transition), ["ReplacementFailed"]);
 }
 
@@ -592,7 +626,11 @@ fn a_ready_replacement_is_named_in_the_record_then_protected_and_the_node_tainte
         .node_of("i-new", "new-node", true);
     let transition = world.next();
     let (phase, record) = written(&transition);
-    assert_eq!(phase, Phase::AwaitingReady, "the taint comes before Tainted is written");
+    assert_eq!(
+        phase,
+        Phase::AwaitingReady,
+        "the taint comes before Tainted is written"
+    );
     assert_eq!(record.node.as_deref(), Some("new-node"));
     let (done, record) = transition.done.as_ref().unwrap();
     assert_eq!(*done, Phase::Tainted);
@@ -671,7 +709,11 @@ fn a_replacement_never_ready_is_released_and_asked_for_again_then_falls_back() {
     );
     assert!(!released.undone, "the termination is the next step");
     assert_eq!(reasons(&transition), ["ReplacementReleased"]);
-    assert_eq!(next_capacity(record), Some(CapacityType::Spot), "one more spot attempt");
+    assert_eq!(
+        next_capacity(record),
+        Some(CapacityType::Spot),
+        "one more spot attempt"
+    );
 
     let mut twice = record.clone();
     twice.abandoned.push(released.clone());

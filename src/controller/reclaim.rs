@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
+    context::{Context, Result, old_instance},
     drain::{pods_on, release_replacement},
     lifecycle::{self, Membership, RetireOutcome},
-    context::{Context, Result, old_instance},
     record::{Seat, SeatState, Undo},
 };
 
@@ -93,6 +93,9 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
                     return retired(ctx, seat, &node, desired_before).await;
                 }
                 RetireOutcome::Done => return retired(ctx, seat, &node, desired_before).await,
+                RetireOutcome::BelowMinSize => lifecycle::below_min_size(&group).unwrap_or(Undo::Leave {
+                    reason: "at MinSize".to_owned(),
+                }),
                 RetireOutcome::WentWithoutUs => plan(ctx, &seat, &group).await?,
             }
         }
@@ -139,6 +142,12 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
         ),
     };
     ctx.metrics.capacity_restores.with_label_values(&[how]).inc();
+    if matches!(&undo, Undo::Leave { reason } if reason.contains("MinSize")) {
+        ctx.metrics
+            .min_size_refusals
+            .with_label_values(&[asg.as_str()])
+            .inc();
+    }
     let claimed = seat.claimed.clone();
     let gone_node = seat.node.clone();
     let (seat_instance, seat_asg) = (seat.instance.clone(), seat.instance_asg.clone());

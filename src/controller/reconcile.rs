@@ -23,12 +23,7 @@ use super::{
     node_input::NodeInput,
     record::Phase,
 };
-use crate::{
-    aws::Group,
-    contract::SpotReplacementStatus,
-    keys,
-    node,
-};
+use crate::{aws::Group, contract::SpotReplacementStatus, keys, node};
 
 /// Steps one reconcile takes at most before it asks to be requeued (a flow needs about eight; a
 /// bound keeps a rule that never settles from spinning).
@@ -83,8 +78,10 @@ pub fn error_policy(node: Arc<Node>, error: &Error, ctx: Arc<Context>) -> Action
     let wait = super::context::retry_after(failures);
     if failures == super::context::FAILURES_BEFORE_WARNING {
         // Operators look at the node, not at the controller's log: say there what keeps failing.
+        // The error's text without the account and role AWS names in it (the log has those).
         let note = format!(
-            "{failures} attempts in a row failed, retrying with backoff (at most every 30 s): {error}"
+            "{failures} attempts in a row failed, retrying with backoff (at most every 30 s): {}",
+            crate::aws::redacted(&error.to_string())
         );
         tokio::spawn(async move {
             ctx.event(&node, EventType::Warning, "ReconcileFailing", note)
@@ -105,11 +102,14 @@ async fn replace(node: &Node, ctx: &Context, input: &NodeInput) -> Result<Option
         interruption: input.interruption,
         tainted: node::has_taint(node, &taint.key, &taint.effect),
     };
-    for _ in 0..MAX_STEPS {
+    for step_number in 0..MAX_STEPS {
         let status = ctx.status_of(node);
         let record = status.as_ref().map(record_of);
         // Before anything is read from AWS: an interruption taints at once.
-        let transition = match machine::on_interruption(&facts, record, rules.dry_run) {
+        let interruption = (step_number == 0)
+            .then(|| machine::on_interruption(&facts, record, rules.dry_run))
+            .flatten();
+        let transition = match interruption {
             Some(transition) => {
                 apply(ctx, node, &transition, Held::default()).await?;
                 transition
@@ -207,7 +207,9 @@ async fn step(
         .filter(|m| m.node != facts.name)
         .collect();
     // A scale-up joining one in flight takes its baseline from it: no fresh read needed.
-    let joining = others.iter().any(|m| m.scale.asg == read.asg && m.phase.is_scaling());
+    let joining = others
+        .iter()
+        .any(|m| m.scale.asg == read.asg && m.phase.is_scaling());
     let max_age = match record.phase {
         _ if read.fresh && !joining => Duration::ZERO,
         Phase::AwaitingReady => rules.poll,

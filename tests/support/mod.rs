@@ -125,6 +125,14 @@ impl Bed {
             .await;
     }
 
+    /// Every call named in `actions` on `asg` fails with `kind` (`throttling`, `server` or
+    /// `access-denied`), until the rules are cleared.
+    pub async fn arm_errors_on_asg(&self, kind: &str, actions: &[&str], asg: &str) {
+        let body = json!({"kind": kind, "actions": actions, "asg": asg});
+        self.control(reqwest::Method::POST, "faults/errors", Some(body))
+            .await;
+    }
+
     pub async fn clear_errors(&self) {
         self.control(reqwest::Method::DELETE, "faults/errors", None).await;
     }

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import INTERNAL_FAILURE, THROTTLING, ErrorReply
+from .protocol import ACCESS_DENIED, INTERNAL_FAILURE, THROTTLING, ErrorReply
 
 SPOT_CAPACITY_MESSAGE = (
     "Could not launch Spot Instances. InsufficientInstanceCapacity - There is no Spot capacity "
@@ -164,7 +164,11 @@ class NotReadyFaults:
             return names
 
 
-ERROR_KINDS: dict[str, ErrorReply] = {"throttling": THROTTLING, "server": INTERNAL_FAILURE}
+ERROR_KINDS: dict[str, ErrorReply] = {
+    "throttling": THROTTLING,
+    "server": INTERNAL_FAILURE,
+    "access-denied": ACCESS_DENIED,
+}
 
 
 @dataclass

@@ -188,6 +188,18 @@ INTERNAL_FAILURE = ErrorReply(
     json_type="InternalFailure",
 )
 
+# What AWS answers a caller whose role lacks the permission; it names the account and the role,
+# which is why the controller keeps such texts out of Events.
+ACCESS_DENIED = ErrorReply(
+    status=403,
+    code="AccessDenied",
+    message="User: arn:aws:sts::123456789012:assumed-role/spot-rebalancer/controller is not authorized "
+    "to perform: autoscaling:SetDesiredCapacity because no identity-based policy allows the action",
+    sender_fault=True,
+    ec2_code="UnauthorizedOperation",
+    json_type="AccessDeniedException",
+)
+
 
 def validation_error(message: str) -> ErrorReply:
     return ErrorReply(400, "ValidationError", message, True, "InvalidParameterValue", "ValidationException")
