@@ -45,6 +45,8 @@ pub enum Error {
     Activities { asg: String, message: String },
     #[error("TerminateInstanceInAutoScalingGroup for {instance}: {message}")]
     Terminate { instance: String, message: String },
+    #[error("SetInstanceProtection on {asg}: {message}")]
+    Protect { asg: String, message: String },
     /// Nothing was sent: this replica may not act now. Transient: try again once the Lease is renewed
     /// (or stop, when another replica leads); never a reason to fall back or fail a flow.
     #[error(transparent)]
@@ -62,6 +64,7 @@ impl Error {
             Error::RaiseMax { .. } => "raise_max",
             Error::Activities { .. } => "activities",
             Error::Terminate { .. } => "terminate",
+            Error::Protect { .. } => "protect",
             Error::Fenced(_) => "fenced",
         }
     }
@@ -117,6 +120,8 @@ pub struct GroupInstance {
     pub id: String,
     /// `Pending`, `InService`, `Terminating`, …
     pub lifecycle_state: String,
+    /// Protected from scale-in: a lowered desired capacity never picks it.
+    pub protected: bool,
 }
 
 #[cfg(test)]
@@ -133,6 +138,7 @@ impl Group {
                 .map(|(id, state)| GroupInstance {
                     id: (*id).into(),
                     lifecycle_state: (*state).into(),
+                    protected: false,
                 })
                 .collect(),
             tags: Default::default(),
@@ -272,6 +278,7 @@ impl AutoScaling {
                         .lifecycle_state()
                         .map(|s| s.as_str().to_owned())
                         .unwrap_or_default(),
+                    protected: i.protected_from_scale_in().unwrap_or(false),
                 })
                 .collect(),
             tags: group
@@ -351,6 +358,27 @@ impl AutoScaling {
                     .and_then(|t| Timestamp::new(t.secs(), t.subsec_nanos() as i32).ok()),
             })
             .collect())
+    }
+
+    /// Protects `instances` of `asg` from scale-in (or lifts the protection), 50 at a time (the
+    /// API's limit per call).
+    pub async fn protect(&self, asg: &str, instances: &[String], protected: bool) -> Result<(), Error> {
+        for chunk in instances.chunks(50) {
+            self.client
+                .set_instance_protection()
+                .auto_scaling_group_name(asg)
+                .set_instance_ids(Some(chunk.to_vec()))
+                .protected_from_scale_in(protected)
+                .send()
+                .await
+                .map_err(|e| {
+                    failure(e, |message| Error::Protect {
+                        asg: asg.to_owned(),
+                        message,
+                    })
+                })?;
+        }
+        Ok(())
     }
 
     /// Removes one specific instance and lowers desired capacity with it, so the ASG never picks a

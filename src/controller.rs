@@ -7,8 +7,16 @@
 //!
 //! Two replicas run; the one holding the Lease acts (the other waits, ready to take over). State
 //! lives in one `SpotReplacement` per noticed instance ([`records`]), which only the controller
-//! writes and which outlives the Node; decisions are pure functions ([`decide`], [`lifecycle`]), and the reconciler ([`reconcile`],
-//! [`drain`]) and the sweeper ([`reclaim`]) fetch, act and record.
+//! writes and which outlives the Node.
+//!
+//! The layers, data flowing one way:
+//! - pure rules: [`machine`] (the replacement state machine's one step, `next(facts)`), with
+//!   [`decide`] (coalescing, capacity, claims, undos) and [`lifecycle`] (drain, retirement, seats);
+//! - effects: [`context`] (clients, caches, locks, the record write), [`effects`] (each action and
+//!   report the machine asks for);
+//! - flows: [`reconcile`] (gather facts, step, apply), [`drain`] (the PDB-paced drain and the
+//!   retirement), [`reclaim`] (giving back seats of instances that went without us);
+//! - wiring: this file (leadership, watches, the admin server).
 pub mod audit;
 pub mod census;
 pub mod context;

@@ -95,7 +95,7 @@ pub async fn capacity_rebalancing(ctx: Arc<Context>) {
                 &node,
                 EventType::Warning,
                 "CapacityRebalancingEnabled",
-                super::reconcile::capacity_rebalancing_note(&asg),
+                super::decide::capacity_rebalancing_note(&asg),
             )
             .await;
         }

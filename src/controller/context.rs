@@ -19,11 +19,11 @@ use kube::{
         reflector::{ObjectRef, Store},
     },
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{
     decide::Member,
-    drain, lifecycle,
+    lifecycle,
     metrics::Metrics,
     record::{Phase, Replacement, Seat, Undo},
     records::{self, Records, Subject},
@@ -45,6 +45,9 @@ pub const PROTECTION_FIELD_MANAGER: &str = "spot-rebalancer-controller-protectio
 pub const SCALE_DOWN_DISABLED: &str = "cluster-autoscaler.kubernetes.io/scale-down-disabled";
 /// How long a describe answer is reused by concurrent reconciles of one ASG.
 pub(super) const AWS_CACHE_TTL: Duration = Duration::from_millis(500);
+/// How often, and how many times, a lower looks whether the ASG chose the instance it takes.
+const SCALE_IN_POLL: Duration = Duration::from_millis(250);
+const SCALE_IN_POLLS: u32 = 40;
 /// The longest a scale-up call waits for concurrent notices to write their intents.
 pub(super) const MAX_COALESCE_WAIT: Duration = Duration::from_secs(2);
 
@@ -136,7 +139,7 @@ pub struct Context {
     /// Posts each phase to the configured webhook URL, if any.
     pub notifier: super::notify::Notifier,
     /// Eviction rounds in a row that PDBs blocked entirely, per draining node (for the backoff).
-    pub(super) drain_rounds: Mutex<HashMap<String, drain::Pace>>,
+    pub(super) drain_rounds: Mutex<HashMap<String, lifecycle::DrainPace>>,
     asgs: Mutex<HashMap<String, Arc<AsgState>>>,
     /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
     pub(super) detecting: AtomicUsize,
@@ -270,23 +273,67 @@ impl Context {
     }
 
     /// Carries out `undo` on `asg`: lowers its desired capacity, or removes one instance by id with a
-    /// decrement (never letting the ASG pick which); `Leave` calls nothing.
+    /// decrement (never letting the ASG pick which); `Leave` calls nothing. The caller holds the
+    /// ASG's send lock.
     pub(super) async fn carry_out(&self, asg: &str, undo: &Undo) -> Result<()> {
         match undo {
-            Undo::Lower { to, .. } => {
-                self.forget_views(asg);
-                self.metrics
-                    .aws_calls
-                    .with_label_values(&["SetDesiredCapacity"])
-                    .inc();
-                Ok(self.aws.set_desired(asg, *to).await?)
-            }
+            Undo::Lower { to, .. } => self.lower_shielded(asg, *to).await,
             Undo::Terminate { instance } => {
                 self.forget_views(asg);
                 self.terminate_with_decrement(instance).await
             }
             Undo::Leave { .. } => Ok(()),
         }
+    }
+
+    /// Lowers the desired capacity of `asg` to `to` so that the ASG can never pick a serving
+    /// instance: the ones there now are protected from scale-in first, so if an instance launched
+    /// since the plan, it is the only one the ASG may take; the protection is lifted once the group
+    /// is within `to`. Instances someone else protected are left as they were.
+    ///
+    /// If the process stops between protecting and lifting, the instances stay protected from
+    /// scale-in (never from a termination by id, which is how cluster-autoscaler removes nodes): a
+    /// window of about a second, logged with the instance ids.
+    async fn lower_shielded(&self, asg: &str, to: i32) -> Result<()> {
+        let group = self.group(asg, true).await?;
+        let shielded: Vec<String> = group
+            .instances
+            .iter()
+            .filter(|i| !i.protected && !i.lifecycle_state.starts_with("Terminat"))
+            .map(|i| i.id.clone())
+            .collect();
+        let call = |operation: &'static str| {
+            self.metrics.aws_calls.with_label_values(&[operation]).inc();
+        };
+        self.forget_views(asg);
+        if !shielded.is_empty() {
+            info!(asg, instances = ?shielded, "protecting the serving instances from scale-in while lowering");
+            call("SetInstanceProtection");
+            self.aws.protect(asg, &shielded, true).await?;
+        }
+        call("SetDesiredCapacity");
+        let lowered = self.aws.set_desired(asg, to).await;
+        if lowered.is_ok() && (group.instances.len() as i32) > to {
+            // A late launch is being taken: wait (bounded) until the ASG has chosen it.
+            for _ in 0..SCALE_IN_POLLS {
+                tokio::time::sleep(SCALE_IN_POLL).await;
+                let now = self.group(asg, true).await?;
+                let live = now
+                    .instances
+                    .iter()
+                    .filter(|i| !i.lifecycle_state.starts_with("Terminat"))
+                    .count() as i32;
+                if live <= to {
+                    break;
+                }
+            }
+        }
+        if !shielded.is_empty() {
+            call("SetInstanceProtection");
+            self.aws.protect(asg, &shielded, false).await?;
+        }
+        self.forget_views(asg);
+        Ok(lowered?)
     }
 
     /// Drops the views of `asg` read before a call this process just made on it: the next read

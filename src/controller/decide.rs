@@ -248,6 +248,14 @@ pub fn asg_opted_in(group: &Group) -> bool {
     group.tags.get(crate::keys::ENABLED_LABEL).map(String::as_str) == Some("true")
 }
 
+/// What an ASG with EC2 Capacity Rebalancing on costs, and what to do about it.
+pub fn capacity_rebalancing_note(asg: &str) -> String {
+    format!(
+        "ASG {asg} has EC2 Capacity Rebalancing on: it launches its own replacement too, so a notice may \
+         cost two instances; switch one of them off"
+    )
+}
+
 /// Rule 5's exception: an interruption notice taints the node at once, whatever AWS is doing (no
 /// record yet, a scale-up in flight, every AWS call failing), unless the state machine tainted it
 /// already (`tainted_at`) or it is past the taint.

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::{
     context::{Context, Error, Result, SCALE_DOWN_DISABLED, lock, old_instance, write_record},
-    lifecycle::{self, PodFacts, RetireOutcome},
+    lifecycle::{self, DrainPace, PodFacts, RetireOutcome},
     record::{Drain, DrainTrigger, Phase, Replacement, SeatState},
 };
 use crate::{keys, node};
@@ -28,15 +28,6 @@ const MAX_EVICTIONS_PER_STEP: usize = 20;
 const EVICTIONS_IN_FLIGHT: usize = 5;
 /// How often to look again while evicted pods terminate (at their own grace period).
 const TERMINATING_POLL: Duration = Duration::from_secs(1);
-
-/// How a node's drain is paced between reconciles (in memory: a restart just starts the backoff over).
-#[derive(Debug, Clone, Copy)]
-pub struct Pace {
-    /// Steps taken so far: each starts further along the node's pods.
-    steps: usize,
-    blocked_rounds: u32,
-    next_at: Instant,
-}
 
 /// Drains the node when a trigger holds (webhook request, interruption notice, or the taint with
 /// `--drain-after-taint`), then retires it. Returns when to look again, if anything is left to do.
@@ -176,7 +167,7 @@ async fn drain_step(
     let all_refused = evicted.is_empty() && refused > 0 && plan.terminating == 0;
     let wait = {
         let mut paces = lock(&ctx.drain_rounds);
-        let pace = paces.entry(name.clone()).or_insert(Pace {
+        let pace = paces.entry(name.clone()).or_insert(DrainPace {
             steps: 0,
             blocked_rounds: 0,
             next_at: Instant::now(),

@@ -132,6 +132,15 @@ pub fn plan_drain(pods: &[PodFacts], limit: usize, step: usize) -> DrainPlan {
     plan
 }
 
+/// How a node's drain is paced between reconciles (in memory: a restart just starts the backoff over).
+#[derive(Debug, Clone, Copy)]
+pub struct DrainPace {
+    /// Steps taken so far: each starts further along the node's pods.
+    pub steps: usize,
+    pub blocked_rounds: u32,
+    pub next_at: std::time::Instant,
+}
+
 /// The wait before the next eviction round after `blocked_rounds` rounds in a row in which every
 /// eviction was refused (429 from a PDB): a ceiling of 1 s, doubling, at most 30 s, with jitter
 /// ([`crate::backoff`]).

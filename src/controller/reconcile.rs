@@ -284,16 +284,9 @@ async fn placement(ctx: &Context, node: &Node, instance: Option<&str>) -> Result
     })
 }
 
-pub fn capacity_rebalancing_note(asg: &str) -> String {
-    format!(
-        "ASG {asg} has EC2 Capacity Rebalancing on: it launches its own replacement too, so a notice may \
-         cost two instances; switch one of them off"
-    )
-}
-
 async fn warn_capacity_rebalancing(node: &Node, ctx: &Context, group: &Group) {
     if group.capacity_rebalance && lock(&ctx.warned_rebalancing).insert(group.name.clone()) {
-        let note = capacity_rebalancing_note(&group.name);
+        let note = super::decide::capacity_rebalancing_note(&group.name);
         ctx.event(node, EventType::Warning, "CapacityRebalancingEnabled", note)
             .await;
     }
