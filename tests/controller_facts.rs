@@ -115,12 +115,7 @@ async fn a_partial_capacity_failure_among_coalesced_notices_falls_back_for_the_f
         .await;
     t.assert_desired_settles(&on_demand, 1, "one on-demand replacement")
         .await;
-    let terminated: Vec<String> = t
-        .calls("TerminateInstanceInAutoScalingGroup", &spot)
-        .await
-        .iter()
-        .map(|call| format!("{call:?}"))
-        .collect();
+    let terminated = t.terminated(&spot).await;
     let now_in_service: BTreeSet<String> = t.bed.in_service_instances(&spot).await.into_iter().collect();
     assert!(
         old_instances.is_subset(&now_in_service),
@@ -213,10 +208,7 @@ async fn a_replacement_that_never_turns_ready_is_released_and_the_flow_falls_bac
         ]
     );
     // Each released instance was terminated by id with a decrement: spot is back at its baseline.
-    assert_eq!(
-        t.calls("TerminateInstanceInAutoScalingGroup", &spot).await.len(),
-        2
-    );
+    assert_eq!(t.terminated(&spot).await.len(), 2, "the two released instances");
     t.assert_desired_settles(&spot, 1, "both releases decremented")
         .await;
     assert_eq!(
@@ -303,7 +295,7 @@ async fn a_retirement_min_size_forbids_is_left_with_a_warning_not_retried() {
     controller.wait_ready().await;
 
     t.notice(&old).await;
-    let drained = t.wait_for_phase(&old, phase::DRAINED, FLOW).await;
+    let drained = t.wait_for_any_phase(&old, &[phase::DRAINED], FLOW).await;
     let left = record(&drained);
     assert_eq!(left.capacity_type.as_deref(), Some("on-demand"), "{}", left.raw);
     assert!(

@@ -26,20 +26,6 @@ const DRAIN_TIMEOUTS: &str = "spot_rebalancer_drain_timeouts_total";
 const RETIREMENTS: &str = "spot_rebalancer_retirements_total";
 const RESTORES: &str = "spot_rebalancer_capacity_restores_total";
 
-/// Instances that left `asg`, oldest first, from the bed's scaling activities ("Terminating EC2
-/// instance: i-…"; the call log names no ASG for TerminateInstanceInAutoScalingGroup).
-async fn terminated(t: &Scenario, asg: &str) -> Vec<String> {
-    let mut ids: Vec<String> = t
-        .activities(asg)
-        .await
-        .iter()
-        .filter_map(|a| a.description.strip_prefix("Terminating EC2 instance: "))
-        .map(|id| id.split_whitespace().next().unwrap_or_default().to_owned())
-        .collect();
-    ids.reverse();
-    ids
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drains_at_the_pace_of_a_pdb_and_retires_the_node_back_to_the_pre_notice_size() {
     let t = Scenario::new("paced").await;
@@ -222,7 +208,7 @@ async fn an_interruption_after_the_replacement_is_ready_drains_and_retires_the_n
     assert!(lifecycle::ready_pods(&t.bed, &ns.name, "batch").await.is_empty());
     assert_eq!(controller.metric(EVICTIONS, &[("result", "evicted")]).await, 1.0);
     assert_eq!(
-        terminated(&t, &spot).await,
+        t.terminated(&spot).await,
         vec![old_instance.clone()],
         "only the old instance was removed"
     );
@@ -300,7 +286,7 @@ async fn an_instance_reclaimed_behind_the_controllers_back_gives_its_seat_back_e
         refill.as_str(),
         "{restored}"
     );
-    assert_eq!(terminated(&t, &spot).await.len(), 2, "the reclaim and the refill");
+    assert_eq!(t.terminated(&spot).await.len(), 2, "the reclaim and the refill");
     t.assert_desired_settles(&spot, 1, "pre-notice size after the reclaim")
         .await;
     assert_eq!(
@@ -316,7 +302,7 @@ async fn an_instance_reclaimed_behind_the_controllers_back_gives_its_seat_back_e
     tokio::time::sleep(Duration::from_secs(5)).await;
     t.assert_desired_settles(&spot, 1, "still the pre-notice size")
         .await;
-    let terminations: BTreeSet<String> = terminated(&t, &spot).await.into_iter().collect();
+    let terminations: BTreeSet<String> = t.terminated(&spot).await.into_iter().collect();
     let lowered: Vec<_> = t
         .set_desired_calls(&spot)
         .await

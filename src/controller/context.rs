@@ -196,6 +196,9 @@ pub(super) struct AsgState {
     /// waits until they are in (rule 2).
     pub(super) pending: AtomicUsize,
     pub(super) last_intent: Mutex<Option<Instant>>,
+    /// When the oldest intent not yet covered by a call was written: the call waits for more at
+    /// most [`MAX_COALESCE_WAIT`] after it.
+    pub(super) uncalled_since: Mutex<Option<Instant>>,
     /// The last describe and when it was made. Dropped by every call this process makes on the
     /// ASG, so no decision reads a view from before its own last call.
     group: Mutex<Option<(Instant, Group)>>,

@@ -27,6 +27,13 @@ pub struct Member<'a> {
     pub scale: &'a ScaleIntent,
 }
 
+/// Whether two scale-ups are one coalesced group: joined on the same ASG from the same baseline and
+/// the same instances (a group started later from the same desired capacity, after another actor
+/// scaled in, is a group of its own).
+pub fn same_group(a: &ScaleIntent, b: &ScaleIntent) -> bool {
+    a.asg == b.asg && a.baseline == b.baseline && a.pre_scale_instances == b.pre_scale_instances
+}
+
 /// The scale-up a new notice makes on `group`: it joins the group of scale-ups still waiting for
 /// instances (same baseline, one more member), or starts a new one from the current desired
 /// capacity. Ten notices at once are one group: baseline + 10, not ten read-add-write cycles.
@@ -48,7 +55,9 @@ pub fn coalesced_intent(
     match in_flight {
         Some(joined) => {
             let baseline = joined.scale.baseline;
-            let others = on_this_group().filter(|m| m.scale.baseline == baseline).count() as i32;
+            let others = on_this_group()
+                .filter(|m| same_group(m.scale, joined.scale))
+                .count() as i32;
             ScaleIntent {
                 asg: group.name.clone(),
                 capacity_type,
@@ -76,7 +85,7 @@ pub fn coalesced_intent(
 pub fn group_target(intent: &ScaleIntent, members: &[Member<'_>], max: i32, surge_above_max: bool) -> i32 {
     let count = members
         .iter()
-        .filter(|m| m.scale.asg == intent.asg && m.scale.baseline == intent.baseline)
+        .filter(|m| same_group(m.scale, intent))
         .count()
         .max(1) as i32;
     let target = intent.baseline + count;

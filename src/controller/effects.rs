@@ -2,7 +2,7 @@
 //! server, and each [`Report`] told as a log line, an Event and a metric. Every action here is
 //! safe to repeat: a taint that is there is not added again, a raise never lowers and reads the
 //! ASG fresh first, a termination checks its target against the records right before the call.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Taint};
@@ -16,7 +16,8 @@ use tracing::{info, warn};
 
 use super::{
     context::{
-        AsgState, Context, Error, PROTECTION_FIELD_MANAGER, Result, SCALE_DOWN_DISABLED, lock, members,
+        AsgState, Context, Error, MAX_COALESCE_WAIT, PROTECTION_FIELD_MANAGER, Result, SCALE_DOWN_DISABLED,
+        lock, members,
     },
     decide,
     machine::{Act, Report, Tick},
@@ -24,13 +25,23 @@ use super::{
 };
 use crate::node;
 
-/// Takes one action for `node`. Returns the note of what a raise did, if it made a call.
-pub async fn act(ctx: &Context, node: &Node, act: &Act) -> Result<()> {
+/// Whether an action was taken, or put off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    Yes,
+    /// Not yet: look again after this long.
+    Deferred(Duration),
+}
+
+/// Takes one action for `node`.
+pub async fn act(ctx: &Context, node: &Node, act: &Act) -> Result<Done> {
     match act {
-        Act::Taint { why } => taint(ctx, node, why).await,
-        Act::ProtectReplacement { node } => protect(ctx, node).await,
+        Act::Taint { why } => taint(ctx, node, why).await.map(|()| Done::Yes),
+        Act::ProtectReplacement { node } => protect(ctx, node).await.map(|()| Done::Yes),
         Act::Ensure { intent } => {
-            wait_for_concurrent_intents(ctx, &ctx.asg(&intent.asg)).await;
+            if let Some(wait) = still_coalescing(ctx, &ctx.asg(&intent.asg)) {
+                return Ok(Done::Deferred(wait));
+            }
             if let Some(target) = ensure_desired(ctx, intent).await? {
                 let note = format!(
                     "asked {} ({:?}) for desired capacity {target}",
@@ -39,14 +50,14 @@ pub async fn act(ctx: &Context, node: &Node, act: &Act) -> Result<()> {
                 info!(%note, "scaling");
                 ctx.event(node, EventType::Normal, "ScalingUp", note).await;
             }
-            Ok(())
+            Ok(Done::Yes)
         }
         Act::Undo { asg, undo } => {
             let _sending = ctx.sending_on(asg).await;
             if let Undo::Terminate { instance } = undo {
                 refuse_serving_target(ctx, &node.name_any(), instance)?;
             }
-            ctx.carry_out(asg, undo).await
+            ctx.carry_out(asg, undo).await.map(|()| Done::Yes)
         }
     }
 }
@@ -122,18 +133,16 @@ pub fn capacity_label(capacity_type: CapacityType) -> &'static str {
 }
 
 /// Rule 2: before a call, let concurrent notices on the ASG write their intents (none still
-/// detecting or deciding, none written for a coalesce window), so one call covers them all.
-async fn wait_for_concurrent_intents(ctx: &Context, state: &AsgState) {
-    let deadline = Instant::now() + super::context::MAX_COALESCE_WAIT;
-    loop {
-        let busy = ctx.detecting.load(std::sync::atomic::Ordering::SeqCst) > 0
-            || state.pending.load(std::sync::atomic::Ordering::SeqCst) > 0;
-        let quiet = lock(&state.last_intent).is_none_or(|at| at.elapsed() >= ctx.settings.coalesce_window);
-        if (!busy && quiet) || Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// detecting or deciding, none written for a coalesce window), so one call covers them all; but
+/// never put a call off longer than [`MAX_COALESCE_WAIT`] after the first intent it covers. The
+/// wait is a requeue, not a sleep: a sleeping reconcile would hold a worker the next notices need.
+fn still_coalescing(ctx: &Context, state: &AsgState) -> Option<Duration> {
+    let window = ctx.settings.coalesce_window;
+    let overdue = lock(&state.uncalled_since).is_some_and(|since| since.elapsed() >= MAX_COALESCE_WAIT);
+    let busy = ctx.detecting.load(std::sync::atomic::Ordering::SeqCst) > 0
+        || state.pending.load(std::sync::atomic::Ordering::SeqCst) > 0;
+    let quiet = lock(&state.last_intent).is_none_or(|at| at.elapsed() >= window);
+    ((busy || !quiet) && !overdue).then_some(window.max(Duration::from_millis(10)))
 }
 
 /// Makes the group's desired capacity cover every member's intent (also after a crash between
@@ -142,6 +151,8 @@ async fn wait_for_concurrent_intents(ctx: &Context, state: &AsgState) {
 /// before this process's last one. Returns the target it set, if it made a call.
 async fn ensure_desired(ctx: &Context, intent: &ScaleIntent) -> Result<Option<i32>> {
     let _sending = ctx.sending_on(&intent.asg).await;
+    // Every intent written so far is covered by what follows.
+    *lock(&ctx.asg(&intent.asg).uncalled_since) = None;
     let group = ctx.group(&intent.asg, true).await?;
     let records = ctx.records();
     let members = members(&records);

@@ -614,7 +614,7 @@ fn await_instance(facts: &Facts<'_>, record: &Record<'_>) -> Transition {
     }
     let waiting: Vec<Member<'_>> = members
         .iter()
-        .filter(|m| m.phase.is_scaling() && m.scale.asg == intent.asg && m.scale.baseline == intent.baseline)
+        .filter(|m| m.phase.is_scaling() && decide::same_group(m.scale, intent))
         .copied()
         .collect();
     let coming = launches_coming(intent, group, facts.claimed);
@@ -798,7 +798,7 @@ fn give_up(facts: &Facts<'_>, record: &Record<'_>, cause: AbandonCause, reason: 
         let still_needed = facts
             .members
             .iter()
-            .filter(|m| m.scale.asg == intent.asg && m.scale.baseline == intent.baseline)
+            .filter(|m| decide::same_group(m.scale, &intent))
             .count() as i32;
         let mut claimed = facts.claimed.clone();
         claimed.extend(next.instance_id.clone());

@@ -792,3 +792,25 @@ fn the_asg_a_step_reads_is_the_pending_undos_first() {
     assert_eq!(read(Phase::ScalingOnDemand).unwrap().asg, "od-a");
     assert_eq!(read(Phase::Tainted), None);
 }
+
+#[test]
+fn an_earlier_group_started_from_the_same_desired_capacity_does_not_count_in_a_new_one() {
+    // Notice 1 raised 3 → 4 and is tainted; a foreign scale-in took the group back to 3; notice 2
+    // starts a group of its own from 3. Its target is 4, not 5.
+    let first = intent(3, 4, &["i-old", "i-2", "i-3"], 1);
+    let second = intent(3, 4, &["i-old", "i-2", "i-r1"], 95);
+    let members = [
+        Member {
+            node: "first",
+            phase: Phase::Tainted,
+            scale: &first,
+        },
+        Member {
+            node: "second",
+            phase: Phase::ScalingSpot,
+            scale: &second,
+        },
+    ];
+    assert_eq!(decide::group_target(&second, &members, 10, false), 4);
+    assert_eq!(decide::group_target(&first, &members, 10, false), 4);
+}

@@ -114,7 +114,10 @@ async fn replace(node: &Node, ctx: &Context, input: &NodeInput) -> Result<Option
                 apply(ctx, node, &transition, Held::default()).await?;
                 transition
             }
-            None => step(ctx, node, &facts, record, &rules).await?,
+            None => match step(ctx, node, &facts, record, &rules).await? {
+                (_, Some(deferred)) => return Ok(Some(deferred)),
+                (transition, None) => transition,
+            },
         };
         if transition.acts.iter().any(|act| matches!(act, Act::Taint { .. })) {
             facts.tainted = true;
@@ -160,7 +163,7 @@ async fn step(
     facts: &NodeFacts,
     record: Option<Record<'_>>,
     rules: &machine::Rules,
-) -> Result<Transition> {
+) -> Result<(Transition, Option<Duration>)> {
     let now = Timestamp::now();
     let none = HashMap::new();
     let nobody = HashSet::new();
@@ -179,7 +182,7 @@ async fn step(
     };
     let Some(record) = record else {
         if facts.rebalance.is_none() && facts.interruption.is_none() {
-            return Ok(machine::next(&fact));
+            return Ok((machine::next(&fact), None));
         }
         // A first notice: find where the instance is. Concurrent scale-up calls wait for this.
         let detecting = Counted::new(&ctx.detecting);
@@ -190,13 +193,13 @@ async fn step(
             _detecting: Some(detecting),
             ..Held::default()
         };
-        apply(ctx, node, &transition, held).await?;
-        return Ok(transition);
+        let deferred = apply(ctx, node, &transition, held).await?;
+        return Ok((transition, deferred));
     };
     let Some(read) = machine::asg_to_read(&record) else {
         let transition = machine::next(&fact);
-        apply(ctx, node, &transition, Held::default()).await?;
-        return Ok(transition);
+        let deferred = apply(ctx, node, &transition, Held::default()).await?;
+        return Ok((transition, deferred));
     };
     let state = ctx.asg(&read.asg);
     let pending = (record.phase == Phase::Detected).then(|| Counted::new(&state.pending));
@@ -239,8 +242,8 @@ async fn step(
         asg: Some(read.asg.clone()),
         ..Held::default()
     };
-    apply(ctx, node, &transition, held).await?;
-    Ok(transition)
+    let deferred = apply(ctx, node, &transition, held).await?;
+    Ok((transition, deferred))
 }
 
 /// The Nodes of the group's instances: name and readiness, by instance id.
@@ -293,8 +296,14 @@ async fn warn_capacity_rebalancing(node: &Node, ctx: &Context, group: &Group) {
 }
 
 /// Applies a transition in the fixed order: the record (while the step's locks are held), then the
-/// actions, then the record's `done` mark, then the reports.
-async fn apply(ctx: &Context, node: &Node, transition: &Transition, held: Held<'_>) -> Result<()> {
+/// actions, then the record's `done` mark, then the reports. Returns a wait when an action was
+/// deferred (a scale-up call waiting for more notices to join it).
+async fn apply(
+    ctx: &Context,
+    node: &Node,
+    transition: &Transition,
+    held: Held<'_>,
+) -> Result<Option<Duration>> {
     if let Some((phase, record)) = &transition.write {
         write_record(node, ctx, *phase, record).await?;
         let intent_written = transition
@@ -302,16 +311,24 @@ async fn apply(ctx: &Context, node: &Node, transition: &Transition, held: Held<'
             .iter()
             .any(|act| matches!(act, Act::Ensure { .. }));
         if intent_written && let Some(asg) = &held.asg {
-            *lock(&ctx.asg(asg).last_intent) = Some(Instant::now());
+            let state = ctx.asg(asg);
+            *lock(&state.last_intent) = Some(Instant::now());
+            lock(&state.uncalled_since).get_or_insert_with(Instant::now);
         }
     }
     drop(held);
     for act in &transition.acts {
-        if let Err(error) = effects::act(ctx, node, act).await {
-            if matches!(act, Act::Ensure { .. }) && !matches!(&error, Error::Aws(aws) if aws.is_fenced()) {
-                effects::note_failing_call(ctx, node, &error).await?;
+        match effects::act(ctx, node, act).await {
+            Ok(effects::Done::Yes) => {}
+            // More notices are on their way to the same call: look again shortly, holding no worker.
+            Ok(effects::Done::Deferred(wait)) => return Ok(Some(wait)),
+            Err(error) => {
+                if matches!(act, Act::Ensure { .. }) && !matches!(&error, Error::Aws(aws) if aws.is_fenced())
+                {
+                    effects::note_failing_call(ctx, node, &error).await?;
+                }
+                return Err(error);
             }
-            return Err(error);
         }
     }
     if let Some((phase, record)) = &transition.done {
@@ -320,5 +337,5 @@ async fn apply(ctx: &Context, node: &Node, transition: &Transition, held: Held<'
     for report in &transition.reports {
         effects::report(ctx, node, report).await;
     }
-    Ok(())
+    Ok(None)
 }

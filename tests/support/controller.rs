@@ -576,6 +576,20 @@ impl Scenario {
         serde_json::from_value(value).expect("the call log is a list of calls")
     }
 
+    /// Instances that left `asg`, oldest first, from the bed's scaling activities ("Terminating EC2
+    /// instance: i-…"; the call log names no ASG for TerminateInstanceInAutoScalingGroup).
+    pub async fn terminated(&self, asg: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .activities(asg)
+            .await
+            .iter()
+            .filter_map(|a| a.description.strip_prefix("Terminating EC2 instance: "))
+            .map(|id| id.split_whitespace().next().unwrap_or_default().to_owned())
+            .collect();
+        ids.reverse();
+        ids
+    }
+
     /// SetDesiredCapacity calls that reached moto (HTTP 200), oldest first.
     pub async fn set_desired_calls(&self, asg: &str) -> Vec<CallRecord> {
         let mut calls = self.calls("SetDesiredCapacity", asg).await;
