@@ -90,10 +90,19 @@ async fn a_partial_capacity_failure_among_coalesced_notices_falls_back_for_the_f
     let on_demand = t.on_demand_asg("od", 0, 5).await;
     let old: BTreeSet<String> = t.ready_nodes(&spot, 3).await.iter().map(name_of).collect();
     let old_instances: BTreeSet<String> = t.bed.in_service_instances(&spot).await.into_iter().collect();
-    // The next launch on the spot ASG fails for capacity; the ones after it go through.
+    // The next launch on the spot ASG fails for capacity; the ones after it go through, and the ASG
+    // does not retry the failed one for a minute (spot capacity in that pool stays gone).
+    t.bed.set_timing(&spot, json!({"retry_delay": 60})).await;
     t.bed.arm_capacity_fault_with(&spot, json!({"count": 1})).await;
-    let mut controller =
-        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "60s"]);
+    let mut controller = t.start_controller(&[
+        "--on-demand-asg-name",
+        &on_demand,
+        "--capacity-timeout",
+        "60s",
+        // A wide window, so the three notices share one call even on a loaded machine.
+        "--coalesce-window",
+        "1s",
+    ]);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
 
@@ -104,6 +113,17 @@ async fn a_partial_capacity_failure_among_coalesced_notices_falls_back_for_the_f
         capacity_types.push(record(&tainted).capacity_type.unwrap_or_default());
     }
     capacity_types.sort();
+    let raised: Vec<Option<i64>> = t
+        .set_desired_calls(&spot)
+        .await
+        .iter()
+        .map(|call| call.desired_capacity)
+        .collect();
+    assert_eq!(
+        raised.first(),
+        Some(&Some(6)),
+        "one call for the three notices: {raised:?}"
+    );
     assert_eq!(
         capacity_types,
         ["on-demand", "spot", "spot"],
