@@ -16,6 +16,7 @@ pub mod drain;
 pub mod lifecycle;
 pub mod metrics;
 pub mod node_input;
+pub mod nodegroup;
 pub mod notify;
 pub mod reclaim;
 pub mod reconcile;
