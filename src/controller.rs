@@ -69,6 +69,8 @@ pub enum Error {
     LostLease(String),
     #[error(transparent)]
     Notify(#[from] notify::Error),
+    #[error(transparent)]
+    CaStore(#[from] crate::ca_store::MissingCaStore),
 }
 
 #[derive(Debug, Clone, ClapArgs)]
@@ -228,6 +230,11 @@ impl Args {
 
 /// Runs the controller until `shutdown` is cancelled (or the lease is lost).
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
+    // Checked before anything starts: the AWS SDK reads the CA store only at its first call.
+    let aws_endpoint = std::env::var("AWS_ENDPOINT_URL").ok();
+    if crate::ca_store::aws_needs_ca_store(aws_endpoint.as_deref()) {
+        crate::ca_store::require_native_roots().map_err(Error::from)?;
+    }
     let settings = args.settings();
     let registry = admin::registry(admin::CONTROLLER);
     let notifier = notify::Notifier::new(&args.notify, &registry).map_err(Error::from)?;
