@@ -158,15 +158,39 @@ async fn beside_nth(bed: &Bed, nth: &Path, duration: Duration) {
         &["spot", "-I", "-d", "86400", "--rebalance-delay-sec", "86400"],
     )
     .await;
-    let ours_node = TestNode::create(bed, "bench-beside-ours").await;
+    // Each build of ours (BENCH_AGENT_BINARIES=label=path,... ; else the one binary) runs at once,
+    // each on its own Node, beside NTH: one run, one machine state.
+    let builds: Vec<(String, String)> = match std::env::var("BENCH_AGENT_BINARIES") {
+        Ok(list) => list
+            .split(',')
+            .map(|entry| {
+                let (label, path) = entry.split_once('=').unwrap_or((entry, entry));
+                (label.to_owned(), path.to_owned())
+            })
+            .collect(),
+        Err(_) => {
+            let binary =
+                std::env::var("BENCH_AGENT_BINARY").unwrap_or_else(|_| support::process::BINARY.to_owned());
+            vec![("ours".to_owned(), binary)]
+        }
+    };
+    let mut agents = Vec::new();
+    for (label, binary) in &builds {
+        let node = TestNode::create(bed, "bench-beside-ours").await;
+        let mut agent = AgentProcess::start_binary(
+            binary,
+            AgentConfig {
+                node: &node.name,
+                imds_endpoint: &mock.endpoint(),
+                kubeconfig: Path::new(&bed.vars["BED_KUBECONFIG"]),
+                extra: &["--poll-interval", POLL_FOR_SOAK],
+            },
+        );
+        agent.wait_ready().await;
+        println!("  {label}: {binary}");
+        agents.push((label.clone(), node, agent, Vec::new()));
+    }
     let nth_node = TestNode::create(bed, "bench-beside-nth").await;
-    let mut agent = AgentProcess::start(AgentConfig {
-        node: &ours_node.name,
-        imds_endpoint: &mock.endpoint(),
-        kubeconfig: Path::new(&bed.vars["BED_KUBECONFIG"]),
-        extra: &["--poll-interval", POLL_FOR_SOAK],
-    });
-    agent.wait_ready().await;
 
     // NTH's in-cluster identity: a token of the agent's ServiceAccount bound to NTH's node (the
     // rights our agent has), the bed's API server and CA.
@@ -269,42 +293,44 @@ async fn beside_nth(bed: &Bed, nth: &Path, duration: Duration) {
     let nth_pid = nth_process.id();
 
     let started = Instant::now();
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut theirs = Vec::new();
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_secs(5)).await;
         if let Ok(Some(status)) = nth_process.try_wait() {
             let log = std::fs::read_to_string(secrets.path().join("nth.log")).unwrap_or_default();
             panic!("NTH exited ({status}):\n{log}");
         }
-        ours.push(rss_kib(agent.pid()));
+        for (_, _, agent, samples) in &mut agents {
+            samples.push(rss_kib(agent.pid()));
+        }
         theirs.push(rss_kib(nth_pid));
     }
-    let (ours_anon, ours_file) = rss_breakdown_kib(agent.pid());
     let (nth_anon, nth_file) = rss_breakdown_kib(nth_pid);
     let _ = nth_process.kill();
     let _ = nth_process.wait();
-    assert!(agent.is_running());
 
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mean = |samples: &[u64]| samples.iter().sum::<u64>() / samples.len().max(1) as u64;
     let peak = |samples: &[u64]| samples.iter().copied().max().unwrap_or(0);
-    println!(
-        "  ours: resident mean {:.1} MiB, peak {:.1} MiB (RssAnon {:.1}, RssFile {:.1} MiB at the end)",
-        mib(mean(&ours)),
-        mib(peak(&ours)),
-        mib(ours_anon),
-        mib(ours_file)
-    );
+    for (label, _node, agent, ours) in &mut agents {
+        assert!(agent.is_running(), "{label} stopped");
+        let (ours_anon, ours_file) = rss_breakdown_kib(agent.pid());
+        println!(
+            "  {label}: resident mean {:.1} MiB, peak {:.1} MiB (RssAnon {:.1}, RssFile {:.1} MiB at the end); \
+             NTH / {label} (mean resident): {:.1}x   (goal: >= 3x; ours <= 8 MiB)",
+            mib(mean(ours)),
+            mib(peak(ours)),
+            mib(ours_anon),
+            mib(ours_file),
+            mean(&theirs) as f64 / mean(ours).max(1) as f64
+        );
+    }
     println!(
         "  NTH:  resident mean {:.1} MiB, peak {:.1} MiB (RssAnon {:.1}, RssFile {:.1} MiB at the end)",
         mib(mean(&theirs)),
         mib(peak(&theirs)),
         mib(nth_anon),
         mib(nth_file)
-    );
-    println!(
-        "  NTH / ours (mean resident): {:.1}x   (goal: >= 3x; ours <= 8 MiB)",
-        mean(&theirs) as f64 / mean(&ours).max(1) as f64
     );
 }
 

@@ -11,6 +11,10 @@
 //!    `BENCH_BURST` (default 100) simultaneous notices on one ASG; the controller's peak resident
 //!    memory (VmHWM) and its AWS calls per notice.
 //!
+//! The controller runs with `--after-replacement keep`: the figures are of the replacement up to the
+//! taint (retirement is measured by `scripts/bench-lifecycle`), as they were before retiring became
+//! the default.
+//!
 //! The controller is the release build (`cargo bench` builds it with the release profile).
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -124,7 +128,8 @@ async fn latency(runs: usize) {
     let asg = scenario.spot_asg("spot", runs as i32, (2 * runs) as i32).await;
     let old_nodes = scenario.ready_nodes(&asg, runs).await;
     let seen = watch_group(&scenario, &asg);
-    let mut controller = scenario.start_controller(&["--capacity-timeout", "5m"]);
+    let mut controller =
+        scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
     controller.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -209,7 +214,8 @@ async fn scale(extra_nodes: usize, burst: usize) {
         started.elapsed().as_secs_f64()
     );
 
-    let mut controller = scenario.start_controller(&["--capacity-timeout", "5m"]);
+    let mut controller =
+        scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
     controller.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_kib = peak_rss_kib(controller.pid());

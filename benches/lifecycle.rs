@@ -2,7 +2,7 @@
 //! figures, asserts none.
 //!
 //! Every retirement measured here starts from the same state: a node with its replacement Ready and
-//! the termination taint on (the controller runs without `--drain-after-taint`, so the taint alone
+//! the termination taint on (the controller runs with `--after-replacement keep`, so the taint alone
 //! drains nothing), carrying workload pods of Deployments whose pods may land on the replacement
 //! (their nodeSelector is the node group). Then the interruption-time annotation is written.
 //!
@@ -351,7 +351,8 @@ async fn main() {
 
 async fn retirements(runs: usize, pods: usize) {
     let scenario = Scenario::new("bench-life").await;
-    let mut controller = scenario.start_controller(&["--capacity-timeout", "5m"]);
+    let mut controller =
+        scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
     controller.wait_ready().await;
 
     // 1. Interruption → Retired.
@@ -585,7 +586,8 @@ async fn memory(nodes: usize, pods: usize, other_pods: usize) {
     let scenario = Scenario::new("bench-mem").await;
     let ns = TestNamespace::create(&scenario.bed, "mem").await;
     let others = TestNamespace::create(&scenario.bed, "others").await;
-    let mut controller = scenario.start_controller(&["--capacity-timeout", "5m"]);
+    let mut controller =
+        scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
     controller.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = controller.pid();

@@ -27,6 +27,7 @@ pub mod lifecycle;
 pub mod machine;
 pub mod metrics;
 pub mod node_input;
+pub mod nodegroup;
 pub mod notify;
 pub mod reclaim;
 pub mod reconcile;
@@ -79,6 +80,8 @@ pub enum Error {
     LostLease(String),
     #[error(transparent)]
     Notify(#[from] notify::Error),
+    #[error(transparent)]
+    CaStore(#[from] crate::ca_store::MissingCaStore),
 }
 
 #[derive(Debug, Clone, ClapArgs)]
@@ -141,10 +144,12 @@ pub struct Args {
           value_parser = ["NoSchedule", "PreferNoSchedule", "NoExecute"])]
     pub taint_effect: String,
 
-    /// Drain a node once it is tainted with its replacement Ready (without this, only when the webhook
-    /// asks for it or an interruption notice arrives), then retire it.
-    #[arg(long, env = "DRAIN_AFTER_TAINT", default_value_t = false)]
-    pub drain_after_taint: bool,
+    /// What becomes of the old node once its replacement is Ready and it is tainted: `retire` drains
+    /// it (PDB-paced) and terminates its instance with a decrement, so the node group is back at its
+    /// pre-notice size; `keep` leaves it serving, tainted, until an interruption notice arrives or
+    /// the webhook asks for a drain (the node group stays one above its size until then).
+    #[arg(long, env = "AFTER_REPLACEMENT", value_enum, default_value_t = AfterReplacement::Retire)]
+    pub after_replacement: AfterReplacement,
 
     /// Detect, decide and report what would be done ("would raise spot-a 3 → 4") as Events, logs,
     /// metrics and records, with no Auto Scaling call, no taint and no eviction: to pilot the
@@ -200,6 +205,17 @@ pub struct Args {
     pub identity: Option<String>,
 }
 
+/// What becomes of a tainted node whose replacement is Ready (`--after-replacement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AfterReplacement {
+    /// Replace-then-retire, as EKS managed node groups and ASG Capacity Rebalancing do: no capacity
+    /// is held for a risk that may never come true.
+    Retire,
+    /// Keep the old node (tainted, still serving) until its interruption notice: a rebalance
+    /// recommendation is only a risk; the extra seat is held meanwhile (`seats_held`).
+    Keep,
+}
+
 fn positive_duration(text: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if duration.is_zero() {
@@ -227,7 +243,7 @@ impl Args {
             },
             opt_in: self.opt_in_label.clone(),
             nodegroup_label: self.nodegroup_label.clone(),
-            drain_after_taint: self.drain_after_taint,
+            drain_after_taint: self.after_replacement == AfterReplacement::Retire,
             drain_timeout: signed(self.drain_timeout),
             dry_run: self.dry_run,
             ready_timeout: signed(self.replacement_ready_timeout),
@@ -238,6 +254,11 @@ impl Args {
 
 /// Runs the controller until `shutdown` is cancelled (or the lease is lost).
 pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
+    // Checked before anything starts: the AWS SDK reads the CA store only at its first call.
+    let aws_endpoint = std::env::var("AWS_ENDPOINT_URL").ok();
+    if crate::ca_store::aws_needs_ca_store(aws_endpoint.as_deref()) {
+        crate::ca_store::require_native_roots().map_err(Error::from)?;
+    }
     let settings = args.settings();
     let registry = admin::registry(admin::CONTROLLER);
     let notifier = notify::Notifier::new(&args.notify, &registry).map_err(Error::from)?;

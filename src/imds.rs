@@ -11,7 +11,12 @@ pub mod notice;
 
 use std::{error::Error as StdError, time::Duration};
 
-use aws_config::imds::{self, client::error::ImdsError};
+use aws_config::{
+    imds::{self, client::error::ImdsError},
+    provider_config::ProviderConfig,
+};
+use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use aws_smithy_runtime_api::client::result::ConnectorError;
 
 pub use notice::{Action, InstanceAction, MalformedNotice, RebalanceRecommendation};
@@ -253,9 +258,12 @@ fn build_client(endpoint: &str) -> Result<imds::Client, String> {
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         return Err(format!("{endpoint:?} is not an http:// or https:// URL"));
     }
-    let builder = imds::Client::builder()
+    let mut builder = imds::Client::builder()
         .endpoint(endpoint)
         .map_err(|error| format!("{endpoint:?} is not a valid URL: {error}"))?;
+    if endpoint.starts_with("http://") {
+        builder = builder.configure(&ProviderConfig::default().with_http_client(plain_http_client()));
+    }
     Ok(builder
         .max_attempts(1)
         .connect_timeout(CONNECT_TIMEOUT)
@@ -263,6 +271,22 @@ fn build_client(endpoint: &str) -> Result<imds::Client, String> {
         .operation_attempt_timeout(OPERATION_TIMEOUT)
         .operation_timeout(OPERATION_TIMEOUT)
         .build())
+}
+
+/// The HTTP client for a plain `http://` IMDS (the real one is link-local HTTP): the SDK's rustls
+/// client with no root certificates, so the machine's CA store is never read. The default client
+/// loads it on the first request even for plain HTTP, and a node without one (a minimal host
+/// image, a distroless container without `ca-certificates`) then got a panic in the SDK (debug
+/// builds) instead of a poll. It also keeps ~150 parsed root certificates out of the agent's memory.
+fn plain_http_client() -> SharedHttpClient {
+    let no_roots = TlsContext::builder()
+        .with_trust_store(TrustStore::empty().with_native_roots(false))
+        .build()
+        .expect("a TLS context with an empty trust store always builds");
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
+        .tls_context(no_roots)
+        .build_https()
 }
 
 #[cfg(test)]

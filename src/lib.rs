@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agent;
 pub mod aws;
 pub mod backoff;
+pub mod ca_store;
 pub mod cli;
 pub mod contract;
 pub mod controller;

@@ -61,8 +61,14 @@ async fn replaces_a_noticed_spot_node_before_tainting_it() {
     let on_demand = t.on_demand_asg("od", 0, 5).await;
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
-    let mut controller =
-        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "20s"]);
+    let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
+        "--on-demand-asg-name",
+        &on_demand,
+        "--capacity-timeout",
+        "20s",
+    ]);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
 
@@ -196,8 +202,14 @@ async fn falls_back_to_on_demand_when_spot_capacity_is_gone() {
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
     t.bed.arm_capacity_fault(&spot).await;
     // A capacity timeout longer than the wait below: the fallback must come from the Failed activity.
-    let mut controller =
-        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "10m"]);
+    let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
+        "--on-demand-asg-name",
+        &on_demand,
+        "--capacity-timeout",
+        "10m",
+    ]);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
 
@@ -274,8 +286,14 @@ async fn spot_capacity_returning_after_the_fallback_began_terminates_no_serving_
     let serving_instances = ids(&serving);
     let old = name_of(&serving[0]);
     t.bed.arm_capacity_fault(&spot).await;
-    let mut controller =
-        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "10m"]);
+    let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
+        "--on-demand-asg-name",
+        &on_demand,
+        "--capacity-timeout",
+        "10m",
+    ]);
     controller.wait_ready().await;
 
     t.notice(&old).await;
@@ -436,7 +454,8 @@ async fn a_spot_asg_at_its_max_size_falls_back_or_surges_as_configured() {
     let surging = t.spot_asg("surging", 1, 1).await;
     let on_demand = t.on_demand_asg("od", 0, 5).await;
     let capped = name_of(&t.ready_nodes(&full, 1).await[0]);
-    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand]);
+    let mut controller =
+        t.start_controller(&["--after-replacement", "keep", "--on-demand-asg-name", &on_demand]);
     controller.wait_ready().await;
     t.notice(&capped).await;
     let tainted = t.wait_for_phase(&capped, phase::TAINTED, FLOW).await;
@@ -451,7 +470,13 @@ async fn a_spot_asg_at_its_max_size_falls_back_or_surges_as_configured() {
     // With --surge-above-max the controller raises MaxSize with the desired capacity (AWS refuses,
     // and the bed too, a SetDesiredCapacity above MaxSize).
     let surged = name_of(&t.ready_nodes(&surging, 1).await[0]);
-    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand, "--surge-above-max"]);
+    let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
+        "--on-demand-asg-name",
+        &on_demand,
+        "--surge-above-max",
+    ]);
     controller.wait_ready().await;
     t.notice(&surged).await;
     let tainted = t.wait_for_phase(&surged, phase::TAINTED, FLOW).await;
@@ -506,8 +531,14 @@ async fn ten_notices_on_one_asg_coalesce_into_a_few_calls_and_ten_distinct_repla
     let old_nodes = t.ready_nodes(&spot, 10).await;
     let old_instances = ids(&old_nodes);
     let old_names: BTreeSet<String> = old_nodes.iter().map(name_of).collect();
-    let mut controller =
-        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "60s"]);
+    let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
+        "--on-demand-asg-name",
+        &on_demand,
+        "--capacity-timeout",
+        "60s",
+    ]);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
 
@@ -583,6 +614,8 @@ async fn a_controller_killed_in_each_phase_resumes_without_scaling_twice() {
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
     let flags = [
+        "--after-replacement",
+        "keep",
         "--on-demand-asg-name",
         on_demand.as_str(),
         "--capacity-timeout",
@@ -756,7 +789,14 @@ async fn a_replacement_that_never_turns_ready_is_warned_about_once_and_the_node_
     // Spot capacity is there, but each new instance's kubelet registers and never turns Ready.
     t.arm_not_ready(&spot).await;
     let capacity_timeout = Duration::from_secs(5);
-    let flags = ["--on-demand-asg-name", &on_demand, "--capacity-timeout", "5s"];
+    let flags = [
+        "--after-replacement",
+        "keep",
+        "--on-demand-asg-name",
+        &on_demand,
+        "--capacity-timeout",
+        "5s",
+    ];
     let mut controller = t.start_controller(&flags);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
@@ -958,6 +998,8 @@ async fn waits_for_a_foreign_scaling_activity_before_scaling() {
     let old = name_of(&t.ready_nodes(&spot, 1).await[0]);
     let foreign = t.start_foreign_activity(&spot).await;
     let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
         "--on-demand-asg-name",
         &on_demand,
         "--capacity-timeout",
@@ -1011,6 +1053,8 @@ async fn each_node_group_scales_only_its_own_asgs() {
     let node_b = name_of(&t.ready_nodes(&spot_b, 1).await[0]);
     t.bed.arm_capacity_fault(&spot_b).await;
     let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
         "--on-demand-asg-name",
         &default_fallback,
         "--capacity-timeout",
@@ -1081,7 +1125,7 @@ async fn a_notice_from_the_real_agent_drives_the_replacement() {
         extra: &["--poll-interval", "1s"],
     });
     agent.wait_ready().await;
-    let mut controller = t.start_controller(&["--capacity-timeout", "20s"]);
+    let mut controller = t.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "20s"]);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot]).await;
 
@@ -1112,6 +1156,8 @@ async fn of_two_replicas_only_the_leader_acts_and_the_standby_takes_over_on_sigt
     let nodes = t.ready_nodes(&spot, 2).await;
     let (first, second) = (name_of(&nodes[0]), name_of(&nodes[1]));
     let flags = [
+        "--after-replacement",
+        "keep",
         "--on-demand-asg-name",
         on_demand.as_str(),
         "--capacity-timeout",

@@ -22,8 +22,14 @@ async fn completes_through_throttling_and_server_errors_without_doubling() {
     let on_demand = t.on_demand_asg("od", 0, 5).await;
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
-    let mut controller =
-        t.start_controller(&["--on-demand-asg-name", &on_demand, "--capacity-timeout", "60s"]);
+    let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
+        "--on-demand-asg-name",
+        &on_demand,
+        "--capacity-timeout",
+        "60s",
+    ]);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
 
@@ -135,6 +141,8 @@ async fn a_scale_up_failing_again_and_again_warns_on_the_node_once_and_goes_on_w
     let on_demand = t.on_demand_asg("od", 0, 5).await;
     let old = name_of(&t.ready_nodes(&spot, 1).await[0]);
     let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
         "--on-demand-asg-name",
         &on_demand,
         "--retry-attempts",

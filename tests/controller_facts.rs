@@ -44,7 +44,9 @@ async fn a_foreign_scale_in_between_two_notices_is_not_scaled_over() {
     let nodes = t.ready_nodes(&spot, 3).await;
     let (first, second) = (name_of(&nodes[0]), name_of(&nodes[1]));
     let third_instance = instance_id(&nodes[2]).unwrap();
-    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand]);
+    // The old nodes stay (tainted) until an interruption: the desired capacities stay readable.
+    let mut controller =
+        t.start_controller(&["--on-demand-asg-name", &on_demand, "--after-replacement", "keep"]);
     controller.wait_ready().await;
 
     t.notice(&first).await;
@@ -102,6 +104,8 @@ async fn a_partial_capacity_failure_among_coalesced_notices_falls_back_for_the_f
         // A wide window, so the three notices share one call even on a loaded machine.
         "--coalesce-window",
         "1s",
+        "--after-replacement",
+        "keep",
     ]);
     controller.wait_ready().await;
     let watch = TaintOrderWatch::start(&t.bed, &[&spot, &on_demand]).await;
@@ -161,6 +165,8 @@ async fn a_scale_up_refused_for_good_falls_back_with_the_reason_and_keeps_the_ac
         "10s",
         "--retry-attempts",
         "1",
+        "--after-replacement",
+        "keep",
     ]);
     controller.wait_ready().await;
 
@@ -207,6 +213,8 @@ async fn a_replacement_that_never_turns_ready_is_released_and_the_flow_falls_bac
         &on_demand,
         "--replacement-ready-timeout",
         "8s",
+        "--after-replacement",
+        "keep",
     ]);
     controller.wait_ready().await;
 
@@ -311,7 +319,8 @@ async fn a_retirement_min_size_forbids_is_left_with_a_warning_not_retried() {
         .send()
         .await
         .expect("MinSize 2");
-    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand, "--drain-after-taint"]);
+    // Replace-then-retire is the default: no flag needed for the retirement.
+    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand]);
     controller.wait_ready().await;
 
     t.notice(&old).await;

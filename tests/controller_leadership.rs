@@ -60,6 +60,8 @@ async fn a_leader_cut_off_from_the_api_server_stops_calling_aws_before_the_stand
     let through_proxy =
         kubeconfig_through(&role_kubeconfig(&t.bed, Role::Controller), proxy.addr, dir.path());
     let flags = [
+        "--after-replacement",
+        "keep",
         "--on-demand-asg-name",
         on_demand.as_str(),
         "--foreign-activity-timeout",
@@ -159,6 +161,8 @@ async fn after_an_api_server_outage_the_flow_resumes_within_seconds_of_its_retur
     let through_proxy =
         kubeconfig_through(&role_kubeconfig(&t.bed, Role::Controller), proxy.addr, dir.path());
     let mut controller = t.start_controller(&[
+        "--after-replacement",
+        "keep",
         "--kubeconfig",
         through_proxy.to_str().unwrap(),
         "--on-demand-asg-name",

@@ -11,7 +11,7 @@ use serde_json::json;
 use support::{
     controller::{
         DRAIN_REQUESTED, NODEGROUP_LABEL, SCALE_DOWN_DISABLED, Scenario, annotation, name_of, phase,
-        phase_of, record,
+        phase_of, record, records_api,
     },
     instance_id,
     lifecycle::{self, DisruptionWatch, NotificationSink, seat},
@@ -25,6 +25,7 @@ const EVICTIONS: &str = "spot_rebalancer_evictions_total";
 const DRAIN_TIMEOUTS: &str = "spot_rebalancer_drain_timeouts_total";
 const RETIREMENTS: &str = "spot_rebalancer_retirements_total";
 const RESTORES: &str = "spot_rebalancer_capacity_restores_total";
+const DRAINS: &str = "spot_rebalancer_drains_total";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drains_at_the_pace_of_a_pdb_and_retires_the_node_back_to_the_pre_notice_size() {
@@ -45,7 +46,7 @@ async fn drains_at_the_pace_of_a_pdb_and_retires_the_node_back_to_the_pre_notice
     assert_eq!(allowed, 1);
     let watch = DisruptionWatch::start(&t.bed, &ns.name, "web", 2).await;
 
-    let mut controller = t.start_controller(&["--drain-after-taint"]);
+    let mut controller = t.start_controller(&[]);
     controller.wait_ready().await;
     t.notice(&old).await;
 
@@ -135,6 +136,58 @@ async fn drains_at_the_pace_of_a_pdb_and_retires_the_node_back_to_the_pre_notice
     assert_eq!(controller.metric(RETIREMENTS, &[]).await, 1.0);
 }
 
+/// The default (`--after-replacement retire`): a rebalance recommendation alone, with no
+/// interruption ever, ends with the old instance retired and the node group back at its size. No
+/// extra node is held for a risk that may never come true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_rebalance_notice_alone_retires_the_old_node_and_restores_the_asg_size() {
+    let t = Scenario::new("default-retire").await;
+    let spot = t.spot_asg("spot", 2, 5).await;
+    let nodes = t.ready_nodes(&spot, 2).await;
+    let (old, old_instance) = (name_of(&nodes[0]), instance_id(&nodes[0]).unwrap());
+    let other = instance_id(&nodes[1]).unwrap();
+    let ns = TestNamespace::create(&t.bed, "default-retire").await;
+    ns.running_pods(&old, "job", 1).await;
+
+    let mut controller = t.start_controller(&[]);
+    controller.wait_ready().await;
+    t.notice(&old).await;
+
+    let retired = t.wait_for_seat(&old_instance, seat::RETIRED, FLOW).await;
+    let replacement = retired["claimed"]
+        .as_str()
+        .expect("a claimed replacement")
+        .to_owned();
+    assert!(
+        t.terminated(&spot).await.contains(&old_instance),
+        "the old instance left its ASG"
+    );
+    t.assert_desired_settles(&spot, 2, "pre-notice size after the retirement")
+        .await;
+    assert_eq!(
+        t.asg(&spot).await.in_service(),
+        BTreeSet::from([other, replacement]),
+        "the untouched node and the replacement, nothing more"
+    );
+    let status = records_api(&t.bed)
+        .get(&old_instance)
+        .await
+        .expect("the record outlives the Node")
+        .data["status"]
+        .clone();
+    assert_eq!(status["phase"], "Retired", "{status}");
+    assert_eq!(
+        status["drain"]["trigger"], "afterTaint",
+        "drained because its replacement was Ready, not for an interruption: {status}"
+    );
+    assert!(status["drain"]["completedAt"].is_string(), "{status}");
+    assert_eq!(
+        controller.metric(DRAINS, &[("trigger", "after-taint")]).await,
+        1.0
+    );
+    assert_eq!(controller.metric(RETIREMENTS, &[]).await, 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_a_pdb_forbids_waits_warns_at_the_timeout_and_forces_nothing() {
     let t = Scenario::new("stuck").await;
@@ -146,7 +199,7 @@ async fn a_drain_a_pdb_forbids_waits_warns_at_the_timeout_and_forces_nothing() {
     let allowed = lifecycle::pdb(&t.bed, &ns.name, "db", json!({"minAvailable": 2}), 2).await;
     assert_eq!(allowed, 0, "the PDB allows no disruption");
 
-    let mut controller = t.start_controller(&["--drain-after-taint", "--drain-timeout", "5s"]);
+    let mut controller = t.start_controller(&["--drain-timeout", "5s"]);
     controller.wait_ready().await;
     t.notice(&old).await;
 
@@ -191,8 +244,8 @@ async fn an_interruption_after_the_replacement_is_ready_drains_and_retires_the_n
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
     let ns = TestNamespace::create(&t.bed, "interrupted").await;
     ns.running_pods(&old, "batch", 1).await;
-    // Without --drain-after-taint: the taint alone drains nothing.
-    let mut controller = t.start_controller(&[]);
+    // With `--after-replacement keep`, the taint alone drains nothing.
+    let mut controller = t.start_controller(&["--after-replacement", "keep"]);
     controller.wait_ready().await;
     t.notice(&old).await;
     let tainted = t.wait_for_phase(&old, phase::TAINTED, FLOW).await;
@@ -239,7 +292,7 @@ async fn an_instance_reclaimed_behind_the_controllers_back_gives_its_seat_back_e
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
     let identity = format!("{}-pod", t.name);
-    let mut controller = t.start_controller_as(&identity, &[]);
+    let mut controller = t.start_controller_as(&identity, &["--after-replacement", "keep"]);
     controller.wait_ready().await;
     t.notice(&old).await;
     let tainted = t.wait_for_phase(&old, phase::TAINTED, FLOW).await;
@@ -277,7 +330,7 @@ async fn an_instance_reclaimed_behind_the_controllers_back_gives_its_seat_back_e
 
     // Restarted, the controller finds the seat in its ledger and gives it back: the refill goes
     // (by id, with a decrement), the claimed replacement stays.
-    let mut controller = t.start_controller_as(&identity, &[]);
+    let mut controller = t.start_controller_as(&identity, &["--after-replacement", "keep"]);
     controller.wait_ready().await;
     let restored = t.wait_for_seat(&old_instance, seat::RESTORED, FLOW).await;
     assert_eq!(restored["state"]["undo"]["kind"], "terminate", "{restored}");
@@ -297,7 +350,7 @@ async fn an_instance_reclaimed_behind_the_controllers_back_gives_its_seat_back_e
 
     // Killed and restarted once more: nothing is given back twice.
     controller.kill();
-    let mut controller = t.start_controller_as(&identity, &[]);
+    let mut controller = t.start_controller_as(&identity, &["--after-replacement", "keep"]);
     controller.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     t.assert_desired_settles(&spot, 1, "still the pre-notice size")
@@ -344,7 +397,6 @@ async fn each_phase_is_posted_to_the_notification_webhook_whose_url_is_never_log
     std::fs::write(&url_file, format!("{}\n", sink.url)).unwrap();
 
     let mut controller = t.start_controller(&[
-        "--drain-after-taint",
         "--notify-url-file",
         url_file.to_str().unwrap(),
         "--notify-ca-file",
@@ -395,7 +447,7 @@ async fn an_instance_reclaimed_while_the_controller_runs_gives_its_seat_back_onc
     let nodes = t.ready_nodes(&spot, 2).await;
     let (old, old_instance) = (name_of(&nodes[0]), instance_id(&nodes[0]).unwrap());
     let other = instance_id(&nodes[1]).unwrap();
-    let mut controller = t.start_controller(&[]);
+    let mut controller = t.start_controller(&["--after-replacement", "keep"]);
     controller.wait_ready().await;
     t.notice(&old).await;
     let tainted = t.wait_for_phase(&old, phase::TAINTED, FLOW).await;
@@ -429,7 +481,7 @@ async fn a_drain_request_counts_only_once_the_record_says_the_node_was_tainted()
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
     let ns = TestNamespace::create(&t.bed, "requested").await;
     ns.running_pods(&old, "api", 2).await;
-    let mut controller = t.start_controller(&[]);
+    let mut controller = t.start_controller(&["--after-replacement", "keep"]);
     controller.wait_ready().await;
 
     // What the webhook writes when it softens a NoExecute taint to NoSchedule; the node itself could
@@ -448,7 +500,7 @@ async fn a_drain_request_counts_only_once_the_record_says_the_node_was_tainted()
     assert!(t.set_desired_calls(&spot).await.is_empty());
 
     // A notice: replaced and tainted by the controller, the standing request now drains the node
-    // (without --drain-after-taint) and it is retired.
+    // (even with `--after-replacement keep`) and it is retired.
     t.notice(&old).await;
     let retired = t.wait_for_any_phase(&old, &[phase::RETIRED], FLOW).await;
     assert!(lifecycle::ready_pods(&t.bed, &ns.name, "api").await.is_empty());
@@ -466,7 +518,7 @@ async fn a_replacement_noticed_in_turn_keeps_its_scale_down_protection_while_it_
     let t = Scenario::new("chain").await;
     let spot = t.spot_asg("spot", 1, 5).await;
     let old = name_of(&t.ready_nodes(&spot, 1).await[0]);
-    let mut controller = t.start_controller(&[]);
+    let mut controller = t.start_controller(&["--after-replacement", "keep"]);
     controller.wait_ready().await;
     t.notice(&old).await;
     let tainted = t.wait_for_phase(&old, phase::TAINTED, FLOW).await;
@@ -502,7 +554,7 @@ async fn a_record_deleted_under_the_controller_is_written_again_and_the_retireme
     let spot = t.spot_asg("spot", 1, 5).await;
     let old_node = t.ready_nodes(&spot, 1).await.remove(0);
     let (old, old_instance) = (name_of(&old_node), instance_id(&old_node).unwrap());
-    let mut controller = t.start_controller(&[]);
+    let mut controller = t.start_controller(&["--after-replacement", "keep"]);
     controller.wait_ready().await;
     t.notice(&old).await;
     t.wait_for_phase(&old, phase::TAINTED, FLOW).await;

@@ -69,7 +69,7 @@ async fn a_node_that_forges_its_record_or_a_drain_request_gets_nothing_evicted_o
     let (forger, honest) = (name_of(&nodes[0]), name_of(&nodes[1]));
     let forger_instance = instance_id(&nodes[0]).unwrap();
     let honest_instance = instance_id(&nodes[1]).unwrap();
-    let mut controller = t.start_controller(&["--drain-after-taint"]);
+    let mut controller = t.start_controller(&[]);
     controller.wait_ready().await;
 
     // The forger writes what used to be the record (Tainted, with the honest node's instance as its

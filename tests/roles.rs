@@ -139,3 +139,73 @@ fn an_occupied_admin_port_is_a_clear_start_up_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot listen on 127.0.0.1"), "{stderr}");
 }
+
+/// Environment that leaves the machine's CA store empty for the native loader (the AWS SDK's): a
+/// bundle file that does not exist and an empty certificate directory.
+fn without_ca_store(dir: &std::path::Path) -> [(&'static str, std::path::PathBuf); 2] {
+    [
+        ("SSL_CERT_FILE", dir.join("no-such-bundle.pem")),
+        ("SSL_CERT_DIR", dir.to_owned()),
+    ]
+}
+
+#[test]
+fn the_controller_without_a_ca_store_stops_at_start_saying_what_is_missing() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut controller = command();
+    controller
+        .args(["controller", "--admin-addr", "127.0.0.1:0"])
+        .env_remove("AWS_ENDPOINT_URL")
+        .envs(without_ca_store(empty.path()));
+    let output = controller.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a start-up error, not a panic: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for needed in ["no CA certificates found", "SSL_CERT_FILE=", "ca-certificates"] {
+        assert!(stderr.contains(needed), "{needed:?} missing from: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn the_agent_needs_no_ca_store_to_poll_plain_http_imds() {
+    // IMDS is plain HTTP and the API server's CA comes from the kubeconfig: a node without a CA
+    // bundle (a minimal host or container image) still gets a working agent.
+    let bed = support::Bed::connect().await;
+    let node = support::agent::TestNode::create(&bed, "roles-agent-no-ca").await;
+    let imds = support::agent::ImdsMock::start(
+        &bed,
+        &["spot", "-I", "-d", "86400", "--rebalance-delay-sec", "86400"],
+    )
+    .await;
+    let kubeconfig = role_kubeconfig(&bed, Role::Agent { node: &node.name });
+    let endpoint = imds.endpoint();
+    let empty = tempfile::tempdir().unwrap();
+    let mut agent = RoleCommand::new("agent").args([
+        "--node-name",
+        &node.name,
+        "--imds-endpoint",
+        &endpoint,
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ]);
+    for (key, value) in without_ca_store(empty.path()) {
+        agent = agent.env(key, value);
+    }
+    let mut agent = agent.spawn();
+    let wait = Duration::from_secs(20);
+    // Ready means it read its instance id from IMDS and its Node from the API server.
+    assert_eq!(agent.wait_ok("/readyz", wait).await, "ready");
+    let metrics = agent.wait_ok("/metrics", wait).await;
+    assert!(
+        metrics.lines().any(|line| line
+            .starts_with("spot_rebalancer_agent_last_successful_poll_timestamp_seconds ")
+            && !line.ends_with(" 0")),
+        "no successful IMDS poll:\n{metrics}"
+    );
+    let status = agent.terminate();
+    assert!(status.success(), "the agent exited with {status}");
+}

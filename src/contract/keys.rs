@@ -37,5 +37,10 @@ pub const DEFAULT_TAINT_EFFECT: &str = "NoSchedule";
 /// Tag on a spot ASG naming its on-demand fallback ASG.
 pub const FALLBACK_ASG_TAG: &str = "spot-rebalancer.io/fallback-asg";
 
+/// Tag EKS puts on the ASG of a managed node group, naming the node group (set by EKS, not the user).
+pub const EKS_NODEGROUP_TAG: &str = "eks:nodegroup-name";
+/// Tag EKS puts on the ASG of a managed node group, naming its cluster.
+pub const EKS_CLUSTER_TAG: &str = "eks:cluster-name";
+
 /// Field manager of the agent's server-side applies to its own Node.
 pub const AGENT_FIELD_MANAGER: &str = "spot-rebalancer-agent";

@@ -97,7 +97,8 @@ pub enum DrainTrigger {
     Requested,
     /// A spot interruption notice: the instance goes in about two minutes.
     Interruption,
-    /// The node was tainted and `--drain-after-taint` is on.
+    /// The node was tainted with its replacement Ready and `--after-replacement` is `retire` (the
+    /// default). The serialized name predates the flag and stays, so existing records still parse.
     AfterTaint,
 }
 

@@ -1,13 +1,14 @@
 //! A look at the opted-in node groups as soon as this replica leads: an ASG with EC2 Capacity
 //! Rebalancing switched on launches a replacement of its own on every notice, so it gets a Warning
-//! Event (and a log line and a gauge) now, before the first notice doubles a replacement.
+//! Event (and a log line and a gauge) now, before the first notice doubles a replacement. When that
+//! ASG is an EKS managed node group's, the Warning says so and what to do instead ([`nodegroup`]).
 use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::{ResourceExt, runtime::events::EventType};
 use tracing::{debug, info, warn};
 
-use super::context::Context;
+use super::{context::Context, nodegroup};
 use crate::{aws, node};
 
 /// One opted-in node per node group (by `nodegroup_label`; a node without one stands for itself), so
@@ -89,10 +90,30 @@ pub async fn capacity_rebalancing(ctx: Arc<Context>) {
         if !group.capacity_rebalance {
             continue;
         }
+        let node = node_name.and_then(|name| ctx.all_nodes.find(|n| n.name_any() == name));
+        // An EKS managed node group replaces its own spot nodes: that is the Warning to give (what
+        // to do about it), not the generic one about Capacity Rebalancing.
+        if let Some(conflict) = nodegroup::managed_conflict(&group) {
+            ctx.metrics
+                .managed_nodegroup_conflict
+                .with_label_values(&[asg.as_str()])
+                .set(1);
+            warn!(%asg, "{conflict}");
+            if let Some(node) = &node {
+                ctx.event(
+                    node,
+                    EventType::Warning,
+                    nodegroup::MANAGED_NODEGROUP_REASON,
+                    conflict,
+                )
+                .await;
+            }
+            continue;
+        }
         warn!(%asg, "EC2 Capacity Rebalancing is on: each notice may cost two replacement instances");
-        if let Some(node) = node_name.and_then(|name| ctx.all_nodes.find(|n| n.name_any() == name)) {
+        if let Some(node) = &node {
             ctx.event(
-                &node,
+                node,
                 EventType::Warning,
                 "CapacityRebalancingEnabled",
                 super::decide::capacity_rebalancing_note(&asg),

@@ -30,7 +30,7 @@ const EVICTIONS_IN_FLIGHT: usize = 5;
 const TERMINATING_POLL: Duration = Duration::from_secs(1);
 
 /// Drains the node when a trigger holds (webhook request, interruption notice, or the taint with
-/// `--drain-after-taint`), then retires it. Returns when to look again, if anything is left to do.
+/// `--after-replacement retire`, the default), then retires it. Returns when to look again, if anything is left to do.
 pub async fn lifecycle(node: &Node, ctx: &Context) -> Result<Option<Duration>> {
     if ctx.settings.dry_run {
         // A dry run never tainted the node, so there is nothing to drain or retire.

@@ -18,7 +18,8 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Whether the node should be drained now, and why: an interruption notice on a noticed node, then
-/// the webhook's request, then `--drain-after-taint`. The webhook's request is an annotation, which
+/// the webhook's request, then replace-then-retire (`--after-replacement retire`, the default: the
+/// node is tainted with its replacement Ready). The webhook's request is an annotation, which
 /// the node itself can write too: it counts only on a node the record says this controller tainted
 /// (replacement Ready), where it only makes a drain come sooner. A node that forges it gets nothing
 /// evicted.

@@ -425,6 +425,10 @@ fn detect(facts: &Facts<'_>) -> Transition {
             keys::ENABLED_LABEL
         ));
     }
+    // EKS already replaces a managed node group's spot nodes: two replacements would race.
+    if let Some(conflict) = super::nodegroup::managed_conflict(own) {
+        return skip(conflict);
+    }
     let on_demand = spot
         .tags
         .get(keys::FALLBACK_ASG_TAG)

@@ -222,6 +222,29 @@ fn an_instance_in_no_asg_is_skipped_and_never_tainted() {
     assert!(!transition.acts.iter().any(|a| matches!(a, Act::Taint { .. })));
 }
 
+#[test]
+fn a_node_of_an_eks_managed_group_with_capacity_rebalancing_is_skipped_with_what_to_do() {
+    let mut managed = opted_in(group(3, 10, &[("i-old", "InService")]));
+    managed
+        .tags
+        .insert("eks:nodegroup-name".into(), "spot-workers".into());
+    managed.capacity_rebalance = true;
+    let mut world = World::new(5, node(Some(1), None));
+    world.placement = Some(Placement::Found {
+        instance: "i-old".into(),
+        own: managed.clone(),
+        spot: managed,
+    });
+    let transition = world.next();
+    let (phase, record) = written(&transition);
+    assert_eq!(phase, Phase::Skipped);
+    assert!(
+        record.reason.as_deref().unwrap().contains("self-managed"),
+        "{record:?}"
+    );
+    assert!(transition.acts.is_empty());
+}
+
 // --- rule 5: an interruption taints at once ---
 
 #[test]

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     pub aws_calls: IntCounterVec,
     pub capacity_rebalancing: IntGaugeVec,
+    pub managed_nodegroup_conflict: IntGaugeVec,
     pub nodes_in_phase: IntGaugeVec,
     pub oldest_in_phase_seconds: GaugeVec,
     pub drains: IntCounterVec,
@@ -82,6 +83,14 @@ impl Metrics {
                 Opts::new(
                     "asg_capacity_rebalancing",
                     "1 when an ASG acted on has EC2 Capacity Rebalancing on (a notice may cost two instances)",
+                ),
+                &["asg"],
+            )?,
+            managed_nodegroup_conflict: IntGaugeVec::new(
+                Opts::new(
+                    "asg_managed_nodegroup_conflict",
+                    "1 when an opted-in ASG belongs to an EKS managed node group with Capacity Rebalancing on \
+                     (EKS replaces its spot nodes itself)",
                 ),
                 &["asg"],
             )?,
@@ -162,6 +171,7 @@ impl Metrics {
         registry.register(Box::new(metrics.reconcile_errors.clone()))?;
         registry.register(Box::new(metrics.aws_calls.clone()))?;
         registry.register(Box::new(metrics.capacity_rebalancing.clone()))?;
+        registry.register(Box::new(metrics.managed_nodegroup_conflict.clone()))?;
         registry.register(Box::new(metrics.nodes_in_phase.clone()))?;
         registry.register(Box::new(metrics.oldest_in_phase_seconds.clone()))?;
         registry.register(Box::new(metrics.drains.clone()))?;

@@ -130,7 +130,7 @@ pub fn steps(row: &Row) -> Vec<Step> {
             let why = match drain.trigger {
                 DrainTrigger::Requested => "the webhook asked for it",
                 DrainTrigger::Interruption => "interruption notice",
-                DrainTrigger::AfterTaint => "drain after taint",
+                DrainTrigger::AfterTaint => "replacement Ready",
             };
             steps.push(Step::new(
                 "drain-started",

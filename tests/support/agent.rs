@@ -84,7 +84,12 @@ impl AgentProcess {
     pub fn start(config: AgentConfig<'_>) -> Self {
         // The benches compare builds (an agent-only binary, another profile) by pointing here.
         let binary = std::env::var("BENCH_AGENT_BINARY").unwrap_or_else(|_| BINARY.to_owned());
-        let process = RoleCommand::of(&binary, "agent")
+        Self::start_binary(&binary, config)
+    }
+
+    /// As [`AgentProcess::start`], with this build of the binary (the benches compare builds).
+    pub fn start_binary(binary: &str, config: AgentConfig<'_>) -> Self {
+        let process = RoleCommand::of(binary, "agent")
             .label(format!("agent {}", config.node))
             .args(["--node-name", config.node])
             .args(["--imds-endpoint", config.imds_endpoint])
