@@ -134,7 +134,7 @@ build_base() {
 # Two roots, imported as images: one for static binaries (as distroless/static: users, CA bundle, /tmp;
 # root by default, as the upstream control-plane images run), and Debian with the networking tools.
 build_roots() {
-  local static_root=$work/static-root tools_root=$work/tools-root
+  local static_root=$work/static-root
   mkdir -p "$static_root"/{etc/ssl/certs,tmp,usr/local/bin}
   printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' 'nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin' \
     'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$static_root/etc/passwd"
