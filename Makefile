@@ -29,5 +29,5 @@ check-advisories: ## cargo deny check advisories (needs GitHub for the RustSec d
 manifests:  ## re-render manifests/rendered/ from the Helm chart
 	scripts/render-manifests
 
-e2e-kind:   ## the chart on a kind cluster (needs Docker and kind; not run in CI)
+e2e-kind:   ## the chart on a kind cluster, everything built offline (needs root for Docker; not in make test)
 	scripts/e2e-kind

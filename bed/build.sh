@@ -4,6 +4,8 @@
 #
 #   bed/build.sh            build whatever is missing
 #   bed/build.sh helm       one of: etcd kwok imds kubernetes helm kubeconform
+#   bed/build.sh kubernetes-node   kubelet, kubeadm, kube-proxy (for kind's node image; not in `all`)
+#   bed/build.sh kind | kind-node  kind; what kind's node image holds (bed/kind-node.sh; not in `all`)
 #   BED_CACHE=/path bed/build.sh
 set -euo pipefail
 shopt -s inherit_errexit
@@ -96,6 +98,48 @@ if [[ $target == all || $target == kubernetes ]]; then
   EXTRA_LDFLAGS=$EXTRA_LDFLAGS build_wrapped kubernetes "$KUBERNETES_VERSION" "$(kubernetes_gomod)" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+fi
+if [[ $target == kubernetes-node ]]; then
+  # The node's binaries for kind's node image (bed/kind-node.sh), not needed by the bed itself; the same
+  # version stamp as above (kubeadm picks the control-plane image tags from it).
+  minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  EXTRA_LDFLAGS=""
+  for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+    EXTRA_LDFLAGS+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    EXTRA_LDFLAGS+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  EXTRA_LDFLAGS=$EXTRA_LDFLAGS build_wrapped kubernetes-node "$KUBERNETES_VERSION" "$(kubernetes_gomod)" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kube-proxy
+fi
+if [[ $target == kind ]]; then
+  build_wrapped kind "$KIND_VERSION" "$(plain_gomod kind sigs.k8s.io/kind "$KIND_VERSION")" sigs.k8s.io/kind
+fi
+if [[ $target == kind-node ]]; then
+  # What kind's base image holds, built as kind v0.33's images/base builds it: containerd without the
+  # snapshotters kind leaves out, runc with seccomp (cgo: needs gcc and libseccomp-dev), crictl, and the
+  # four CNI plugins kind's CNI uses. Then what the control-plane images need besides Kubernetes itself.
+  EXTRA_LDFLAGS="-X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
+    GOFLAGS="$GOFLAGS -tags=no_aufs,no_zfs,no_btrfs,no_devmapper" build_wrapped containerd "$CONTAINERD_VERSION" \
+    "$(plain_gomod containerd github.com/containerd/containerd/v2 "$CONTAINERD_VERSION")" \
+    github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr \
+    github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
+  EXTRA_LDFLAGS="-X main.version=${RUNC_VERSION#v}" CGO_ENABLED=1 GOFLAGS="$GOFLAGS -tags=seccomp" \
+    build_wrapped runc "$RUNC_VERSION" "$(plain_gomod runc github.com/opencontainers/runc "$RUNC_VERSION")" \
+    github.com/opencontainers/runc
+  EXTRA_LDFLAGS="-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" build_wrapped crictl "$CRICTL_VERSION" \
+    "$(plain_gomod crictl sigs.k8s.io/cri-tools "$CRICTL_VERSION")" sigs.k8s.io/cri-tools/cmd/crictl
+  cni=github.com/containernetworking/plugins
+  build_wrapped cni-plugins "$CNI_PLUGINS_VERSION" "$(plain_gomod cni-plugins "$cni" "$CNI_PLUGINS_VERSION")" \
+    "$cni/plugins/ipam/host-local" "$cni/plugins/main/loopback" "$cni/plugins/main/ptp" "$cni/plugins/meta/portmap"
+  ETCD_VERSION=$KIND_ETCD_VERSION
+  etcd_bin=$(build_wrapped etcd "$ETCD_VERSION" "$(etcd_gomod)" go.etcd.io/etcd/server/v3)
+  [[ -x $etcd_bin/etcd ]] || mv "$etcd_bin/server" "$etcd_bin/etcd"
+  echo "$etcd_bin"
+  build_wrapped coredns "$COREDNS_VERSION" "$(plain_gomod coredns github.com/coredns/coredns "$COREDNS_VERSION")" \
+    github.com/coredns/coredns
+  build_wrapped local-path-provisioner "$LOCAL_PATH_PROVISIONER_VERSION" \
+    "$(plain_gomod local-path-provisioner github.com/rancher/local-path-provisioner "$LOCAL_PATH_PROVISIONER_VERSION")" \
+    github.com/rancher/local-path-provisioner
 fi
 if [[ $target == all || $target == helm ]]; then
   # Stamp the version as Helm's own Makefile does (`helm version` shows it).
