@@ -174,9 +174,6 @@ async fn beside_nth(bed: &Bed, nth: &Path, duration: Duration) {
             vec![("ours".to_owned(), binary)]
         }
     };
-    // The chart's identities and the agent's admission policy first: each agent checks the policy
-    // is enforced before it is ready.
-    support::identity::apply_chart_identities(bed);
     let mut agents = Vec::new();
     for (label, binary) in &builds {
         let node = TestNode::create(bed, "bench-beside-ours").await;
@@ -197,6 +194,7 @@ async fn beside_nth(bed: &Bed, nth: &Path, duration: Duration) {
 
     // NTH's in-cluster identity: a token of the agent's ServiceAccount bound to NTH's node (the
     // rights our agent has), the bed's API server and CA.
+    support::identity::apply_chart_identities(bed);
     let kubectl = |args: &[&str]| {
         let output = std::process::Command::new(&bed.vars["BED_KUBECTL"])
             .args(["--kubeconfig", &bed.vars["BED_KUBECONFIG"]])
