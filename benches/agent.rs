@@ -213,7 +213,7 @@ async fn beside_nth(bed: &Bed, nth: &Path, duration: Duration) {
         "token",
         "spot-rebalancer-agent",
         "-n",
-        "spot-rebalancer",
+        "spot-rebalancer-agent",
         "--bound-object-kind",
         "Node",
         "--bound-object-name",

@@ -7,9 +7,11 @@
 //! 2. Ready → taint latency: one watch on the bed's API server sees the replacement Node turn Ready,
 //!    then the termination taint on the old Node; the difference, per run.
 //! 3. AWS calls per notice, from the bed's call log, for those runs and for a burst.
-//! 4. Scale: `BENCH_EXTRA_NODES` (default 1,000) kwok Nodes the controller must watch, then
-//!    `BENCH_BURST` (default 100) simultaneous notices on one ASG; the controller's peak resident
-//!    memory (VmHWM) and its AWS calls per notice.
+//! 4. Scale: kwok filler Nodes until the cluster holds `BENCH_NODES` (default 5,000) Nodes the
+//!    controller must watch (the count is listed from the API server, not assumed), then
+//!    `BENCH_BURST` (default 100) simultaneous notices on one ASG; the controller's resident memory
+//!    idle (VmRSS) and at its peak (VmHWM), its SetDesiredCapacity calls and AWS calls per notice,
+//!    and each notice's reaction and Ready → taint latency within the burst.
 //!
 //! The controller runs with `--after-replacement keep`: the figures are of the replacement up to the
 //! taint (retirement is measured by `scripts/bench-lifecycle`), as they were before retiring became
@@ -101,26 +103,44 @@ fn now_epoch_ms() -> f64 {
         * 1000.0
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+/// A memory figure of `/proc/<pid>/status` in KiB: `VmRSS:` (resident now) or `VmHWM:` (peak).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// How many Nodes the API server holds (what the controller's watch sees).
+async fn cluster_node_count(nodes: &kube::Api<Node>) -> usize {
+    let mut count = 0;
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = nodes
+            .list_metadata(&params)
+            .await
+            .expect("list the cluster's Nodes");
+        count += page.items.len();
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return count,
+        }
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let runs = env_or("BENCH_RUNS", 20);
-    let extra_nodes = env_or("BENCH_EXTRA_NODES", 1000);
+    let cluster_nodes = env_or("BENCH_NODES", 5000);
     let burst = env_or("BENCH_BURST", 100);
     println!(
         "spot-rebalancer controller benchmark (binary: {})",
         support::process::BINARY
     );
     latency(runs).await;
-    scale(extra_nodes, burst).await;
+    scale(cluster_nodes, burst).await;
 }
 
 async fn latency(runs: usize) {
@@ -183,14 +203,17 @@ async fn latency(runs: usize) {
     controller.terminate();
 }
 
-async fn scale(extra_nodes: usize, burst: usize) {
+async fn scale(cluster_nodes: usize, burst: usize) {
     let scenario = Scenario::new("bench-scale").await;
     let asg = scenario.spot_asg("spot", burst as i32, (2 * burst) as i32).await;
     let old_nodes = scenario.ready_nodes(&asg, burst).await;
     let nodes = scenario.bed.nodes();
     let prefix = format!("{}-filler", scenario.name);
+    // The replacements (one per notice) join later: fill up to the target without them.
+    let present = cluster_node_count(&nodes).await;
+    let fillers = cluster_nodes.saturating_sub(present + burst);
     let started = Instant::now();
-    stream::iter(0..extra_nodes)
+    stream::iter(0..fillers)
         .for_each_concurrent(16, |i| {
             let nodes = nodes.clone();
             let node: Node = serde_json::from_value(json!({
@@ -210,16 +233,20 @@ async fn scale(extra_nodes: usize, burst: usize) {
         })
         .await;
     println!(
-        "created {extra_nodes} filler Nodes in {:.1} s",
+        "created {fillers} filler Nodes in {:.1} s (the cluster had {present})",
         started.elapsed().as_secs_f64()
     );
 
+    let seen = watch_group(&scenario, &asg);
     let mut controller =
         scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
     controller.wait_ready().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_kib = peak_rss_kib(controller.pid());
+    let watched_at_start = cluster_node_count(&nodes).await;
+    let idle_rss_kib = status_kib(controller.pid(), "VmRSS:");
+    let idle_peak_kib = status_kib(controller.pid(), "VmHWM:");
 
+    let first_written = now_epoch_ms();
     let started = Instant::now();
     stream::iter(&old_nodes)
         .for_each_concurrent(burst, |node| {
@@ -229,25 +256,72 @@ async fn scale(extra_nodes: usize, burst: usize) {
             }
         })
         .await;
+    let last_written = now_epoch_ms();
+    let mut tainted = Vec::with_capacity(burst);
     for node in &old_nodes {
-        scenario
-            .wait_for_phase(&name_of(node), phase::TAINTED, Duration::from_secs(300))
-            .await;
+        tainted.push(
+            scenario
+                .wait_for_phase(&name_of(node), phase::TAINTED, Duration::from_secs(300))
+                .await,
+        );
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let peak_kib = peak_rss_kib(controller.pid());
-    let set_calls = scenario.set_desired_calls(&asg).await.len();
+    let peak_kib = status_kib(controller.pid(), "VmHWM:");
+    let rss_kib = status_kib(controller.pid(), "VmRSS:");
+    let watched_at_end = cluster_node_count(&nodes).await;
+    let set_calls = scenario.set_desired_calls(&asg).await;
     let calls = scenario.all_calls(&asg).await.len();
     println!(
-        "{burst} simultaneous notices with {} Nodes watched: all tainted in {elapsed:.1} s; \
-         SetDesiredCapacity calls: {set_calls}; AWS calls per notice: {:.2}",
-        extra_nodes + 2 * burst,
+        "{burst} simultaneous notices, {watched_at_start} Nodes in the cluster at the start \
+         ({watched_at_end} at the end, with the replacements): all tainted in {elapsed:.1} s (notices written in {:.0} ms)",
+        last_written - first_written
+    );
+    let targets: Vec<String> = set_calls
+        .iter()
+        .map(|call| call.desired_capacity.map_or("?".to_owned(), |d| d.to_string()))
+        .collect();
+    println!(
+        "SetDesiredCapacity calls for the {burst}: {} (desired capacities {}); AWS calls per notice: {:.2} ({calls} calls)",
+        set_calls.len(),
+        targets.join(" → "),
         calls as f64 / burst as f64
     );
+    let call_times: Vec<f64> = set_calls.iter().map(|call| since_epoch_ms(&call.time)).collect();
+    let full = set_calls
+        .iter()
+        .find(|call| call.desired_capacity >= Some(2 * burst as i64))
+        .map(|call| since_epoch_ms(&call.time));
     println!(
-        "controller resident memory: {:.1} MiB after start, {:.1} MiB peak (VmHWM)",
-        idle_kib as f64 / 1024.0,
-        peak_kib as f64 / 1024.0
+        "burst reaction: first SetDesiredCapacity {:.0} ms after the first notice was written; desired capacity \
+         covering all {burst} {} after the last was written",
+        call_times.first().map_or(f64::NAN, |first| first - first_written),
+        full.map_or("never reached".to_owned(), |at| format!(
+            "{:.0} ms",
+            at - last_written
+        )),
+    );
+    let mut ready_to_taint = Vec::with_capacity(burst);
+    for (old, node) in old_nodes.iter().zip(&tainted) {
+        let replacement = record(node).node.expect("the claimed replacement node");
+        let name = name_of(old);
+        let observed = eventually("the watch saw the taint", Duration::from_secs(10), || async {
+            let seen = seen.lock().unwrap();
+            Some((*seen.ready.get(&replacement)?, *seen.tainted.get(&name)?))
+        })
+        .await;
+        ready_to_taint.push(observed.1.saturating_duration_since(observed.0).as_secs_f64() * 1000.0);
+    }
+    report(
+        "burst: replacement Ready -> taint on the old node (one watch)",
+        ready_to_taint,
+    );
+    println!(
+        "controller resident memory: {:.1} MiB idle after start (peak so far {:.1} MiB), {:.1} MiB after the burst, \
+         {:.1} MiB peak (VmHWM)",
+        idle_rss_kib as f64 / 1024.0,
+        idle_peak_kib as f64 / 1024.0,
+        rss_kib as f64 / 1024.0,
+        peak_kib as f64 / 1024.0,
     );
     controller.terminate();
 

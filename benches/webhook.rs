@@ -450,7 +450,7 @@ async fn main() {
         };
         *half_sent_answers.entry(answer).or_default() += 1;
     }
-    let mut silent_closed = 0;
+    let mut silent_closed = 0usize;
     for mut stream in silent {
         use tokio::io::AsyncReadExt;
         let mut buffer = [0u8; 16];
@@ -462,6 +462,17 @@ async fn main() {
     }
     println!(
         "half-sent requests ended with {half_sent_answers:?}; silent connections closed by the server: {silent_closed} of 900"
+    );
+    let half_sent_open = half_sent_answers
+        .get("still open after 30 s")
+        .copied()
+        .unwrap_or(0);
+    println!(
+        "slow connections still open after the timeouts (TLS handshake {} s, header read {} s, request {} s): {} of 1000",
+        server::TLS_HANDSHAKE_TIMEOUT.as_secs(),
+        server::HEADER_READ_TIMEOUT.as_secs(),
+        server::REQUEST_TIMEOUT.as_secs(),
+        (900 - silent_closed) + half_sent_open
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!(

@@ -238,7 +238,7 @@ async fn the_chart_places_an_agent_on_an_opted_in_node_with_an_unrelated_taint()
     let applied = kubectl_with_input(&bed, &["apply", "-f", "-"], &daemonset);
     assert!(applied.success, "{}", applied.stderr);
 
-    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), support::identity::NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), support::identity::AGENT_NAMESPACE);
     let on_node = ListParams::default().fields(&format!("spec.nodeName={}", node.name));
     let phase = eventually("an agent pod running on the tainted node", SOON, || async {
         let pod = pods.list(&on_node).await.ok()?.items.into_iter().next()?;
@@ -252,7 +252,7 @@ async fn the_chart_places_an_agent_on_an_opted_in_node_with_an_unrelated_taint()
             "delete",
             "daemonset",
             "-n",
-            support::identity::NAMESPACE,
+            support::identity::AGENT_NAMESPACE,
             &daemonset_name,
             "--wait=false",
         ],

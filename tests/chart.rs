@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::{
     Bed, eventually,
-    identity::{NAMESPACE, Role, can_i, kubectl_as},
+    identity::{AGENT_NAMESPACE, NAMESPACE, Role, can_i, kubectl_as},
     webhook::KwokNode,
 };
 
@@ -56,6 +56,10 @@ async fn the_agent_may_read_and_patch_nodes_and_nothing_else() {
             ("patch", "nodes/status", None, false),
             ("get", "pods", None, false),
             ("get", "secrets", Some(NAMESPACE), false),
+            // Its own namespace gives it nothing either: it holds only the agent's pods.
+            ("get", "secrets", Some(AGENT_NAMESPACE), false),
+            ("get", "pods", Some(AGENT_NAMESPACE), false),
+            ("create", "pods", Some(AGENT_NAMESPACE), false),
             ("create", "events.events.k8s.io", Some("default"), false),
             // The records are the controller's alone: a node's agent neither reads nor writes them.
             (
@@ -384,6 +388,9 @@ async fn the_agent_cannot_patch_another_node_nor_delete_its_own() {
 #[tokio::test]
 async fn the_rendered_chart_is_accepted_by_the_api_server() {
     let bed = Bed::connect().await;
+    // The namespaces exist with the chart's Pod Security labels (a dry run creates none), so the
+    // dry run below is judged as an install into them: the release namespace warns on `restricted`.
+    support::identity::apply_chart_identities(&bed);
     // Every object but cert-manager's (the bed has no cert-manager CRDs), server-side dry run: the
     // API server's own validation, CEL compilation of the admission policy and webhook conditions.
     let documents: Vec<String> = support::identity::rendered_documents(&[])
@@ -405,8 +412,9 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         &documents.join("\n---\n"),
     );
     assert!(output.success, "{}", output.stderr);
-    // The namespace enforces `privileged` for the agent's host network and audits `restricted`, with
-    // no `warn` label: any warning here is a defect of the chart.
+    // The release namespace enforces and warns on `restricted` (the controller's and the webhook's
+    // Deployments), the agent's namespace enforces `privileged` (its host network): any warning here
+    // is a defect of the chart.
     assert!(!output.stderr.contains("Warning"), "{}", output.stderr);
 
     // The agent policy as applied (support::identity): its CEL type-checks without warnings.
@@ -430,6 +438,94 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         status["typeChecking"]["expressionWarnings"],
         serde_json::Value::Null,
         "{status}"
+    );
+}
+
+/// The pod a rendered workload (Deployment or DaemonSet) would create, as JSON: its template's
+/// metadata and spec (kubectl turns the YAML into JSON; the bed's API server validates nothing yet).
+fn pod_of(bed: &Bed, workload: &str, name: &str) -> serde_json::Value {
+    let output = support::webhook::kubectl_with_input(
+        bed,
+        &["create", "--dry-run=client", "-o", "json", "-f", "-"],
+        workload,
+    );
+    assert!(output.success, "{}", output.stderr);
+    let workload: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
+    let template = &workload["spec"]["template"];
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    })
+}
+
+/// Creates `pod` in `namespace` as a server-side dry run: Pod Security admission judges it against
+/// the namespace's `enforce` level as it would the workload's real pods.
+fn dry_run_create(bed: &Bed, namespace: &str, pod: &serde_json::Value) -> support::webhook::KubectlOutput {
+    support::webhook::kubectl_with_input(
+        bed,
+        &["create", "--dry-run=server", "-n", namespace, "-f", "-"],
+        &pod.to_string(),
+    )
+}
+
+fn namespace_label(bed: &Bed, namespace: &str, label: &str) -> String {
+    let path = format!("jsonpath={{.metadata.labels.{}}}", label.replace('.', "\\."));
+    let output = support::webhook::kubectl(bed, &["get", "namespace", namespace, "-o", &path]);
+    assert!(output.success, "{}", output.stderr);
+    output.stdout
+}
+
+#[tokio::test]
+async fn the_controller_and_webhook_pods_meet_restricted_and_the_agent_runs_in_its_own_namespace() {
+    let bed = Bed::connect().await;
+    // The chart's namespaces, ServiceAccounts and RBAC as `kubectl apply` installs them.
+    support::identity::apply_chart_identities(&bed);
+    let enforce = "pod-security.kubernetes.io/enforce";
+    assert_eq!(namespace_label(&bed, NAMESPACE, enforce), "restricted");
+    assert_eq!(namespace_label(&bed, AGENT_NAMESPACE, enforce), "privileged");
+
+    // Every Deployment of the chart (the controller's and the webhook's) runs in the release
+    // namespace, whose `restricted` level the API server enforces on their pods.
+    let deployments = support::identity::rendered_documents(&["Deployment"]);
+    assert_eq!(
+        deployments.len(),
+        2,
+        "the controller's and the webhook's Deployments"
+    );
+    for deployment in &deployments {
+        assert!(
+            deployment.contains(&format!("\n  namespace: {NAMESPACE}\n")),
+            "{deployment}"
+        );
+        let pod = pod_of(&bed, deployment, &support::unique("restricted-probe"));
+        let created = dry_run_create(&bed, NAMESPACE, &pod);
+        assert!(created.success, "{}\n{pod}", created.stderr);
+        assert!(!created.stderr.contains("Warning"), "{}", created.stderr);
+    }
+
+    // The agent, on the host network, is admitted in its own namespace and refused where
+    // `restricted` is enforced (with the `default` ServiceAccount there: its own lives apart).
+    let daemonset = rendered_agent_daemonset();
+    assert!(
+        daemonset.contains(&format!("\n  namespace: {AGENT_NAMESPACE}\n")),
+        "{daemonset}"
+    );
+    let mut agent = pod_of(&bed, &daemonset, &support::unique("agent-probe"));
+    let admitted = dry_run_create(&bed, AGENT_NAMESPACE, &agent);
+    assert!(admitted.success, "{}", admitted.stderr);
+    agent["spec"]["serviceAccountName"] = json!("default");
+    let refused = dry_run_create(&bed, NAMESPACE, &agent);
+    assert!(
+        !refused.success,
+        "the agent's pod was admitted where restricted is enforced"
+    );
+    assert!(
+        refused.stderr.contains("violates PodSecurity \"restricted")
+            && refused.stderr.contains("hostNetwork"),
+        "{}",
+        refused.stderr
     );
 }
 

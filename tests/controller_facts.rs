@@ -175,7 +175,8 @@ async fn a_scale_up_refused_for_good_falls_back_with_the_reason_and_keeps_the_ac
     assert_eq!(record(&tainted).capacity_type.as_deref(), Some("on-demand"));
     assert_eq!(
         abandoned(&t, &old).await,
-        [(spot.clone(), "callFailing".to_owned(), "lower".to_owned())]
+        // Nothing was raised on spot (every call was denied): nothing to take back.
+        [(spot.clone(), "callFailing".to_owned(), "leave".to_owned())]
     );
     let events = t.events(&old).await;
     let fell_back = events

@@ -18,8 +18,12 @@ use kube::config::Kubeconfig;
 use super::webhook::KubectlOutput;
 use super::{Bed, unique};
 
-/// The chart's release namespace in the rendered manifests.
+/// The chart's release namespace in the rendered manifests: the controller's and the webhook's.
 pub const NAMESPACE: &str = "spot-rebalancer";
+/// The agent's own namespace in the rendered manifests (the chart's `agent.namespace` default,
+/// `<release namespace>-agent`): the host network needs Pod Security `privileged`, which the
+/// release namespace does not allow.
+pub const AGENT_NAMESPACE: &str = "spot-rebalancer-agent";
 /// The rendered chart, relative to the repository.
 pub const RENDERED: &str = "manifests/rendered/spot-rebalancer.yaml";
 /// The kinds of the rendered chart that give the roles their identities and limits.
@@ -51,7 +55,15 @@ pub enum Role<'a> {
 }
 
 impl Role<'_> {
-    /// The role's ServiceAccount in [`NAMESPACE`] (the chart's defaults).
+    /// The namespace of the role's ServiceAccount (the chart's defaults).
+    pub fn namespace(&self) -> &'static str {
+        match self {
+            Role::Agent { .. } | Role::UnboundAgent => AGENT_NAMESPACE,
+            Role::Controller | Role::Webhook => NAMESPACE,
+        }
+    }
+
+    /// The role's ServiceAccount in [`Role::namespace`] (the chart's defaults).
     pub fn service_account(&self) -> &'static str {
         match self {
             Role::Agent { .. } | Role::UnboundAgent => "spot-rebalancer-agent",
@@ -62,7 +74,11 @@ impl Role<'_> {
 
     /// The username the API server sees for this role.
     pub fn username(&self) -> String {
-        format!("system:serviceaccount:{NAMESPACE}:{}", self.service_account())
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace(),
+            self.service_account()
+        )
     }
 }
 
@@ -189,7 +205,7 @@ pub fn token(bed: &Bed, role: Role<'_>) -> String {
         "token",
         account,
         "-n",
-        NAMESPACE,
+        role.namespace(),
         "--duration",
         TOKEN_SECONDS,
     ];

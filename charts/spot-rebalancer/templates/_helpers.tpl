@@ -52,9 +52,25 @@ app.kubernetes.io/component: {{ .role }}
 {{- default (printf "%s-%s" (include "spot-rebalancer.fullname" .ctx) .role) $sa.name }}
 {{- end }}
 
+{{/* The agent's namespace: `agent.namespace`, default `<release namespace>-agent`. The agent runs on
+the host network, which only the `privileged` Pod Security level allows; alone in its namespace, it
+leaves the release namespace free to enforce `restricted`. */}}
+{{- define "spot-rebalancer.agentNamespace" -}}
+{{- default (printf "%s-agent" .Release.Namespace) .Values.agent.namespace.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The namespace of one role: (dict "ctx" $ "role" "agent"). */}}
+{{- define "spot-rebalancer.roleNamespace" -}}
+{{- if eq .role "agent" }}
+{{- include "spot-rebalancer.agentNamespace" .ctx }}
+{{- else }}
+{{- .ctx.Release.Namespace }}
+{{- end }}
+{{- end }}
+
 {{/* The username a role's ServiceAccount authenticates as. */}}
 {{- define "spot-rebalancer.serviceAccountUsername" -}}
-{{- printf "system:serviceaccount:%s:%s" .ctx.Release.Namespace (include "spot-rebalancer.serviceAccountName" .) }}
+{{- printf "system:serviceaccount:%s:%s" (include "spot-rebalancer.roleNamespace" .) (include "spot-rebalancer.serviceAccountName" .) }}
 {{- end }}
 
 {{- define "spot-rebalancer.image" -}}
