@@ -96,7 +96,14 @@ async fn a_failed_look_at_the_asgs_at_start_is_logged_and_the_first_notice_still
     // Every attempt of the start-up DescribeAutoScalingInstances fails (3 attempts: the SDK's retries).
     t.arm_errors_on("server", 1.0, 3, 4, Some(&["DescribeAutoScalingInstances"]))
         .await;
-    let mut controller = t.start_controller(&["--on-demand-asg-name", &on_demand, "--retry-attempts", "3"]);
+    let mut controller = t.start_controller(&[
+        "--on-demand-asg-name",
+        &on_demand,
+        "--retry-attempts",
+        "3",
+        "--after-replacement",
+        "keep",
+    ]);
     controller.wait_ready().await;
     let logged = support::eventually(
         "the start-up check's error in the log",
