@@ -151,6 +151,12 @@ impl GroupInstance {
     pub fn in_service(&self) -> bool {
         self.lifecycle_state == "InService"
     }
+
+    /// On its way out of the group (terminating, terminated or detached): it never counts as
+    /// capacity, and a lower never needs to protect it.
+    pub fn is_leaving(&self) -> bool {
+        self.lifecycle_state.starts_with("Terminat") || self.lifecycle_state == "Detached"
+    }
 }
 
 /// A scaling activity of a group.

@@ -302,7 +302,7 @@ impl Context {
         let shielded: Vec<String> = group
             .instances
             .iter()
-            .filter(|i| !i.protected && !i.lifecycle_state.starts_with("Terminat"))
+            .filter(|i| !i.protected && !i.is_leaving())
             .map(|i| i.id.clone())
             .collect();
         let call = |operation: &'static str| {
@@ -321,11 +321,7 @@ impl Context {
             for _ in 0..SCALE_IN_POLLS {
                 tokio::time::sleep(SCALE_IN_POLL).await;
                 let now = self.group(asg, true).await?;
-                let live = now
-                    .instances
-                    .iter()
-                    .filter(|i| !i.lifecycle_state.starts_with("Terminat"))
-                    .count() as i32;
+                let live = now.instances.iter().filter(|i| !i.is_leaving()).count() as i32;
                 if live <= to {
                     break;
                 }

@@ -326,8 +326,8 @@ async fn retire(
             ctx.terminate_with_decrement(instance).await?;
         }
         RetireOutcome::Done => {}
-        RetireOutcome::BelowMinSize => {
-            return left_at_min_size(node, ctx, record, instance, &group).await;
+        RetireOutcome::BelowMinSize(leave) => {
+            return left_at_min_size(node, ctx, record, instance, &group.name, leave).await;
         }
         RetireOutcome::WentWithoutUs => {
             // Someone else removed it without a decrement: the capacity sweeper gives its seat
@@ -365,26 +365,21 @@ async fn left_at_min_size(
     ctx: &Context,
     mut record: Replacement,
     instance: &str,
-    group: &crate::aws::Group,
+    asg: &str,
+    leave: super::record::Undo,
 ) -> Result<Option<Duration>> {
-    let Some(super::record::Undo::Leave { reason }) = lifecycle::below_min_size(group) else {
-        return Ok(Some(ctx.settings.asg_poll_interval));
+    let reason = match &leave {
+        super::record::Undo::Leave { reason } => reason.clone(),
+        other => format!("{other:?}"),
     };
     if let Some(mut seat) = ctx.seat(instance) {
-        seat.state = SeatState::Restored {
-            undo: super::record::Undo::Leave {
-                reason: reason.clone(),
-            },
-        };
+        seat.state = SeatState::Restored { undo: leave };
         seat.updated_at = Timestamp::now();
         ctx.put_seat(seat).await?;
     }
     record.reason = Some(reason.clone());
     write_record(node, ctx, Phase::Drained, &record).await?;
-    ctx.metrics
-        .min_size_refusals
-        .with_label_values(&[group.name.as_str()])
-        .inc();
+    ctx.metrics.min_size_refusals.with_label_values(&[asg]).inc();
     let note = format!("drained but not retired: {reason}");
     warn!(%note, "retirement refused by MinSize");
     ctx.event(node, EventType::Warning, "RetirementBelowMinSize", note)

@@ -338,6 +338,11 @@ pub fn below_min_size(group: &Group) -> Option<Undo> {
     })
 }
 
+/// Whether `undo` is the plan [`below_min_size`] makes for `group`: leaving it because of MinSize.
+pub fn left_for_min_size(undo: &Undo, group: &Group) -> bool {
+    matches!(undo, Undo::Leave { .. }) && below_min_size(group).is_some()
+}
+
 /// Whether a recorded restore still has to be carried out against the group as it is now.
 pub fn restore_pending(undo: &Undo, group: &Group) -> bool {
     match undo {
@@ -348,7 +353,7 @@ pub fn restore_pending(undo: &Undo, group: &Group) -> bool {
 }
 
 /// What became of a retirement whose intent was recorded (the process may have stopped right after).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetireOutcome {
     /// The instance still serves: make the call (again; it is safe).
     Pending,
@@ -358,14 +363,15 @@ pub enum RetireOutcome {
     /// given back like any instance reclaimed behind our back.
     WentWithoutUs,
     /// The instance serves, and removing it with a decrement would take the ASG below its MinSize:
-    /// AWS would refuse, so it is left (a Warning says why).
-    BelowMinSize,
+    /// AWS would refuse, so it is left, with this plan (a Warning says why).
+    BelowMinSize(Undo),
 }
 
 pub fn retire_outcome(desired_before: i32, group: &Group, instance: &str) -> RetireOutcome {
     match membership(group, instance) {
-        Membership::Serving if below_min_size(group).is_some() => RetireOutcome::BelowMinSize,
-        Membership::Serving => RetireOutcome::Pending,
+        Membership::Serving => {
+            below_min_size(group).map_or(RetireOutcome::Pending, RetireOutcome::BelowMinSize)
+        }
         _ if group.desired < desired_before => RetireOutcome::Done,
         _ => RetireOutcome::WentWithoutUs,
     }
@@ -724,7 +730,10 @@ mod tests {
     fn min_size_forbids_a_retirement_a_restore_and_an_undo_instead_of_failing_at_every_try() {
         let mut fixed = group("spot", 2, &[("i-old", "InService"), ("i-2", "InService")]);
         fixed.min = 2;
-        assert_eq!(retire_outcome(2, &fixed, "i-old"), RetireOutcome::BelowMinSize);
+        assert!(matches!(
+            retire_outcome(2, &fixed, "i-old"),
+            RetireOutcome::BelowMinSize(Undo::Leave { reason }) if reason.contains("MinSize of 2")
+        ));
         assert!(
             matches!(below_min_size(&fixed), Some(Undo::Leave { reason }) if reason.contains("MinSize of 2"))
         );

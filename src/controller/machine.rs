@@ -20,7 +20,7 @@ use super::{
     record::{AbandonCause, Abandoned, CapacityType, Phase, Replacement, ScaleIntent, Undo},
 };
 use crate::{
-    aws::{Activity, Group, GroupInstance as Instance},
+    aws::{Activity, Group},
     keys,
 };
 
@@ -364,7 +364,6 @@ pub fn next(facts: &Facts<'_>) -> Transition {
         Phase::Detected => match next_capacity(record.replacement) {
             Some(capacity_type) => start_scale(facts, &record, capacity_type),
             None => fail(
-                facts,
                 &record,
                 "spot and on-demand capacity were both given up".to_owned(),
             ),
@@ -462,7 +461,6 @@ fn start_scale(facts: &Facts<'_>, record: &Record<'_>, capacity_type: CapacityTy
     let phase = Phase::from(capacity_type);
     if capacity_type == CapacityType::OnDemand && replacement.on_demand_asg.is_none() {
         return fail(
-            facts,
             record,
             "spot capacity is gone and no on-demand fallback ASG is set".to_owned(),
         );
@@ -514,7 +512,7 @@ fn start_scale(facts: &Facts<'_>, record: &Record<'_>, capacity_type: CapacityTy
             undone: true,
             cause: AbandonCause::MaxSize,
         });
-        return after_give_up(facts, record, replacement, capacity_type, reason);
+        return after_give_up(record, replacement, capacity_type, reason);
     }
     replacement.scale = Some(intent.clone());
     replacement.waiting_since = None;
@@ -641,12 +639,10 @@ fn launches_coming(intent: &ScaleIntent, group: &Group, claimed: &HashSet<String
     group
         .instances
         .iter()
-        .filter(|i| !leaving(i) && !intent.pre_scale_instances.contains(&i.id) && !claimed.contains(&i.id))
+        .filter(|i| {
+            !i.is_leaving() && !intent.pre_scale_instances.contains(&i.id) && !claimed.contains(&i.id)
+        })
         .count()
-}
-
-fn leaving(instance: &Instance) -> bool {
-    instance.lifecycle_state.starts_with("Terminat") || instance.lifecycle_state == "Detached"
 }
 
 /// Among the scale-ups of one coalesced group still waiting for an instance, the first `coming`
@@ -681,7 +677,11 @@ fn await_ready(facts: &Facts<'_>, record: &Record<'_>) -> Transition {
         return tainted(facts, record, intent, instance, name);
     }
     let mut next = replacement.clone();
-    if !group.instances.iter().any(|i| i.id == instance && !leaving(i)) {
+    if !group
+        .instances
+        .iter()
+        .any(|i| i.id == instance && !i.is_leaving())
+    {
         // The claimed instance went away before it was Ready: claim another.
         next.instance_id = None;
         next.node = None;
@@ -819,12 +819,11 @@ fn give_up(facts: &Facts<'_>, record: &Record<'_>, cause: AbandonCause, reason: 
     next.claimed_at = None;
     next.failing_since = None;
     next.last_error = None;
-    after_give_up(facts, record, next, capacity_type, reason)
+    after_give_up(record, next, capacity_type, reason)
 }
 
 /// After a scale-up of `capacity_type` was given up (recorded in `next`): fall back, or fail.
 fn after_give_up(
-    facts: &Facts<'_>,
     record: &Record<'_>,
     next: Replacement,
     capacity_type: CapacityType,
@@ -850,10 +849,10 @@ fn after_give_up(
         replacement: &next,
         ..*record
     };
-    fail(facts, &record, reason)
+    fail(&record, reason)
 }
 
-fn fail(_facts: &Facts<'_>, record: &Record<'_>, reason: String) -> Transition {
+fn fail(record: &Record<'_>, reason: String) -> Transition {
     let mut next = record.replacement.clone();
     next.reason = Some(reason.clone());
     let note = format!("no replacement capacity: {reason}; the node is not tainted");
@@ -914,7 +913,7 @@ fn undo_step(facts: &Facts<'_>, record: &Record<'_>) -> Option<Transition> {
         return Some(Transition::write(record.phase, next));
     }
     let pending = decide::undo_pending(&abandoned.undo, group)
-        && !matches!(&abandoned.undo, Undo::Terminate { instance } if group.instances.iter().any(|i| &i.id == instance && leaving(i)));
+        && !matches!(&abandoned.undo, Undo::Terminate { instance } if group.instances.iter().any(|i| &i.id == instance && i.is_leaving()));
     let undo = abandoned.undo.clone();
     next.abandoned[index].undone = true;
     let note = match &undo {
@@ -939,7 +938,7 @@ fn undo_step(facts: &Facts<'_>, record: &Record<'_>) -> Option<Transition> {
 
 /// Instances of the group not on their way out.
 fn live(group: &Group) -> usize {
-    group.instances.iter().filter(|i| !leaving(i)).count()
+    group.instances.iter().filter(|i| !i.is_leaving()).count()
 }
 
 fn seconds(duration: SignedDuration) -> String {

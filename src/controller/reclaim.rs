@@ -93,9 +93,7 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
                     return retired(ctx, seat, &node, desired_before).await;
                 }
                 RetireOutcome::Done => return retired(ctx, seat, &node, desired_before).await,
-                RetireOutcome::BelowMinSize => lifecycle::below_min_size(&group).unwrap_or(Undo::Leave {
-                    reason: "at MinSize".to_owned(),
-                }),
+                RetireOutcome::BelowMinSize(leave) => leave,
                 RetireOutcome::WentWithoutUs => plan(ctx, &seat, &group).await?,
             }
         }
@@ -142,7 +140,7 @@ async fn give_back(ctx: &Context, seat: Seat) -> Result<()> {
         ),
     };
     ctx.metrics.capacity_restores.with_label_values(&[how]).inc();
-    if matches!(&undo, Undo::Leave { reason } if reason.contains("MinSize")) {
+    if lifecycle::left_for_min_size(&undo, &group) {
         ctx.metrics
             .min_size_refusals
             .with_label_values(&[asg.as_str()])
