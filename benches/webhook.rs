@@ -468,10 +468,10 @@ async fn main() {
         .copied()
         .unwrap_or(0);
     println!(
-        "slow connections still open after the timeouts (TLS handshake {} s, header read {} s, request {} s): {} of 1000",
+        "slow connections still open after the timeouts (TLS handshake {} s, header read {} s, body {} s): {} of 1000",
         server::TLS_HANDSHAKE_TIMEOUT.as_secs(),
         server::HEADER_READ_TIMEOUT.as_secs(),
-        server::REQUEST_TIMEOUT.as_secs(),
+        server::BODY_READ_TIMEOUT.as_secs(),
         (900 - silent_closed) + half_sent_open
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
