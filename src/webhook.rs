@@ -9,6 +9,7 @@ pub mod cache;
 pub mod metrics;
 pub mod order_guard;
 pub mod pdb_guard;
+pub mod receive;
 pub mod review;
 pub mod server;
 pub mod taints;

@@ -13,9 +13,12 @@ use std::{
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use spot_rebalancer::contract::{
-    keys::{self, DEFAULT_TAINT_KEY},
-    record::Phase,
+use spot_rebalancer::{
+    contract::{
+        keys::{self, DEFAULT_TAINT_KEY},
+        record::Phase,
+    },
+    webhook::server::MAX_CONCURRENT_DECISIONS,
 };
 use support::{
     Bed, eventually,
@@ -357,8 +360,31 @@ impl http_body::Body for StallingBody {
     }
 }
 
+/// The AdmissionReview the API server sends when `alice` adds the termination taint to `node`.
+fn termination_taint_review(node: &Node, uid: &str) -> serde_json::Value {
+    let old = serde_json::to_value(node).unwrap();
+    let mut new = old.clone();
+    let taint = json!({"key": DEFAULT_TAINT_KEY, "value": "true", "effect": "NoSchedule"});
+    match new["spec"]["taints"].as_array_mut() {
+        Some(taints) => taints.push(taint),
+        None => new["spec"]["taints"] = json!([taint]),
+    }
+    let node_kind = json!({"group": "", "version": "v1", "kind": "Node"});
+    let nodes = json!({"group": "", "version": "v1", "resource": "nodes"});
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": uid, "kind": node_kind, "resource": nodes, "requestKind": node_kind,
+            "requestResource": nodes, "name": node.metadata.name, "operation": "UPDATE",
+            "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
+            "object": new, "oldObject": old, "dryRun": false,
+            "options": {"kind": "UpdateOptions", "apiVersion": "meta.k8s.io/v1"}
+        }
+    })
+}
+
 #[tokio::test]
-async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still_guards() {
+async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still_guards_at_once() {
     let bed = Bed::connect().await;
     let guarded = Guarded::start(&bed).await;
     let old = KwokNode::opted_in(&bed, &guarded, "wh-flood", json!({})).await;
@@ -371,22 +397,11 @@ async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still
         .unwrap();
     let url = |path: &str| format!("https://127.0.0.1:{port}{path}");
 
-    // 200 connections that never start TLS, and 16 requests that stop half-way through their body.
+    // 200 connections that never start TLS.
     let mut silent = Vec::new();
     for _ in 0..200 {
         silent.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
     }
-    let stalled: Vec<_> = (0..16)
-        .map(|_| {
-            let request = client
-                .post(url("/mutate"))
-                .header("content-type", "application/json")
-                .body(reqwest::Body::wrap(StallingBody(Some(
-                    axum::body::Bytes::from_static(b"{\"apiVersion\":"),
-                ))));
-            tokio::spawn(async move { request.send().await.map(|response| response.status()) })
-        })
-        .collect();
 
     // A flood of 3 MiB bodies: every one refused, none judged.
     let oversized = axum::body::Bytes::from(vec![b' '; 3 << 20]);
@@ -403,7 +418,54 @@ async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still
         }
     }
 
-    // Meanwhile the guard still answers the API server within its 2 s: the termination taint is
+    // 100 requests that stop half-way through their body, more than there are decision slots. The
+    // webhook holds each until its body timeout (5 s); until then they wait for their bodies
+    // without a slot.
+    let half_sent: Vec<_> = (0..100)
+        .map(|_| {
+            let request = client
+                .post(url("/mutate"))
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap(StallingBody(Some(
+                    axum::body::Bytes::from_static(b"{\"apiVersion\":"),
+                ))));
+            tokio::spawn(async move { request.send().await.map(|response| response.status()) })
+        })
+        .collect();
+    let more_than_the_slots = MAX_CONCURRENT_DECISIONS + 1;
+    eventually(
+        "more half-sent requests being received than there are decision slots",
+        Duration::from_secs(20),
+        || async {
+            let receiving = guarded
+                .webhook
+                .metric("spot_rebalancer_admission_bodies_receiving")
+                .await;
+            (receiving >= more_than_the_slots as f64).then_some(())
+        },
+    )
+    .await;
+
+    // Meanwhile a valid review is answered, and right: the termination taint is denied, the
+    // replacement not being Ready.
+    let review = termination_taint_review(&old.get(&bed).await, "7f1e2d3c-0000-4000-8000-00000000f100");
+    let answer = client.post(url("/validate")).json(&review).send().await.unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::OK);
+    let answer: serde_json::Value = answer.json().await.unwrap();
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "7f1e2d3c-0000-4000-8000-00000000f100");
+    assert_eq!(response["allowed"], false, "{answer}");
+    let message = response["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("replacement not Ready"), "{answer}");
+    // "At once": answered before the half-sent requests were cut at their body timeout, so while
+    // more of them were open than there are decision slots.
+    let still_open = half_sent.iter().filter(|request| !request.is_finished()).count();
+    assert!(
+        still_open >= more_than_the_slots,
+        "the review was answered only once the half-sent requests ended ({still_open} still open)"
+    );
+
+    // And the API server's call still gets its answer within its 2 s: the termination taint is
     // denied, not let through by `failurePolicy: Ignore`.
     let denied = run_kubectl(&bed, &taint_arg(&old, "NoSchedule"));
     assert!(!denied.success, "the taint went on: the webhook did not answer");
@@ -416,7 +478,7 @@ async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still
 
     // The slow clients are dropped: the half-sent requests end (408 or a closed connection), and the
     // silent connections are closed by the server (bounded waits; the timeouts are 5 s).
-    for request in stalled {
+    for request in half_sent {
         let ended = tokio::time::timeout(Duration::from_secs(20), request)
             .await
             .expect("a half-sent request still open after 20 s")
@@ -433,11 +495,21 @@ async fn the_webhook_survives_an_oversized_body_flood_and_slow_clients_and_still
             .expect("a connection that never started TLS still open after 20 s");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     }
-    assert!(
+    let reviews = |labels: &str| {
+        let webhook = &guarded.webhook;
+        let series = format!("spot_rebalancer_admission_reviews_total{{{labels}}}");
+        async move { webhook.metric(&series).await }
+    };
+    assert!(reviews("route=\"validate\",verdict=\"too_large\"").await >= 1.0);
+    assert!(reviews("route=\"mutate\",verdict=\"timed_out\"").await >= 1.0);
+    // Nothing was shed: neither the review's body nor its decision waited behind the slow clients.
+    assert_eq!(reviews("route=\"validate\",verdict=\"shed\"").await, 0.0);
+    assert_eq!(reviews("route=\"any\",verdict=\"shed\"").await, 0.0);
+    assert_eq!(
         guarded
             .webhook
-            .metric("spot_rebalancer_admission_reviews_total{route=\"validate\",verdict=\"too_large\"}")
-            .await
-            >= 1.0
+            .metric("spot_rebalancer_admission_bodies_receiving")
+            .await,
+        0.0
     );
 }

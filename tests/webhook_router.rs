@@ -1,6 +1,6 @@
 //! The webhook's routes, driven with `oneshot` (no socket, no cluster) with AdmissionReview fixtures
 //! as the API server sends them: allowed, patched (the JSON patch checked), denied, and the malformed,
-//! oversized and wrong-kind requests that get a 4xx.
+//! oversized and wrong-kind requests that get a 4xx; a review judged while slow clients send.
 use std::sync::Arc;
 
 use axum::{
@@ -246,6 +246,44 @@ async fn an_oversized_review_is_refused_with_413() {
         answer["response"]["status"]["message"],
         "the AdmissionReview is larger than 512 KiB"
     );
+}
+
+/// A request body that sends its first bytes and then nothing: a client that stopped half-way.
+fn half_sent_body() -> Body {
+    use futures::StreamExt;
+    let first = futures::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from_static(
+        b"{\"apiVersion\":",
+    ))]);
+    Body::from_stream(first.chain(futures::stream::pending()))
+}
+
+#[tokio::test]
+async fn a_review_is_judged_at_once_while_more_half_sent_requests_than_decision_slots_wait() {
+    let router = router(0);
+    let mut half_sent: Vec<_> = (0..=server::MAX_CONCURRENT_DECISIONS)
+        .map(|_| {
+            let request = Request::post("/mutate").body(half_sent_body()).unwrap();
+            Box::pin(router.clone().oneshot(request))
+        })
+        .collect();
+    // Each goes as far as it can: it waits for the rest of its body.
+    for request in &mut half_sent {
+        assert!(futures::poll!(request).is_pending());
+    }
+
+    let (status, review) = post(
+        router.clone(),
+        "/validate",
+        fixture("taint-termination-while-scaling.json"),
+    )
+    .await;
+
+    assert_eq!(status, StatusCode::OK, "{review}");
+    assert_eq!(review["response"]["allowed"], false);
+    assert_eq!(review["response"]["status"]["code"], 403);
+    for request in &mut half_sent {
+        assert!(futures::poll!(request).is_pending());
+    }
 }
 
 #[tokio::test]

@@ -1,13 +1,24 @@
-//! The webhook's metrics: admission reviews by route and verdict, their latency, certificate reloads.
+//! The webhook's metrics: admission reviews by route and verdict, their latency, the bodies being
+//! received, certificate reloads.
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
     reviews: IntCounterVec,
     latency: HistogramVec,
+    receiving: IntGauge,
     tls_reloads: IntCounterVec,
+}
+
+/// One request counted in `admission_bodies_receiving` until dropped.
+pub struct Receiving(IntGauge);
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
@@ -16,7 +27,7 @@ impl Metrics {
         let reviews = IntCounterVec::new(
             Opts::new(
                 "admission_reviews_total",
-                "Admission reviews answered, by route and verdict (allowed, patched, denied, left_to_order_guard, bad_request, too_large; route \"any\": shed, timed_out).",
+                "Admission reviews answered, by route and verdict (allowed, patched, denied, left_to_order_guard, bad_request, too_large, timed_out, shed).",
             ),
             &["route", "verdict"],
         )?;
@@ -30,6 +41,10 @@ impl Metrics {
             ]),
             &["route"],
         )?;
+        let receiving = IntGauge::new(
+            "admission_bodies_receiving",
+            "Admission requests whose body is still being received (slow or half-sent clients among them).",
+        )?;
         let tls_reloads = IntCounterVec::new(
             Opts::new(
                 "webhook_tls_reloads_total",
@@ -39,10 +54,12 @@ impl Metrics {
         )?;
         registry.register(Box::new(reviews.clone()))?;
         registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(receiving.clone()))?;
         registry.register(Box::new(tls_reloads.clone()))?;
         Ok(Metrics {
             reviews,
             latency,
+            receiving,
             tls_reloads,
         })
     }
@@ -57,6 +74,18 @@ impl Metrics {
         self.latency
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a request refused before any guard judged it (too large, too slow, shed); its time is
+    /// not a review's latency.
+    pub fn refused(&self, route: &str, verdict: &str) {
+        self.reviews.with_label_values(&[route, verdict]).inc();
+    }
+
+    /// Counts a request whose body is being received, until the returned guard is dropped.
+    pub fn receiving(&self) -> Receiving {
+        self.receiving.inc();
+        Receiving(self.receiving.clone())
     }
 
     pub fn tls_reload(&self, ok: bool) {

@@ -1,29 +1,27 @@
 //! The admission routes: `POST /mutate` (the PDB guard) and `POST /validate` (the order guard). Each
-//! review is parsed, judged from the caches and answered; a malformed, oversized or wrong-kind review
-//! gets a 4xx with a message (and a log line), never a panic.
+//! review is received whole ([`super::receive`]), parsed once, judged from the caches and answered; a
+//! malformed, oversized, slow or wrong-kind review gets a 4xx with a message, never a panic.
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use std::net::SocketAddr;
-
 use axum::{
     BoxError, Router,
-    body::Bytes,
+    body::{Body, Bytes},
     error_handling::HandleErrorLayer,
-    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
+    extract::{Request, State},
     http::{StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::post,
 };
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use jiff::Timestamp;
 use kube::core::admission::AdmissionResponse;
-use tower::{
-    ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::error::Overloaded, timeout::error::Elapsed,
-};
+use tower::{ServiceBuilder, limit::GlobalConcurrencyLimitLayer, load_shed::error::Overloaded};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -32,6 +30,7 @@ use super::{
     metrics::Metrics,
     order_guard,
     pdb_guard::{self, Decision},
+    receive::{Limits, Receiver, Refusal},
     review::{self, NodeUpdate, Review},
 };
 
@@ -39,20 +38,27 @@ use super::{
 /// real Node (50 images, 39 attached volumes, 60 labels, 20 long annotations, five managers' fields)
 /// makes a review of about 90 KiB (`large_node_review` in the tests, printed by
 /// `scripts/bench-webhook`); this leaves five times that. A bigger body is answered 413 after reading
-/// at most this much (and, with `failurePolicy: Ignore`, the update goes through unguarded rather
-/// than blocked).
+/// at most this much, or at once when its Content-Length says so (and, with `failurePolicy: Ignore`,
+/// the update goes through unguarded rather than blocked).
 pub const MAX_REVIEW_BYTES: usize = 512 * 1024;
 
-/// Requests read and judged at once; one more is answered 503 at once (shed) instead of queueing.
-/// Judging takes well under a millisecond and the API server sends a review in one go, so only
-/// bodies that arrive slowly fill these, each for at most [`REQUEST_TIMEOUT`]. With the body limit
-/// they bound the memory held by requests to 64 × 512 KiB.
-pub const MAX_CONCURRENT_REVIEWS: usize = 64;
+/// Longest time from a request's headers to the last byte of its body. The API server sends a review
+/// at once and waits `timeoutSeconds` (2 s in the chart, at most 30) for the answer; a client still
+/// sending after this is answered 408 and its connection closed. While it sends, it holds its
+/// connection and the bytes it sent, no decision slot.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Longest a request may take from its headers to its answer (reading the body included). The API
-/// server sends a review at once and waits `timeoutSeconds` (2 s in the chart) for the answer; a
-/// client still sending after this is answered 408 and its connection closed.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of request bodies held at once, from their first byte until they are answered, across all
+/// connections: the bound on the memory of bodies in flight, whatever the number of connections. A
+/// body that would need more is answered 503 at once (shed). 64 bodies at the limit, or about 350 of
+/// the largest realistic review; a half-sent body holds only what it sent. The chart's memory limit
+/// is 256 MiB.
+pub const MAX_BODY_BYTES_IN_FLIGHT: usize = 32 << 20;
+
+/// Reviews judged at once; one more is answered 503 at once (shed) instead of queueing. A request
+/// takes a slot only once its body is in memory, so slow clients never hold one; judging reads
+/// only the caches' memory and does not wait, so a slot is held for well under a millisecond.
+pub const MAX_CONCURRENT_DECISIONS: usize = 64;
 
 /// Longest wait for a request's headers, on a new connection and between requests on a kept-alive
 /// one: slow and idle connections are closed after this.
@@ -60,6 +66,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How request bodies are received (see [`Receiver`]).
+pub const BODY_LIMITS: Limits = Limits {
+    max_bytes: MAX_REVIEW_BYTES,
+    timeout: BODY_READ_TIMEOUT,
+    budget_bytes: MAX_BODY_BYTES_IN_FLIGHT,
+};
 
 /// Everything a review is judged with.
 pub struct Webhook {
@@ -76,6 +89,15 @@ pub enum Route {
 }
 
 impl Route {
+    /// The route served at `path`, if any.
+    pub fn from_path(path: &str) -> Option<Route> {
+        match path {
+            "/mutate" => Some(Route::Mutate),
+            "/validate" => Some(Route::Validate),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Mutate => "mutate",
@@ -134,40 +156,79 @@ impl IntoResponse for Answer {
     }
 }
 
-/// The routes, without a socket, so tests drive them with `oneshot`: the body limit, then a
-/// concurrency limit that sheds load, then the request timeout, then the guards.
+/// The routes, without a socket, so tests drive them with `oneshot`. Each request first receives its
+/// whole body (size, time and memory limits, no slot held), then takes one of the decision slots
+/// (shed when all are taken), then is judged.
 pub fn router(webhook: Arc<Webhook>) -> Router {
+    let receiving = Arc::new(Receiving {
+        receiver: Receiver::new(BODY_LIMITS),
+        metrics: webhook.metrics.clone(),
+    });
     let metrics = webhook.metrics.clone();
-    let overload = ServiceBuilder::new()
+    let deciding = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(move |error: BoxError| {
             let answer = refused_by_a_limit(&error);
-            metrics.review("any", answer.verdict, Duration::ZERO);
+            metrics.refused("any", answer.verdict);
             async move { answer }
         }))
         .load_shed()
         // One limit for both routes (`concurrency_limit` would give each route its own).
-        .layer(GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_REVIEWS))
-        .timeout(REQUEST_TIMEOUT);
+        .layer(GlobalConcurrencyLimitLayer::new(MAX_CONCURRENT_DECISIONS));
     Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
-        .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
-        .layer(overload)
+        // Route layers: only requests to the two routes, the last one added runs first.
+        .route_layer(deciding)
+        .route_layer(middleware::from_fn_with_state(receiving, receive_whole_body))
         .with_state(webhook)
 }
 
-/// The answer to a request the limits refused before any guard saw it. Logged at debug only: a
-/// flood must not become a flood of log lines (the metric counts them).
+/// The receiving stage of the routes: one [`Receiver`] (and its byte budget) for both.
+struct Receiving {
+    receiver: Receiver,
+    metrics: Metrics,
+}
+
+/// Receives a request's whole body before it goes on to a decision slot, and answers 413, 408, 503
+/// or 400 itself when the body is too large, too slow, over the budget or broken off. The body's
+/// bytes count against the budget until the answer is made.
+async fn receive_whole_body(
+    State(receiving): State<Arc<Receiving>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = Route::from_path(request.uri().path()).map_or("any", Route::as_str);
+    let (parts, body) = request.into_parts();
+    let counted = receiving.metrics.receiving();
+    let received = receiving.receiver.receive(body).await;
+    drop(counted);
+    match received {
+        Ok(received) => {
+            let request = Request::from_parts(parts, Body::from(received.bytes.clone()));
+            let response = next.run(request).await;
+            drop(received);
+            response
+        }
+        Err(refusal) => {
+            // Slow and shed requests are logged at debug only: a flood must not become a flood of
+            // log lines (the metric counts them). A body too large or broken off may be a real
+            // review the guards never see: warn.
+            match refusal {
+                Refusal::TooLarge { .. } | Refusal::Unreadable(_) => warn!(route, "{refusal}"),
+                Refusal::TimedOut { .. } | Refusal::Shed { .. } => debug!(route, "{refusal}"),
+            }
+            receiving.metrics.refused(route, refusal.verdict());
+            Answer::refuse(refusal.status(), &refusal.to_string(), refusal.verdict()).into_response()
+        }
+    }
+}
+
+/// The answer to a request the decision limit refused before any guard saw it. Logged at debug
+/// only: a flood must not become a flood of log lines (the metric counts them).
 fn refused_by_a_limit(error: &BoxError) -> Answer {
     let (status, message, verdict) = if error.is::<Overloaded>() {
-        let message = format!("overloaded: {MAX_CONCURRENT_REVIEWS} reviews are being judged; try again");
+        let message = format!("overloaded: {MAX_CONCURRENT_DECISIONS} reviews are being judged; try again");
         (StatusCode::SERVICE_UNAVAILABLE, message, "shed")
-    } else if error.is::<Elapsed>() {
-        let message = format!(
-            "the request was not received and answered within {} s",
-            REQUEST_TIMEOUT.as_secs()
-        );
-        (StatusCode::REQUEST_TIMEOUT, message, "timed_out")
     } else {
         (StatusCode::INTERNAL_SERVER_ERROR, error.to_string(), "error")
     };
@@ -197,32 +258,18 @@ pub fn https_server(
 /// 400 KiB, which 1,000 slow clients sending an endless head would each fill). One TLS record.
 const MAX_READ_BUFFER_BYTES: usize = 16 * 1024;
 
-async fn mutate(State(webhook): State<Arc<Webhook>>, body: Result<Bytes, BytesRejection>) -> Answer {
-    handle(Route::Mutate, &webhook, body)
+async fn mutate(State(webhook): State<Arc<Webhook>>, body: Bytes) -> Answer {
+    handle(Route::Mutate, &webhook, &body)
 }
 
-async fn validate(State(webhook): State<Arc<Webhook>>, body: Result<Bytes, BytesRejection>) -> Answer {
-    handle(Route::Validate, &webhook, body)
+async fn validate(State(webhook): State<Arc<Webhook>>, body: Bytes) -> Answer {
+    handle(Route::Validate, &webhook, &body)
 }
 
-fn handle(route: Route, webhook: &Webhook, body: Result<Bytes, BytesRejection>) -> Answer {
+/// Judges a received body and counts the answer.
+fn handle(route: Route, webhook: &Webhook, body: &[u8]) -> Answer {
     let started = Instant::now();
-    let answer = match body {
-        Ok(body) => admit(route, &body, webhook, Timestamp::now()),
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            let message = format!(
-                "the AdmissionReview is larger than {} KiB",
-                MAX_REVIEW_BYTES >> 10
-            );
-            warn!(route = route.as_str(), "{message}");
-            Answer::refuse(StatusCode::PAYLOAD_TOO_LARGE, &message, "too_large")
-        }
-        Err(rejection) => {
-            let message = format!("reading the AdmissionReview: {}", rejection.body_text());
-            warn!(route = route.as_str(), "{message}");
-            Answer::refuse(rejection.status(), &message, "bad_request")
-        }
-    };
+    let answer = admit(route, body, webhook, Timestamp::now());
     webhook
         .metrics
         .review(route.as_str(), answer.verdict, started.elapsed());
@@ -316,3 +363,19 @@ fn guard_order(update: &NodeUpdate, webhook: &Webhook) -> Answer {
 
 /// How long in-flight reviews get to finish on shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_two_admission_paths_are_routes() {
+        assert_eq!(Route::from_path("/mutate"), Some(Route::Mutate));
+        assert_eq!(Route::from_path("/validate"), Some(Route::Validate));
+        assert_eq!(Route::from_path("/validate/"), None);
+        assert_eq!(Route::from_path("/"), None);
+        for route in [Route::Mutate, Route::Validate] {
+            assert_eq!(Route::from_path(&format!("/{}", route.as_str())), Some(route));
+        }
+    }
+}
