@@ -93,7 +93,14 @@ async fn first_write_after_idle(bed: &Bed, idle: Duration) {
             node: &node.name,
             imds_endpoint: &imds.endpoint,
             kubeconfig: Path::new(&bed.vars["BED_KUBECONFIG"]),
-            extra: &["--poll-interval", POLL_FOR_LATENCY, "--api-keepalive", keepalive],
+            // As the bed's admin, whom the agent's admission policy does not cover: skip its check.
+            extra: &[
+                "--poll-interval",
+                POLL_FOR_LATENCY,
+                "--api-keepalive",
+                keepalive,
+                "--skip-admission-policy-check",
+            ],
         });
         agent.wait_ready().await;
         runs.push((keepalive, node, imds, seen, agent));
@@ -183,7 +190,8 @@ async fn beside_nth(bed: &Bed, nth: &Path, duration: Duration) {
                 node: &node.name,
                 imds_endpoint: &mock.endpoint(),
                 kubeconfig: Path::new(&bed.vars["BED_KUBECONFIG"]),
-                extra: &["--poll-interval", POLL_FOR_SOAK],
+                // As the bed's admin, whom the agent's admission policy does not cover.
+                extra: &["--poll-interval", POLL_FOR_SOAK, "--skip-admission-policy-check"],
             },
         );
         agent.wait_ready().await;

@@ -28,9 +28,11 @@ use crate::{admin, cli::AdminArgs, imds};
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Kubernetes API timeouts: the agent's calls are small; a hung connection must not hold a notice.
+/// The deadline is per call ([`api_call`]), not a read timeout on the connection: hyper keeps
+/// reading an idle pooled connection (to see the server close it), so a connection read timeout
+/// dropped the pooled connection after 15 s idle, and `--api-keepalive` could not keep it open.
 const API_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const API_READ_TIMEOUT: Duration = Duration::from_secs(15);
-const API_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+const API_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, ClapArgs)]
 pub struct Args {
@@ -169,10 +171,28 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
 async fn kube_client(kubeconfig: Option<PathBuf>) -> Result<kube::Client, Error> {
     let mut config = crate::kube_config::load(kubeconfig.as_deref()).await?;
     config.connect_timeout = Some(API_CONNECT_TIMEOUT);
-    config.read_timeout = Some(API_READ_TIMEOUT);
-    config.write_timeout = Some(API_WRITE_TIMEOUT);
-    config.reset_reader_on_write = true;
+    // No read or write timeout on the connection: see API_CALL_TIMEOUT.
+    config.read_timeout = None;
+    config.write_timeout = None;
     kube::Client::try_from(config).map_err(Error::KubeClient)
+}
+
+/// One Kubernetes API call of the agent, given up after [`API_CALL_TIMEOUT`] (its connection is
+/// dropped with it), so a hung API server never holds a notice for longer.
+pub(crate) async fn api_call<T>(
+    call: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    tokio::time::timeout(API_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(Box::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from the API server within {}",
+                    humantime::format_duration(API_CALL_TIMEOUT)
+                ),
+            ))))
+        })
 }
 
 fn parse_duration(value: &str) -> Result<Duration, String> {

@@ -444,6 +444,43 @@ async fn a_notice_seen_while_the_api_server_is_unreachable_is_written_once_it_is
     );
 }
 
+/// `--api-keepalive` keeps the agent's one API connection open while it idles between keep-alives
+/// for longer than the agent's 15 s API call deadline (a connection read timeout of that length used
+/// to drop the idle pooled connection): the keep-alive and then the notice's write go over it, with
+/// no new TCP and TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_keeps_its_api_connection_warm_and_writes_the_notice_over_it() {
+    let bed = Bed::connect().await;
+    let node = TestNode::create(&bed, "agent-warm").await;
+    let proxy = TcpProxy::start(apiserver_addr(&bed)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kubeconfig_through(&agent_kubeconfig(&bed, &node), proxy.addr, dir.path());
+    let mut mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
+    let mut agent = start_agent(
+        &node,
+        &mock.endpoint(),
+        &kubeconfig,
+        &["--poll-interval", "1s", "--api-keepalive", "20s"],
+    );
+    agent.wait_ready().await;
+    let after_start = proxy.connections();
+
+    // Past the first keep-alive (20 s), which came after more than 15 s of silence.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    mock.restart(&["spot", "-I", "-d", NEVER, "-r", NOTICE_TIME])
+        .await;
+    assert_eq!(
+        node.wait_for_annotation(REBALANCE_NOTICE_TIME, SOON).await,
+        NOTICE_TIME
+    );
+    assert_eq!(agent.metric(WRITES_OK).await, 1.0);
+    assert_eq!(
+        proxy.connections(),
+        after_start,
+        "no new API connection while idle nor for the write"
+    );
+}
+
 #[tokio::test]
 async fn a_restarted_agent_reads_what_its_node_says_and_writes_nothing_new() {
     let bed = Bed::connect().await;

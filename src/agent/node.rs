@@ -9,7 +9,7 @@ use kube::{
     api::{PartialObjectMetaExt, Patch, PatchParams},
 };
 
-use super::{Error, annotations::AgentAnnotations};
+use super::{Error, annotations::AgentAnnotations, api_call};
 use crate::keys;
 
 /// This agent's own Node.
@@ -32,7 +32,7 @@ impl OwnNode {
     /// The cheapest request there is (`GET /version`: public, no etcd read), made only to keep the
     /// pooled TLS connection open, so the next notice's write does not pay a new handshake.
     pub async fn keep_connection_warm(&self) -> Result<(), kube::Error> {
-        self.client.apiserver_version().await.map(|_| ())
+        api_call(self.client.apiserver_version()).await.map(|_| ())
     }
 
     pub fn name(&self) -> &str {
@@ -41,9 +41,7 @@ impl OwnNode {
 
     /// The Node's current annotations (all of them; the caller picks its own).
     pub async fn annotations(&self) -> Result<BTreeMap<String, String>, Error> {
-        let meta = self
-            .api
-            .get_metadata(&self.name)
+        let meta = api_call(self.api.get_metadata(&self.name))
             .await
             .map_err(|source| Error::ReadNode {
                 node: self.name.clone(),
@@ -62,13 +60,15 @@ impl OwnNode {
         }
         .into_request_partial::<Node>();
         let params = PatchParams::apply(keys::AGENT_FIELD_MANAGER).force();
-        self.api
-            .patch_metadata(&self.name, &params, &Patch::Apply(&patch))
-            .await
-            .map_err(|source| Error::AnnotateNode {
-                node: self.name.clone(),
-                source,
-            })?;
+        api_call(
+            self.api
+                .patch_metadata(&self.name, &params, &Patch::Apply(&patch)),
+        )
+        .await
+        .map_err(|source| Error::AnnotateNode {
+            node: self.name.clone(),
+            source,
+        })?;
         Ok(())
     }
 }

@@ -126,7 +126,7 @@ async fn prove(nodes: Api<Node>, node: &str, wait: Duration) -> Result<(), Error
     let mut first_answered = None;
     let mut unanswered = Backoff::new(backoff::exponential(RETRY, RETRY_MAX));
     loop {
-        let answer = nodes.patch(node, &params, &Patch::Merge(&probe)).await;
+        let answer = super::api_call(nodes.patch(node, &params, &Patch::Merge(&probe))).await;
         let not_refused = match outcome(answer.map(drop)) {
             Outcome::RefusedByThePolicy => {
                 tracing::info!(

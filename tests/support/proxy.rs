@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -15,10 +15,12 @@ use super::Bed;
 
 /// A loopback TCP proxy in front of the API server. `cut` closes every connection and refuses new
 /// ones (as if the API server were gone); `restore` lets them through again. TLS passes through
-/// untouched: the API server's certificate is valid for 127.0.0.1 on any port.
+/// untouched: the API server's certificate is valid for 127.0.0.1 on any port. `connections`
+/// counts the connections it let through.
 pub struct TcpProxy {
     pub addr: SocketAddr,
     open: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
     connections: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
 }
@@ -28,10 +30,11 @@ impl TcpProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (accept_open, accept_connections, accept_stop) =
-            (open.clone(), connections.clone(), stop.clone());
+        let (accept_open, accept_count, accept_connections, accept_stop) =
+            (open.clone(), accepted.clone(), connections.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
                 let (mut inbound, _) = tokio::select! {
@@ -45,6 +48,7 @@ impl TcpProxy {
                     drop(inbound);
                     continue;
                 }
+                accept_count.fetch_add(1, Ordering::SeqCst);
                 let cut = accept_connections.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
@@ -60,6 +64,7 @@ impl TcpProxy {
         TcpProxy {
             addr,
             open,
+            accepted,
             connections,
             stop,
         }
@@ -74,6 +79,11 @@ impl TcpProxy {
 
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+    }
+
+    /// How many connections the proxy has let through so far.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 
