@@ -151,7 +151,7 @@ async fn latency(runs: usize) {
     let seen = watch_group(&scenario, &asg);
     let mut controller =
         scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
-    controller.wait_ready().await;
+    controller.wait_leading().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut reactions = Vec::new();
@@ -251,7 +251,7 @@ async fn scale(cluster_nodes: usize, burst: usize) {
     let seen = watch_group(&scenario, &asg);
     let mut controller =
         scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
-    controller.wait_ready().await;
+    controller.wait_leading().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let watched_at_start = cluster_node_count(&nodes).await;
     let idle_rss_kib = status_kib(controller.pid(), "VmRSS:");

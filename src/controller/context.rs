@@ -448,15 +448,15 @@ impl Context {
     /// terminates.
     pub(super) fn taken_out(&self) -> HashSet<String> {
         let mut taken_out = HashSet::new();
-        for object in self.records.all() {
+        self.records.visit(|object| {
             if let Some(status) = &object.status {
                 taken_out.extend(status.record.abandoned.iter().filter_map(|a| match &a.undo {
                     Undo::Terminate { instance } => Some(instance.clone()),
                     _ => None,
                 }));
             }
-            taken_out.insert(object.spec.instance_id);
-        }
+            taken_out.insert(object.spec.instance_id.clone());
+        });
         taken_out
     }
 
@@ -529,6 +529,11 @@ impl Context {
     pub(super) async fn group(&self, asg: &str, fresh: bool) -> Result<Group> {
         let max_age = if fresh { Duration::ZERO } else { AWS_CACHE_TTL };
         self.group_within(asg, max_age).await
+    }
+
+    /// How many calls this process made on `asg`: a view read before a call no longer holds.
+    pub(super) fn calls_on(&self, asg: &str) -> usize {
+        self.asg(asg).calls.load(Ordering::SeqCst)
     }
 
     /// The ASG as described at most `max_age` ago (described now when older).

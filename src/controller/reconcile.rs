@@ -158,7 +158,7 @@ fn record_of(status: &SpotReplacementStatus) -> Record<'_> {
 #[derive(Default)]
 struct Held<'a> {
     decision: Option<tokio::sync::OwnedMutexGuard<()>>,
-    pending: Option<Counted<'a>>,
+    _pending: Option<Counted<'a>>,
     _on_the_way: Option<Counted<'a>>,
     asg: Option<String>,
 }
@@ -207,37 +207,58 @@ async fn step<'a>(
     };
     let state = ctx.asg(&read.asg);
     let pending = (record.phase == Phase::Detected).then(|| Counted::new(&state.pending));
+    // Only a first scale-up waits for others' activities (rule 7); read outside the lock, since a
+    // decision made meanwhile changes nothing a termination says.
+    let taken_out = if record.phase == Phase::Detected {
+        ctx.taken_out()
+    } else {
+        HashSet::new()
+    };
+    // The ASG is read before the decision lock, so a describe never holds the decisions of others
+    // back; it is read again under the lock only when it no longer fits: this process called the
+    // ASG since, or the step turned out to need a fresh view after all.
+    let wanted = |records: &HashMap<String, (Phase, crate::contract::record::Replacement)>| {
+        // A scale-up joining one in flight takes its baseline from it: no fresh read needed.
+        let joining = records.iter().any(|(name, (phase, r))| {
+            *name != facts.name
+                && !phase.is_finished()
+                && phase.is_scaling()
+                && r.scale.as_ref().is_some_and(|scale| scale.asg == read.asg)
+        });
+        match record.phase {
+            _ if read.fresh && !joining => Duration::ZERO,
+            Phase::AwaitingReady => rules.poll,
+            _ => super::context::AWS_CACHE_TTL,
+        }
+    };
+    let calls = ctx.calls_on(&read.asg);
+    let asked = Instant::now();
+    let max_age = wanted(&ctx.records_deciding());
+    let mut group = ctx.group_within(&read.asg, max_age).await?;
+    let mut activities = if read.activities {
+        ctx.activities(&read.asg).await?
+    } else {
+        Vec::new()
+    };
     let decision = state.decide.clone().lock_owned().await;
     let records = ctx.records_deciding();
     let others: Vec<_> = members(&records)
         .into_iter()
         .filter(|m| m.node != facts.name)
         .collect();
-    // A scale-up joining one in flight takes its baseline from it: no fresh read needed.
-    let joining = others
-        .iter()
-        .any(|m| m.scale.asg == read.asg && m.phase.is_scaling());
-    let max_age = match record.phase {
-        _ if read.fresh && !joining => Duration::ZERO,
-        Phase::AwaitingReady => rules.poll,
-        _ => super::context::AWS_CACHE_TTL,
-    };
-    let group = ctx.group_within(&read.asg, max_age).await?;
-    let activities = if read.activities {
-        ctx.activities(&read.asg).await?
-    } else {
-        Vec::new()
-    };
+    let stale =
+        ctx.calls_on(&read.asg) != calls || (wanted(&records) == Duration::ZERO && max_age != Duration::ZERO);
+    if stale {
+        group = ctx.group_within(&read.asg, asked.elapsed()).await?;
+        if read.activities {
+            activities = ctx.activities(&read.asg).await?;
+        }
+    }
     let claimed: HashSet<String> = records
         .iter()
         .filter(|(other, _)| **other != facts.name)
         .filter_map(|(_, (_, r))| r.instance_id.clone())
         .collect();
-    let taken_out = if read.activities {
-        ctx.taken_out()
-    } else {
-        HashSet::new()
-    };
     let nodes = nodes_of(ctx, &group);
     fact.group = Some(&group);
     fact.activities = &activities;
@@ -248,7 +269,7 @@ async fn step<'a>(
     let transition = machine::next(&fact);
     let held = Held {
         decision: Some(decision),
-        pending,
+        _pending: pending,
         // Counted until this step's record is written: a first scale-up's intent, or a wait.
         _on_the_way: on_the_way.take(),
         asg: Some(read.asg.clone()),
@@ -319,10 +340,11 @@ async fn apply(
     mut held: Held<'_>,
 ) -> Result<Option<Duration>> {
     if let Some((phase, record)) = &transition.write {
-        // A first scale-up's intent (its call waits for it: `pending`) is shown to the next
-        // decisions on the ASG while it is written, so they need not wait for the write: a burst of
-        // notices decides one after the other and writes side by side.
-        let _staged = (held.pending.is_some() && phase.is_scaling()).then(|| {
+        // A decision made under the ASG's decision lock is shown to the next decisions on the ASG
+        // while it is written, so they need not wait for the write: a burst of notices decides
+        // one after the other and writes side by side. (A call waits for the intents on their way:
+        // `pending`; a failed write takes its decision back.)
+        let _staged = held.decision.is_some().then(|| {
             let staged = ctx.stage(&node.name_any(), *phase, record);
             held.decision = None;
             staged
