@@ -17,7 +17,8 @@
 //! taint (retirement is measured by `scripts/bench-lifecycle`), as they were before retiring became
 //! the default.
 //!
-//! The controller is the release build (`cargo bench` builds it with the release profile).
+//! The controller is the release build (`cargo bench` builds it with the release profile). With
+//! `BENCH_LOG_DIR` set, its log of each phase is written there.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -150,7 +151,7 @@ async fn latency(runs: usize) {
     let seen = watch_group(&scenario, &asg);
     let mut controller =
         scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
-    controller.wait_ready().await;
+    controller.wait_leading().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut reactions = Vec::new();
@@ -200,7 +201,17 @@ async fn latency(runs: usize) {
         "AWS calls per notice, one at a time: {:.2} ({calls} calls / {runs} notices)",
         calls as f64 / runs as f64
     );
+    keep_log("latency", &controller);
     controller.terminate();
+}
+
+/// With `BENCH_LOG_DIR` set, the controller's log of a phase is kept there (to explain an outlier).
+fn keep_log(phase: &str, controller: &support::process::RoleProcess) {
+    if let Ok(dir) = std::env::var("BENCH_LOG_DIR") {
+        let path = std::path::Path::new(&dir).join(format!("controller-{phase}.log"));
+        std::fs::write(&path, controller.log()).expect("write the controller's log");
+        println!("the controller's log: {}", path.display());
+    }
 }
 
 async fn scale(cluster_nodes: usize, burst: usize) {
@@ -240,7 +251,7 @@ async fn scale(cluster_nodes: usize, burst: usize) {
     let seen = watch_group(&scenario, &asg);
     let mut controller =
         scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
-    controller.wait_ready().await;
+    controller.wait_leading().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let watched_at_start = cluster_node_count(&nodes).await;
     let idle_rss_kib = status_kib(controller.pid(), "VmRSS:");
@@ -323,6 +334,7 @@ async fn scale(cluster_nodes: usize, burst: usize) {
         rss_kib as f64 / 1024.0,
         peak_kib as f64 / 1024.0,
     );
+    keep_log("burst", &controller);
     controller.terminate();
 
     let filler = ListParams::default().labels(&format!("bench.spot-rebalancer.io/filler={prefix}"));

@@ -141,8 +141,13 @@ pub struct Context {
     /// Eviction rounds in a row that PDBs blocked entirely, per draining node (for the backoff).
     pub(super) drain_rounds: Mutex<HashMap<String, lifecycle::DrainPace>>,
     asgs: Mutex<HashMap<String, Arc<AsgState>>>,
-    /// Reconciles finding out which ASG a new notice belongs to: a call waits for them (rule 2).
+    /// Notices on their way to a scale-up intent (finding out their ASG, deciding): a call waits
+    /// for them (rule 2).
     pub(super) detecting: AtomicUsize,
+    /// Scale-up intents decided and being written, by Node name: the next decision on the ASG sees
+    /// them as members while their write is on its way, so decisions need not wait for each
+    /// other's writes. Calls never see them: a call counts written intents only.
+    staged: Mutex<HashMap<String, (Phase, Replacement)>>,
     pub(super) warned_rebalancing: Mutex<HashSet<String>>,
     /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
     failing: Mutex<HashMap<String, Streak>>,
@@ -199,12 +204,73 @@ pub(super) struct AsgState {
     /// When the oldest intent not yet covered by a call was written: the call waits for more at
     /// most [`MAX_COALESCE_WAIT`] after it.
     pub(super) uncalled_since: Mutex<Option<Instant>>,
-    /// The last describe and when it was made. Dropped by every call this process makes on the
-    /// ASG, so no decision reads a view from before its own last call.
-    group: Mutex<Option<(Instant, Group)>>,
-    activities: Mutex<Option<(Instant, Vec<Activity>)>>,
+    /// The last describes. Dropped by every call this process makes on the ASG, so no decision
+    /// reads a view from before its own last call.
+    group: View<Group>,
+    activities: View<Vec<Activity>>,
     /// Counts this process's calls on the ASG: a describe that began before one is not kept.
     calls: AtomicUsize,
+}
+
+/// A short-lived view of one describe, shared by concurrent reconciles: one describe at a time, and
+/// a caller that waited for another's describe takes its answer when it began after the caller
+/// asked (it is as fresh as one the caller would make). A burst of notices on one ASG makes one
+/// describe per round instead of one each.
+struct View<T> {
+    /// The answer and when its describe began.
+    last: Mutex<Option<(Instant, T)>>,
+    describing: tokio::sync::Mutex<()>,
+}
+
+impl<T> Default for View<T> {
+    fn default() -> Self {
+        View {
+            last: Mutex::new(None),
+            describing: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl<T: Clone> View<T> {
+    /// The answer of a describe begun at most `max_age` ago, or after this call began; else a new
+    /// one. An answer whose describe overlapped a call of this process (`calls` moved) is not kept.
+    async fn get<F>(&self, max_age: Duration, calls: &AtomicUsize, describe: F) -> Result<T>
+    where
+        F: AsyncFnOnce() -> Result<T>,
+    {
+        let asked = Instant::now();
+        let usable = |last: &Option<(Instant, T)>| {
+            last.as_ref()
+                .filter(|(began, _)| *began >= asked || began.elapsed() < max_age)
+                .map(|(_, answer)| answer.clone())
+        };
+        if let Some(answer) = usable(&lock(&self.last)) {
+            return Ok(answer);
+        }
+        let _one_at_a_time = self.describing.lock().await;
+        if let Some(answer) = usable(&lock(&self.last)) {
+            return Ok(answer);
+        }
+        let began = Instant::now();
+        let calls_before = calls.load(Ordering::SeqCst);
+        let answer = describe().await?;
+        if calls.load(Ordering::SeqCst) == calls_before {
+            *lock(&self.last) = Some((began, answer.clone()));
+        }
+        Ok(answer)
+    }
+
+    fn forget(&self) {
+        *lock(&self.last) = None;
+    }
+
+    /// The answer as last described, if it began at most `max_age` ago (no describe is made).
+    fn peek(&self, max_age: Duration) -> Option<T> {
+        lock(&self.last)
+            .as_ref()
+            .filter(|(began, _)| began.elapsed() < max_age)
+            .map(|(_, answer)| answer.clone())
+    }
 }
 
 impl Context {
@@ -233,6 +299,7 @@ impl Context {
             drain_rounds: Mutex::default(),
             asgs: Mutex::default(),
             detecting: AtomicUsize::new(0),
+            staged: Mutex::default(),
             warned_rebalancing: Mutex::default(),
             failing: Mutex::default(),
         }
@@ -340,8 +407,8 @@ impl Context {
     pub(super) fn forget_views(&self, asg: &str) {
         let state = self.asg(asg);
         state.calls.fetch_add(1, Ordering::SeqCst);
-        *lock(&state.group) = None;
-        *lock(&state.activities) = None;
+        state.group.forget();
+        state.activities.forget();
     }
 
     /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
@@ -374,6 +441,45 @@ impl Context {
                 present.then_some((object.spec.node_name, (status.phase, status.record)))
             })
             .collect()
+    }
+
+    /// Every instance the records take out of their ASGs: each noticed instance (also of records
+    /// whose Node is gone: a retirement's termination runs on after it), and each instance an undo
+    /// terminates.
+    pub(super) fn taken_out(&self) -> HashSet<String> {
+        let mut taken_out = HashSet::new();
+        self.records.visit(|object| {
+            if let Some(status) = &object.status {
+                taken_out.extend(status.record.abandoned.iter().filter_map(|a| match &a.undo {
+                    Undo::Terminate { instance } => Some(instance.clone()),
+                    _ => None,
+                }));
+            }
+            taken_out.insert(object.spec.instance_id.clone());
+        });
+        taken_out
+    }
+
+    /// What a decision on an ASG reads: [`Self::records`] and the intents decided and being
+    /// written (see [`Self::stage`]).
+    pub(super) fn records_deciding(&self) -> HashMap<String, (Phase, Replacement)> {
+        let mut records = self.records();
+        records.extend(
+            lock(&self.staged)
+                .iter()
+                .map(|(node, staged)| (node.clone(), staged.clone())),
+        );
+        records
+    }
+
+    /// Shows `node`'s decided record to the next decisions until the guard is dropped (after its
+    /// write, which then shows it, or after the write failed, which leaves it unwritten).
+    pub(super) fn stage(&self, node: &str, phase: Phase, record: &Replacement) -> Staged<'_> {
+        lock(&self.staged).insert(node.to_owned(), (phase, record.clone()));
+        Staged {
+            ctx: self,
+            node: node.to_owned(),
+        }
     }
 
     /// The phase and record of `node`'s instance (named by its provider id), if it has one.
@@ -425,47 +531,57 @@ impl Context {
         self.group_within(asg, max_age).await
     }
 
+    /// How many calls this process made on `asg`: a view read before a call no longer holds.
+    pub(super) fn calls_on(&self, asg: &str) -> usize {
+        self.asg(asg).calls.load(Ordering::SeqCst)
+    }
+
     /// The ASG as described at most `max_age` ago (described now when older).
     pub(super) async fn group_within(&self, asg: &str, max_age: Duration) -> Result<Group> {
         let state = self.asg(asg);
-        if let Some((at, group)) = lock(&state.group).as_ref()
-            && at.elapsed() < max_age
-        {
-            return Ok(group.clone());
-        }
-        self.metrics
-            .aws_calls
-            .with_label_values(&["DescribeAutoScalingGroups"])
-            .inc();
-        let calls = state.calls.load(Ordering::SeqCst);
-        let group = self.aws.group(asg).await?;
-        self.metrics
-            .capacity_rebalancing
-            .with_label_values(&[asg])
-            .set(i64::from(group.capacity_rebalance));
-        if state.calls.load(Ordering::SeqCst) == calls {
-            *lock(&state.group) = Some((Instant::now(), group.clone()));
-        }
-        Ok(group)
+        state
+            .group
+            .get(max_age, &state.calls, async || {
+                self.metrics
+                    .aws_calls
+                    .with_label_values(&["DescribeAutoScalingGroups"])
+                    .inc();
+                let group = self.aws.group(asg).await?;
+                self.metrics
+                    .capacity_rebalancing
+                    .with_label_values(&[asg])
+                    .set(i64::from(group.capacity_rebalance));
+                Ok(group)
+            })
+            .await
     }
 
     pub(super) async fn activities(&self, asg: &str) -> Result<Vec<Activity>> {
         let state = self.asg(asg);
-        if let Some((at, activities)) = lock(&state.activities).as_ref()
-            && at.elapsed() < AWS_CACHE_TTL
-        {
-            return Ok(activities.clone());
-        }
-        self.metrics
-            .aws_calls
-            .with_label_values(&["DescribeScalingActivities"])
-            .inc();
-        let calls = state.calls.load(Ordering::SeqCst);
-        let activities = self.aws.activities(asg).await?;
-        if state.calls.load(Ordering::SeqCst) == calls {
-            *lock(&state.activities) = Some((Instant::now(), activities.clone()));
-        }
-        Ok(activities)
+        state
+            .activities
+            .get(AWS_CACHE_TTL, &state.calls, async || {
+                self.metrics
+                    .aws_calls
+                    .with_label_values(&["DescribeScalingActivities"])
+                    .inc();
+                Ok(self.aws.activities(asg).await?)
+            })
+            .await
+    }
+
+    /// The ASG that lists `instance` in a describe of this process made within [`AWS_CACHE_TTL`]:
+    /// during a burst of notices on one group, most find their instance there without a call.
+    pub(super) fn described_group_of(&self, instance: &str) -> Option<String> {
+        let asgs: Vec<Arc<AsgState>> = lock(&self.asgs).values().cloned().collect();
+        asgs.iter().find_map(|state| {
+            let group = state.group.peek(AWS_CACHE_TTL)?;
+            group
+                .instances
+                .iter()
+                .any(|i| i.id == instance)
+                .then(|| group.name.clone())
+        })
     }
 
     /// The opted-in Nodes in the cache: the ones this controller acts on.
@@ -480,6 +596,24 @@ impl Context {
     /// Readiness of the Node of `instance`, from the cache of all Nodes; `None` when it has none.
     pub(super) fn node_of_instance(&self, instance: &str) -> Option<Arc<Node>> {
         self.all_nodes.find(|n| node::instance_id(n) == Some(instance))
+    }
+
+    /// The Nodes of `instances`, by instance id, in one pass over the cache of all Nodes (a look-up
+    /// per instance would read every Node once per instance: 200 × 5,000 on a large group).
+    pub(super) fn nodes_of_instances(&self, instances: &HashSet<&str>) -> HashMap<String, Arc<Node>> {
+        if instances.is_empty() {
+            return HashMap::new();
+        }
+        self.all_nodes
+            .state()
+            .into_iter()
+            .filter_map(|node| {
+                let id = node::instance_id(&node)
+                    .filter(|id| instances.contains(id))?
+                    .to_owned();
+                Some((id, node))
+            })
+            .collect()
     }
 
     pub(super) async fn event(&self, node: &Node, type_: EventType, reason: &str, note: String) {
@@ -525,6 +659,18 @@ fn fit_note(mut note: String) -> String {
 }
 
 /// Counts a piece of work in flight for as long as it lives.
+/// A staged decision (see [`Context::stage`]); dropping it takes it back.
+pub(super) struct Staged<'a> {
+    ctx: &'a Context,
+    node: String,
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        lock(&self.ctx.staged).remove(&self.node);
+    }
+}
+
 pub(super) struct Counted<'a>(&'a AtomicUsize);
 
 impl<'a> Counted<'a> {

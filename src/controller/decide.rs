@@ -170,13 +170,32 @@ const FINISHED_ACTIVITY: [&str; 3] = ["Successful", "Failed", "Cancelled"];
 /// (`ours`) is another actor's (rule 7): wait for it before a first scale-up. Unfinished means any
 /// status but the finished ones, so a status AWS adds later counts as running rather than being
 /// missed.
+///
+/// The termination of an instance in `taken_out` (one this controller retires or releases, or a
+/// noticed instance AWS takes back) is not a reason to wait either: it changes no desired capacity
+/// the next scale-up reads, and a real termination runs for minutes (shutdown, lifecycle hooks),
+/// so under replace-then-retire every notice would otherwise wait for the last retirement.
 pub fn foreign_activity_in_progress<'a>(
     activities: &'a [Activity],
     ours: &[&ScaleIntent],
+    taken_out: &HashSet<String>,
 ) -> Option<&'a Activity> {
     activities.iter().find(|a| {
-        !FINISHED_ACTIVITY.contains(&a.status.as_str()) && !ours.iter().any(|intent| caused_by(a, intent))
+        !FINISHED_ACTIVITY.contains(&a.status.as_str())
+            && !ours.iter().any(|intent| caused_by(a, intent))
+            && !terminated_instance(a).is_some_and(|instance| taken_out.contains(instance))
     })
+}
+
+/// The instance a termination activity takes out: AWS describes one as
+/// "Terminating EC2 instance: i-…".
+pub fn terminated_instance(activity: &Activity) -> Option<&str> {
+    let id = activity
+        .description
+        .strip_prefix("Terminating EC2 instance: ")?
+        .split_whitespace()
+        .next()?;
+    id.starts_with("i-").then_some(id)
 }
 
 /// The new instance this node claims: InService, not in the pre-scale set, not claimed by another
@@ -505,14 +524,15 @@ mod tests {
 
     #[test]
     fn only_activities_in_progress_hold_a_scale_up_back() {
+        let none = HashSet::new();
         let activities = [activity("InProgress", "", 5), activity("Successful", "", 1)];
         assert_eq!(
-            foreign_activity_in_progress(&activities, &[]).map(|a| a.id.as_str()),
+            foreign_activity_in_progress(&activities, &[], &none).map(|a| a.id.as_str()),
             Some("act-5")
         );
-        assert!(foreign_activity_in_progress(&activities[1..], &[]).is_none());
+        assert!(foreign_activity_in_progress(&activities[1..], &[], &none).is_none());
         // A launch one of our own open scale-ups caused does not hold the next one back.
-        assert!(foreign_activity_in_progress(&activities, &[&requested(0)]).is_none());
+        assert!(foreign_activity_in_progress(&activities, &[&requested(0)], &none).is_none());
         for unfinished in [
             "PendingSpotBidPlacement",
             "WaitingForSpotInstanceRequestId",
@@ -525,7 +545,7 @@ mod tests {
         ] {
             let activities = [activity("Successful", "", 1), activity(unfinished, "", 5)];
             assert!(
-                foreign_activity_in_progress(&activities, &[]).is_some(),
+                foreign_activity_in_progress(&activities, &[], &none).is_some(),
                 "{unfinished}"
             );
         }
@@ -534,7 +554,30 @@ mod tests {
             activity("Cancelled", "", 2),
             activity("Successful", "", 3),
         ];
-        assert!(foreign_activity_in_progress(&over, &[]).is_none());
+        assert!(foreign_activity_in_progress(&over, &[], &none).is_none());
+    }
+
+    #[test]
+    fn the_termination_of_an_instance_taken_out_by_us_holds_nothing_back() {
+        let mut retiring = activity("InProgress", "", 5);
+        retiring.description = "Terminating EC2 instance: i-0aa11bb22cc33dd44".to_owned();
+        let mut other = activity("InProgress", "", 6);
+        other.description = "Terminating EC2 instance: i-0ffffffffffffffff".to_owned();
+        assert_eq!(terminated_instance(&retiring), Some("i-0aa11bb22cc33dd44"));
+        let taken_out = HashSet::from(["i-0aa11bb22cc33dd44".to_owned()]);
+        assert!(foreign_activity_in_progress(std::slice::from_ref(&retiring), &[], &taken_out).is_none());
+        // Another actor's termination is still waited for, and so is ours while it is unknown.
+        let both = [retiring.clone(), other];
+        assert_eq!(
+            foreign_activity_in_progress(&both, &[], &taken_out).map(|a| a.id.as_str()),
+            Some("act-6")
+        );
+        assert!(foreign_activity_in_progress(&[retiring], &[], &HashSet::new()).is_some());
+        // A launch is never a termination, whatever its description says after the prefix.
+        let mut launch = activity("PreInService", "", 7);
+        launch.description = "Launching a new EC2 instance: i-0aa11bb22cc33dd44".to_owned();
+        assert_eq!(terminated_instance(&launch), None);
+        assert!(foreign_activity_in_progress(&[launch], &[], &taken_out).is_some());
     }
 
     #[test]

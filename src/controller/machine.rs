@@ -114,6 +114,9 @@ pub struct Facts<'a> {
     pub members: &'a [Member<'a>],
     /// Instances the other records claimed as replacements.
     pub claimed: &'a HashSet<String>,
+    /// Instances this controller's records take out of their ASGs: every noticed instance, and
+    /// every instance an undo terminates. Their terminations are not another actor's (rule 7).
+    pub taken_out: &'a HashSet<String>,
     /// The Node of an instance (its name, and whether it is Ready), by instance id; absent while
     /// the instance has no Node.
     pub nodes: &'a HashMap<String, (String, bool)>,
@@ -482,7 +485,8 @@ fn start_scale(facts: &Facts<'_>, record: &Record<'_>, capacity_type: CapacityTy
             .filter(|m| m.scale.asg == group.name)
             .map(|m| m.scale)
             .collect();
-        if let Some(activity) = decide::foreign_activity_in_progress(facts.activities, &ours) {
+        if let Some(activity) = decide::foreign_activity_in_progress(facts.activities, &ours, facts.taken_out)
+        {
             let since = replacement.waiting_since.unwrap_or(facts.now);
             if facts.now.duration_since(since) < facts.rules.foreign_activity_timeout {
                 let wait = Then::After(facts.rules.poll);

@@ -89,6 +89,7 @@ struct World {
     activities: Vec<Activity>,
     members: Vec<(String, Phase, ScaleIntent)>,
     claimed: HashSet<String>,
+    taken_out: HashSet<String>,
     nodes: HashMap<String, (String, bool)>,
 }
 
@@ -104,6 +105,7 @@ impl World {
             activities: Vec::new(),
             members: Vec::new(),
             claimed: HashSet::new(),
+            taken_out: HashSet::new(),
             nodes: HashMap::new(),
         }
     }
@@ -153,6 +155,7 @@ impl World {
             activities: &self.activities,
             members: &members,
             claimed: &self.claimed,
+            taken_out: &self.taken_out,
             nodes: &self.nodes,
         };
         next(&facts)
@@ -348,6 +351,40 @@ fn a_foreign_activity_holds_a_first_spot_scale_up_back_then_times_out() {
     world.now = at(10 + 121);
     let acting = world.next();
     assert!(matches!(&acting.acts[..], [Act::Ensure { .. }]));
+}
+
+#[test]
+fn another_nodes_retirement_does_not_hold_a_first_scale_up_back() {
+    // Replace-then-retire: the last noticed node's instance is being terminated (with a
+    // decrement, minutes on real AWS). A new notice raises at once.
+    let retiring = Activity {
+        status: "InProgress".into(),
+        description: "Terminating EC2 instance: i-retiring".into(),
+        cause: "At 2027 an instance was taken out of service in response to a user request, shrinking the capacity from 4 to 3.".into(),
+        start_time: Some(at(0)),
+        ..failed_launch(0, 4, 3)
+    };
+    let mut world = World::new(10, node(Some(1), None))
+        .record(Phase::Detected, 1, detected())
+        .group(group(
+            3,
+            10,
+            &[("i-old", "InService"), ("i-retiring", "Terminating")],
+        ));
+    world.activities = vec![retiring];
+    world.taken_out.insert("i-retiring".into());
+    let transition = world.next();
+    assert!(
+        matches!(&transition.acts[..], [Act::Ensure { .. }]),
+        "{transition:?}"
+    );
+    assert_eq!(written(&transition).1.waiting_since, None);
+
+    // The same termination by another actor is waited for.
+    world.taken_out.clear();
+    let waiting = world.next();
+    assert!(waiting.acts.is_empty());
+    assert_eq!(reasons(&waiting), ["WaitingForScalingActivity"]);
 }
 
 #[test]

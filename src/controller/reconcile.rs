@@ -102,9 +102,16 @@ async fn replace(node: &Node, ctx: &Context, input: &NodeInput) -> Result<Option
         interruption: input.interruption,
         tainted: node::has_taint(node, &taint.key, &taint.effect),
     };
+    // A notice on its way to its scale-up intent holds calls back (rule 2) from its first step to
+    // the intent's write, also between steps (while an Event is published).
+    let mut on_the_way = None;
     for step_number in 0..MAX_STEPS {
         let status = ctx.status_of(node);
         let record = status.as_ref().map(record_of);
+        let noticed = facts.rebalance.is_some() || facts.interruption.is_some();
+        if noticed && record.is_none_or(|r| r.phase == Phase::Detected) {
+            on_the_way.get_or_insert_with(|| Counted::new(&ctx.detecting));
+        }
         // Before anything is read from AWS: an interruption taints at once.
         let interruption = (step_number == 0)
             .then(|| machine::on_interruption(&facts, record, rules.dry_run))
@@ -114,7 +121,7 @@ async fn replace(node: &Node, ctx: &Context, input: &NodeInput) -> Result<Option
                 apply(ctx, node, &transition, Held::default()).await?;
                 transition
             }
-            None => match step(ctx, node, &facts, record, &rules).await? {
+            None => match step(ctx, node, &facts, record, &rules, &mut on_the_way).await? {
                 (_, Some(deferred)) => return Ok(Some(deferred)),
                 (transition, None) => transition,
             },
@@ -147,22 +154,23 @@ fn record_of(status: &SpotReplacementStatus) -> Record<'_> {
 }
 
 /// Locks and counters a step holds until its record is written: the ASG's decision lock (no two
-/// decisions on one ASG at once), and the count of scale-ups on their way to writing an intent.
+/// decisions on one ASG at once), and the counts of scale-ups on their way to writing an intent.
 #[derive(Default)]
 struct Held<'a> {
-    _decision: Option<tokio::sync::OwnedMutexGuard<()>>,
+    decision: Option<tokio::sync::OwnedMutexGuard<()>>,
     _pending: Option<Counted<'a>>,
-    _detecting: Option<Counted<'a>>,
+    _on_the_way: Option<Counted<'a>>,
     asg: Option<String>,
 }
 
 /// Gathers what the next step needs, decides it, and applies it.
-async fn step(
-    ctx: &Context,
+async fn step<'a>(
+    ctx: &'a Context,
     node: &Node,
     facts: &NodeFacts,
     record: Option<Record<'_>>,
     rules: &machine::Rules,
+    on_the_way: &mut Option<Counted<'a>>,
 ) -> Result<(Transition, Option<Duration>)> {
     let now = Timestamp::now();
     let none = HashMap::new();
@@ -178,22 +186,18 @@ async fn step(
         activities: &[],
         members: &[],
         claimed: &nobody,
+        taken_out: &nobody,
         nodes: &none,
     };
     let Some(record) = record else {
         if facts.rebalance.is_none() && facts.interruption.is_none() {
             return Ok((machine::next(&fact), None));
         }
-        // A first notice: find where the instance is. Concurrent scale-up calls wait for this.
-        let detecting = Counted::new(&ctx.detecting);
+        // A first notice: find where the instance is (concurrent scale-up calls wait: `on_the_way`).
         let placement = placement(ctx, node, facts.instance.as_deref()).await?;
         fact.placement = Some(&placement);
         let transition = machine::next(&fact);
-        let held = Held {
-            _detecting: Some(detecting),
-            ..Held::default()
-        };
-        let deferred = apply(ctx, node, &transition, held).await?;
+        let deferred = apply(ctx, node, &transition, Held::default()).await?;
         return Ok((transition, deferred));
     };
     let Some(read) = machine::asg_to_read(&record) else {
@@ -203,27 +207,53 @@ async fn step(
     };
     let state = ctx.asg(&read.asg);
     let pending = (record.phase == Phase::Detected).then(|| Counted::new(&state.pending));
-    let decision = state.decide.clone().lock_owned().await;
-    let records = ctx.records();
-    let others: Vec<_> = members(&records)
-        .into_iter()
-        .filter(|m| m.node != facts.name)
-        .collect();
-    // A scale-up joining one in flight takes its baseline from it: no fresh read needed.
-    let joining = others
-        .iter()
-        .any(|m| m.scale.asg == read.asg && m.phase.is_scaling());
-    let max_age = match record.phase {
-        _ if read.fresh && !joining => Duration::ZERO,
-        Phase::AwaitingReady => rules.poll,
-        _ => super::context::AWS_CACHE_TTL,
+    // Only a first scale-up waits for others' activities (rule 7); read outside the lock, since a
+    // decision made meanwhile changes nothing a termination says.
+    let taken_out = if record.phase == Phase::Detected {
+        ctx.taken_out()
+    } else {
+        HashSet::new()
     };
-    let group = ctx.group_within(&read.asg, max_age).await?;
-    let activities = if read.activities {
+    // The ASG is read before the decision lock, so a describe never holds the decisions of others
+    // back; it is read again under the lock only when it no longer fits: this process called the
+    // ASG since, or the step turned out to need a fresh view after all.
+    let wanted = |records: &HashMap<String, (Phase, crate::contract::record::Replacement)>| {
+        // A scale-up joining one in flight takes its baseline from it: no fresh read needed.
+        let joining = records.iter().any(|(name, (phase, r))| {
+            *name != facts.name
+                && !phase.is_finished()
+                && phase.is_scaling()
+                && r.scale.as_ref().is_some_and(|scale| scale.asg == read.asg)
+        });
+        match record.phase {
+            _ if read.fresh && !joining => Duration::ZERO,
+            Phase::AwaitingReady => rules.poll,
+            _ => super::context::AWS_CACHE_TTL,
+        }
+    };
+    let calls = ctx.calls_on(&read.asg);
+    let asked = Instant::now();
+    let max_age = wanted(&ctx.records_deciding());
+    let mut group = ctx.group_within(&read.asg, max_age).await?;
+    let mut activities = if read.activities {
         ctx.activities(&read.asg).await?
     } else {
         Vec::new()
     };
+    let decision = state.decide.clone().lock_owned().await;
+    let records = ctx.records_deciding();
+    let others: Vec<_> = members(&records)
+        .into_iter()
+        .filter(|m| m.node != facts.name)
+        .collect();
+    let stale =
+        ctx.calls_on(&read.asg) != calls || (wanted(&records) == Duration::ZERO && max_age != Duration::ZERO);
+    if stale {
+        group = ctx.group_within(&read.asg, asked.elapsed()).await?;
+        if read.activities {
+            activities = ctx.activities(&read.asg).await?;
+        }
+    }
     let claimed: HashSet<String> = records
         .iter()
         .filter(|(other, _)| **other != facts.name)
@@ -234,13 +264,15 @@ async fn step(
     fact.activities = &activities;
     fact.members = &others;
     fact.claimed = &claimed;
+    fact.taken_out = &taken_out;
     fact.nodes = &nodes;
     let transition = machine::next(&fact);
     let held = Held {
-        _decision: Some(decision),
+        decision: Some(decision),
         _pending: pending,
+        // Counted until this step's record is written: a first scale-up's intent, or a wait.
+        _on_the_way: on_the_way.take(),
         asg: Some(read.asg.clone()),
-        ..Held::default()
     };
     let deferred = apply(ctx, node, &transition, held).await?;
     Ok((transition, deferred))
@@ -248,13 +280,10 @@ async fn step(
 
 /// The Nodes of the group's instances: name and readiness, by instance id.
 fn nodes_of(ctx: &Context, group: &Group) -> HashMap<String, (String, bool)> {
-    group
-        .instances
-        .iter()
-        .filter_map(|instance| {
-            let node = ctx.node_of_instance(&instance.id)?;
-            Some((instance.id.clone(), (node.name_any(), node::is_ready(&node))))
-        })
+    let instances = group.instances.iter().map(|i| i.id.as_str()).collect();
+    ctx.nodes_of_instances(&instances)
+        .into_iter()
+        .map(|(id, node)| (id, (node.name_any(), node::is_ready(&node))))
         .collect()
 }
 
@@ -263,14 +292,20 @@ async fn placement(ctx: &Context, node: &Node, instance: Option<&str>) -> Result
     let Some(instance) = instance else {
         return Ok(Placement::NoInstance);
     };
-    ctx.metrics
-        .aws_calls
-        .with_label_values(&["DescribeAutoScalingInstances"])
-        .inc();
-    let Some(own_asg) = ctx.aws.group_of_instance(instance).await? else {
-        return Ok(Placement::NotInAsg {
-            instance: instance.to_owned(),
-        });
+    let own_asg = match ctx.described_group_of(instance) {
+        Some(asg) => asg,
+        None => {
+            ctx.metrics
+                .aws_calls
+                .with_label_values(&["DescribeAutoScalingInstances"])
+                .inc();
+            let Some(asg) = ctx.aws.group_of_instance(instance).await? else {
+                return Ok(Placement::NotInAsg {
+                    instance: instance.to_owned(),
+                });
+            };
+            asg
+        }
     };
     let own = ctx.group(&own_asg, false).await?;
     let spot = match &ctx.settings.spot_asg {
@@ -302,9 +337,18 @@ async fn apply(
     ctx: &Context,
     node: &Node,
     transition: &Transition,
-    held: Held<'_>,
+    mut held: Held<'_>,
 ) -> Result<Option<Duration>> {
     if let Some((phase, record)) = &transition.write {
+        // A decision made under the ASG's decision lock is shown to the next decisions on the ASG
+        // while it is written, so they need not wait for the write: a burst of notices decides
+        // one after the other and writes side by side. (A call waits for the intents on their way:
+        // `pending`; a failed write takes its decision back.)
+        let _staged = held.decision.is_some().then(|| {
+            let staged = ctx.stage(&node.name_any(), *phase, record);
+            held.decision = None;
+            staged
+        });
         write_record(node, ctx, *phase, record).await?;
         let intent_written = transition
             .acts

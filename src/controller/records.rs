@@ -123,6 +123,23 @@ impl Records {
             .collect()
     }
 
+    /// Calls `visit` with every record, as [`Self::all`] lists them, without copying any.
+    pub fn visit(&self, mut visit: impl FnMut(&SpotReplacement)) {
+        let written = lock(&self.written);
+        let deleted = lock(&self.deleted);
+        for object in self.cache.state() {
+            let name = object.name_any();
+            if !written.contains_key(&name) && !deleted.contains(&name) {
+                visit(&object);
+            }
+        }
+        for (name, object) in written.iter() {
+            if !deleted.contains(name) {
+                visit(object);
+            }
+        }
+    }
+
     /// Writes the record of `subject`: `change` gets its status as it stands (`None` for a new
     /// record) and returns the status to write. The record is made first when there is none.
     /// Returns the status as written.

@@ -115,6 +115,20 @@ impl ControllerProcess {
         self.process.wait_ready(Duration::from_secs(60)).await;
     }
 
+    /// Waits until it leads and its fence is open (it logs "leading"): the moment it starts acting.
+    /// A replica that is ready may still be waiting for the Lease.
+    #[allow(dead_code)] // Used by the benchmarks, which share this module.
+    pub async fn wait_leading(&mut self) {
+        self.wait_ready().await;
+        eventually("the controller leads", Duration::from_secs(60), || async {
+            self.log()
+                .lines()
+                .any(|line| line.contains("spot_rebalancer::controller: leading"))
+                .then_some(())
+        })
+        .await;
+    }
+
     /// The sum of the samples of `name` whose labels include all of `labels` (0 when there is none).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.metrics().await, name, labels)
