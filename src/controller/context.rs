@@ -204,6 +204,9 @@ pub(super) struct AsgState {
     /// When the oldest intent not yet covered by a call was written: the call waits for more at
     /// most [`MAX_COALESCE_WAIT`] after it.
     pub(super) uncalled_since: Mutex<Option<Instant>>,
+    /// When the one reconcile that looks again for the put-off call is due: the others put off
+    /// their look longer instead of every scale-up of a burst polling every coalesce window.
+    pub(super) next_look: Mutex<Option<Instant>>,
     /// The last describes. Dropped by every call this process makes on the ASG, so no decision
     /// reads a view from before its own last call.
     group: View<Group>,
