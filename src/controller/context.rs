@@ -415,17 +415,20 @@ impl Context {
     }
 
     /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
+    /// Called for every Ready Node event the watch delivers (thousands a minute in a large
+    /// cluster), so it copies no record: copying them all held the watch back by minutes during a
+    /// burst of notices, and the notices with it.
     pub fn claimant_of(&self, instance: &str) -> Option<ObjectRef<Node>> {
-        self.records
-            .all()
-            .into_iter()
-            .find(|object| {
-                object.status.as_ref().is_some_and(|status| {
-                    status.phase == Phase::AwaitingReady
-                        && status.record.instance_id.as_deref() == Some(instance)
-                })
-            })
-            .map(|object| ObjectRef::new(&object.spec.node_name))
+        let mut claimant = None;
+        self.records.visit(|object| {
+            let claims = object.status.as_ref().is_some_and(|status| {
+                status.phase == Phase::AwaitingReady && status.record.instance_id.as_deref() == Some(instance)
+            });
+            if claims && claimant.is_none() {
+                claimant = Some(ObjectRef::new(&object.spec.node_name));
+            }
+        });
+        claimant
     }
 
     /// Every noticed node's phase and record, by Node name: the records whose Node is still there
