@@ -204,6 +204,9 @@ pub(super) struct AsgState {
     /// When the oldest intent not yet covered by a call was written: the call waits for more at
     /// most [`MAX_COALESCE_WAIT`] after it.
     pub(super) uncalled_since: Mutex<Option<Instant>>,
+    /// When the one reconcile that looks again for the put-off call is due: the others put off
+    /// their look longer instead of every scale-up of a burst polling every coalesce window.
+    pub(super) next_look: Mutex<Option<Instant>>,
     /// The last describes. Dropped by every call this process makes on the ASG, so no decision
     /// reads a view from before its own last call.
     group: View<Group>,
@@ -412,17 +415,20 @@ impl Context {
     }
 
     /// The old node whose record claims `instance`, for waking it when its replacement turns Ready.
+    /// Called for every Ready Node event the watch delivers (thousands a minute in a large
+    /// cluster), so it copies no record: copying them all held the watch back by minutes during a
+    /// burst of notices, and the notices with it.
     pub fn claimant_of(&self, instance: &str) -> Option<ObjectRef<Node>> {
-        self.records
-            .all()
-            .into_iter()
-            .find(|object| {
-                object.status.as_ref().is_some_and(|status| {
-                    status.phase == Phase::AwaitingReady
-                        && status.record.instance_id.as_deref() == Some(instance)
-                })
-            })
-            .map(|object| ObjectRef::new(&object.spec.node_name))
+        let mut claimant = None;
+        self.records.visit(|object| {
+            let claims = object.status.as_ref().is_some_and(|status| {
+                status.phase == Phase::AwaitingReady && status.record.instance_id.as_deref() == Some(instance)
+            });
+            if claims && claimant.is_none() {
+                claimant = Some(ObjectRef::new(&object.spec.node_name));
+            }
+        });
+        claimant
     }
 
     /// Every noticed node's phase and record, by Node name: the records whose Node is still there

@@ -2,7 +2,7 @@
 //! server, and each [`Report`] told as a log line, an Event and a metric. Every action here is
 //! safe to repeat: a taint that is there is not added again, a raise never lowers and reads the
 //! ASG fresh first, a termination checks its target against the records right before the call.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Taint};
@@ -39,8 +39,9 @@ pub async fn act(ctx: &Context, node: &Node, act: &Act) -> Result<Done> {
         Act::Taint { why } => taint(ctx, node, why).await.map(|()| Done::Yes),
         Act::ProtectReplacement { node } => protect(ctx, node).await.map(|()| Done::Yes),
         Act::Ensure { intent } => {
-            if let Some(wait) = still_coalescing(ctx, &ctx.asg(&intent.asg)) {
-                return Ok(Done::Deferred(wait));
+            let state = ctx.asg(&intent.asg);
+            if let Some(wait) = still_coalescing(ctx, &state) {
+                return Ok(Done::Deferred(look_again(&state, wait)));
             }
             if let Some(target) = ensure_desired(ctx, intent).await? {
                 let note = format!(
@@ -145,15 +146,35 @@ fn still_coalescing(ctx: &Context, state: &AsgState) -> Option<Duration> {
     ((busy || !quiet) && !overdue).then_some(window.max(Duration::from_millis(10)))
 }
 
+/// How long a put-off call waits before its next look: `wait` for the one reconcile that looks
+/// again for the ASG; [`MAX_COALESCE_WAIT`] for the others, whose intents that look's call covers
+/// (they look again in case it failed). Without this, each scale-up of a burst of a hundred came
+/// back every coalesce window, and the reconciles of new notices waited behind them.
+fn look_again(state: &AsgState, wait: Duration) -> Duration {
+    let now = Instant::now();
+    let mut next_look = lock(&state.next_look);
+    match *next_look {
+        Some(due) if due > now => MAX_COALESCE_WAIT,
+        _ => {
+            *next_look = Some(now + wait);
+            wait
+        }
+    }
+}
+
 /// Makes the group's desired capacity cover every member's intent (also after a crash between
 /// intent and call). Only ever raises, and reads the ASG fresh right before, under the ASG's send
 /// lock, so a capacity another actor raised is never lowered and no call rests on a view from
 /// before this process's last one. Returns the target it set, if it made a call.
 async fn ensure_desired(ctx: &Context, intent: &ScaleIntent) -> Result<Option<i32>> {
+    let asked = Instant::now();
     let _sending = ctx.sending_on(&intent.asg).await;
     // Every intent written so far is covered by what follows.
     *lock(&ctx.asg(&intent.asg).uncalled_since) = None;
-    let group = ctx.group(&intent.asg, true).await?;
+    // A describe begun after this call was asked for, with no call of this process since, is as
+    // fresh as one made now: the reconciles queued on the send lock share one instead of making
+    // one each.
+    let group = ctx.group_within(&intent.asg, asked.elapsed()).await?;
     let records = ctx.records();
     let members = members(&records);
     let target = decide::group_target(intent, &members, group.max, ctx.settings.surge_above_max);
