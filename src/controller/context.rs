@@ -147,7 +147,7 @@ pub struct Context {
     /// Scale-up intents decided and being written, by Node name: the next decision on the ASG sees
     /// them as members while their write is on its way, so decisions need not wait for each
     /// other's writes. Calls never see them: a call counts written intents only.
-    staged: Mutex<HashMap<String, (Phase, Replacement)>>,
+    staged: Staging,
     pub(super) warned_rebalancing: Mutex<HashSet<String>>,
     /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
     failing: Mutex<HashMap<String, Streak>>,
@@ -302,7 +302,7 @@ impl Context {
             drain_rounds: Mutex::default(),
             asgs: Mutex::default(),
             detecting: AtomicUsize::new(0),
-            staged: Mutex::default(),
+            staged: Staging::default(),
             warned_rebalancing: Mutex::default(),
             failing: Mutex::default(),
         }
@@ -470,22 +470,14 @@ impl Context {
     /// written (see [`Self::stage`]).
     pub(super) fn records_deciding(&self) -> HashMap<String, (Phase, Replacement)> {
         let mut records = self.records();
-        records.extend(
-            lock(&self.staged)
-                .iter()
-                .map(|(node, staged)| (node.clone(), staged.clone())),
-        );
+        self.staged.show_over(&mut records);
         records
     }
 
     /// Shows `node`'s decided record to the next decisions until the guard is dropped (after its
     /// write, which then shows it, or after the write failed, which leaves it unwritten).
     pub(super) fn stage(&self, node: &str, phase: Phase, record: &Replacement) -> Staged<'_> {
-        lock(&self.staged).insert(node.to_owned(), (phase, record.clone()));
-        Staged {
-            ctx: self,
-            node: node.to_owned(),
-        }
+        self.staged.stage(node, phase, record)
     }
 
     /// The phase and record of `node`'s instance (named by its provider id), if it has one.
@@ -664,19 +656,42 @@ fn fit_note(mut note: String) -> String {
     note
 }
 
-/// Counts a piece of work in flight for as long as it lives.
-/// A staged decision (see [`Context::stage`]); dropping it takes it back.
+/// Decisions made and being written, by Node name (see [`Context::stage`]).
+#[derive(Default)]
+struct Staging(Mutex<HashMap<String, (Phase, Replacement)>>);
+
+impl Staging {
+    fn stage(&self, node: &str, phase: Phase, record: &Replacement) -> Staged<'_> {
+        lock(&self.0).insert(node.to_owned(), (phase, record.clone()));
+        Staged {
+            staging: self,
+            node: node.to_owned(),
+        }
+    }
+
+    /// Puts each staged decision over `records` (it is newer than what they hold for its Node).
+    fn show_over(&self, records: &mut HashMap<String, (Phase, Replacement)>) {
+        records.extend(
+            lock(&self.0)
+                .iter()
+                .map(|(node, staged)| (node.clone(), staged.clone())),
+        );
+    }
+}
+
+/// A staged decision; dropping it takes it back.
 pub(super) struct Staged<'a> {
-    ctx: &'a Context,
+    staging: &'a Staging,
     node: String,
 }
 
 impl Drop for Staged<'_> {
     fn drop(&mut self) {
-        lock(&self.ctx.staged).remove(&self.node);
+        lock(&self.staging.0).remove(&self.node);
     }
 }
 
+/// Counts a piece of work in flight for as long as it lives.
 pub(super) struct Counted<'a>(&'a AtomicUsize);
 
 impl<'a> Counted<'a> {
@@ -792,6 +807,30 @@ pub(super) async fn write_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staged_decision_shows_until_its_guard_drops_and_a_failed_write_takes_it_back() {
+        let staging = Staging::default();
+        let written = Replacement::new("spot-a".into(), None, Timestamp::UNIX_EPOCH);
+        let mut decided = written.clone();
+        decided.instance_id = Some("i-new".into());
+        let records = || HashMap::from([("n1".to_owned(), (Phase::Detected, written.clone()))]);
+
+        let guard = staging.stage("n1", Phase::ScalingSpot, &decided);
+        let mut seen = records();
+        staging.show_over(&mut seen);
+        assert_eq!(
+            seen["n1"],
+            (Phase::ScalingSpot, decided.clone()),
+            "the decision, over the record"
+        );
+
+        // The write failed: the guard drops and the next decision sees the record as written.
+        drop(guard);
+        let mut seen = records();
+        staging.show_over(&mut seen);
+        assert_eq!(seen["n1"], (Phase::Detected, written.clone()));
+    }
 
     #[test]
     fn an_event_note_is_cut_to_what_the_api_server_takes() {

@@ -162,6 +162,22 @@ impl World {
     }
 }
 
+/// A Detected record whose raise `baseline` → `raised_to` was given up for capacity, the lower back
+/// to `baseline` not yet made.
+fn pending_lower(baseline: i32, raised_to: i32) -> Replacement {
+    let mut record = detected();
+    record.abandoned.push(Abandoned {
+        scale: intent(baseline, raised_to, &["i-old"], 1),
+        undo: Undo::Lower {
+            from: raised_to,
+            to: baseline,
+        },
+        undone: false,
+        cause: AbandonCause::Capacity,
+    });
+    record
+}
+
 fn written(transition: &Transition) -> (Phase, &Replacement) {
     let (phase, record) = transition.write.as_ref().expect("a record write");
     (*phase, record)
@@ -608,13 +624,7 @@ fn on_demand_capacity_gone_too_ends_in_failed_with_the_reason() {
 
 #[test]
 fn a_pending_undo_comes_first_and_is_marked_done_after_its_call() {
-    let mut record = detected();
-    record.abandoned.push(Abandoned {
-        scale: intent(3, 4, &["i-old"], 1),
-        undo: Undo::Lower { from: 4, to: 3 },
-        undone: false,
-        cause: AbandonCause::Capacity,
-    });
+    let record = pending_lower(3, 4);
     let world = World::new(70, node(Some(1), None))
         .record(Phase::Detected, 2, record)
         .group(group(4, 10, &[("i-old", "InService")]));
@@ -632,13 +642,7 @@ fn a_pending_undo_comes_first_and_is_marked_done_after_its_call() {
 
 #[test]
 fn an_undo_another_actor_made_unnecessary_is_only_marked_done() {
-    let mut record = detected();
-    record.abandoned.push(Abandoned {
-        scale: intent(3, 4, &["i-old"], 1),
-        undo: Undo::Lower { from: 4, to: 3 },
-        undone: false,
-        cause: AbandonCause::Capacity,
-    });
+    let record = pending_lower(3, 4);
     let world = World::new(70, node(Some(1), None))
         .record(Phase::Detected, 2, record)
         .group(group(3, 10, &[("i-old", "InService")]));
@@ -649,13 +653,7 @@ fn an_undo_another_actor_made_unnecessary_is_only_marked_done() {
 
 #[test]
 fn a_lower_planned_before_a_late_launch_is_planned_again_as_a_termination() {
-    let mut record = detected();
-    record.abandoned.push(Abandoned {
-        scale: intent(1, 2, &["i-old"], 1),
-        undo: Undo::Lower { from: 2, to: 1 },
-        undone: false,
-        cause: AbandonCause::Capacity,
-    });
+    let record = pending_lower(1, 2);
     let world = World::new(70, node(Some(1), None))
         .record(Phase::Detected, 2, record)
         .group(group(2, 10, &[("i-old", "InService"), ("i-late", "Pending")]));

@@ -219,12 +219,9 @@ async fn step<'a>(
     // ASG since, or the step turned out to need a fresh view after all.
     let wanted = |records: &HashMap<String, (Phase, crate::contract::record::Replacement)>| {
         // A scale-up joining one in flight takes its baseline from it: no fresh read needed.
-        let joining = records.iter().any(|(name, (phase, r))| {
-            *name != facts.name
-                && !phase.is_finished()
-                && phase.is_scaling()
-                && r.scale.as_ref().is_some_and(|scale| scale.asg == read.asg)
-        });
+        let joining = members(records)
+            .iter()
+            .any(|m| m.node != facts.name && m.scale.asg == read.asg && m.phase.is_scaling());
         match record.phase {
             _ if read.fresh && !joining => Duration::ZERO,
             Phase::AwaitingReady => rules.poll,
