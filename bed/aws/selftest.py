@@ -901,6 +901,7 @@ class FakeCoreV1:
             items=[
                 SimpleNamespace(
                     metadata=SimpleNamespace(name=n["metadata"]["name"], annotations=n["metadata"].get("annotations")),
+                    spec=SimpleNamespace(provider_id=n.get("spec", {}).get("providerID")),
                     status=SimpleNamespace(
                         conditions=[
                             SimpleNamespace(type=c["type"], status=c["status"])
@@ -1122,6 +1123,20 @@ class NodeBridgeTest(unittest.TestCase):
         bridge.reconcile_once()
         self.assertNotIn(member, bridge.nodes())
         self.assertEqual(self.core.nodes[name]["metadata"]["annotations"], {})
+
+    def test_an_instance_a_real_kubelet_registered_gets_no_node(self) -> None:
+        bridge = self.bridge()
+        bridge.reconcile_once()
+        kind_worker, other = self.asg_members()
+        self.core.nodes["kind-worker"] = {
+            "metadata": {"name": "kind-worker", "annotations": {}},
+            "spec": {"providerID": f"aws:///us-east-1a/{kind_worker}"},
+        }
+        self.now += 2.5
+        bridge.reconcile_once()
+        self.assertEqual(list(bridge.nodes()), [other])
+        self.assertEqual(self.core.creates, 1)
+        self.assertEqual(self.core.nodes["kind-worker"]["metadata"]["annotations"], {})
 
     def test_a_not_ready_fault_holds_new_nodes_not_ready_until_cleared(self) -> None:
         faults = NotReadyFaults()

@@ -8,7 +8,9 @@ Every tick the bridge compares two sets and makes the second match the first:
   restarted bridge adopts what an earlier one made, and a Node deleted by someone else comes back).
 
 It creates what is missing and deletes Nodes whose instance is gone. Nodes without the annotation
-are never touched. kwok then makes the Nodes Ready: kwokctl runs it with ``--manage-all-nodes``, so it
+are never touched, and an instance that already has one (a real kubelet registered it, with its
+``spec.providerID`` naming the instance: a kind worker playing that instance) gets no Node of the
+bridge's. kwok then makes the Nodes Ready: kwokctl runs it with ``--manage-all-nodes``, so it
 takes every Node whose Lease in ``kube-node-lease`` nobody else holds (the ``kwok.x-k8s.io/node: fake``
 annotation is kept for a kwok that selects by it).
 
@@ -228,6 +230,15 @@ def owned_node(node: Any) -> tuple[str, OwnedNode] | None:
     )
 
 
+def provider_instance(node: Any) -> str | None:
+    """The instance id at the end of a Node's ``aws:///<zone>/<instance-id>`` providerID, if any."""
+    spec = getattr(node, "spec", None)
+    provider_id = getattr(spec, "provider_id", None) or ""
+    if not provider_id.startswith("aws://"):
+        return None
+    return provider_id.rsplit("/", 1)[-1] or None
+
+
 class ProblemLog:
     """Logs a recurring problem once, then again only when it changes or every ``every`` seconds."""
 
@@ -315,11 +326,16 @@ class NodeBridge:
         candidates = {view.instance_id: view for view in self.world.node_candidates()}
         due = self._due(candidates)
         core = self._client()
-        owned = self._list_owned(core)
+        owned, kubelets = self._list_nodes(core)
         for instance_id, node in owned.items():
             if instance_id not in candidates and self._delete(core, node):
                 log.info("deleted Node %s (instance %s is gone)", node.name, instance_id)
         for instance_id, view in due.items():
+            if instance_id in kubelets:
+                self._problems.warn(
+                    f"kubelet {instance_id}", f"instance {instance_id} is Node {kubelets[instance_id]}: no Node made"
+                )
+                continue
             if instance_id not in owned and (created := self._create(core, view)) is not None:
                 owned[instance_id] = created
                 kubelet = " (its kubelet never turns Ready)" if created.by_bridge else ""
@@ -362,13 +378,17 @@ class NodeBridge:
             self._leases = client.CoordinationV1Api(api_client)
         return self._core
 
-    def _list_owned(self, core: Any) -> dict[str, OwnedNode]:
-        owned = {}
+    def _list_nodes(self, core: Any) -> tuple[dict[str, OwnedNode], dict[str, str]]:
+        """The Nodes the bridge owns, by instance id; and the other Nodes whose providerID names an
+        instance (instance id -> Node name)."""
+        owned, kubelets = {}, {}
         for node in core.list_node(_request_timeout=REQUEST_TIMEOUT_SECONDS).items:
             found = owned_node(node)
             if found is not None:
                 owned[found[0]] = found[1]
-        return owned
+            elif (instance_id := provider_instance(node)) is not None:
+                kubelets[instance_id] = node.metadata.name
+        return owned, kubelets
 
     def _create(self, core: Any, view: InstanceView) -> OwnedNode | None:
         from kubernetes.client.exceptions import ApiException
