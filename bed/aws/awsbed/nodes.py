@@ -331,12 +331,14 @@ class NodeBridge:
             if instance_id not in candidates and self._delete(core, node):
                 log.info("deleted Node %s (instance %s is gone)", node.name, instance_id)
         for instance_id, view in due.items():
+            if instance_id in owned:
+                continue
             if instance_id in kubelets:
                 self._problems.warn(
                     f"kubelet {instance_id}", f"instance {instance_id} is Node {kubelets[instance_id]}: no Node made"
                 )
                 continue
-            if instance_id not in owned and (created := self._create(core, view)) is not None:
+            if (created := self._create(core, view)) is not None:
                 owned[instance_id] = created
                 kubelet = " (its kubelet never turns Ready)" if created.by_bridge else ""
                 log.info("created Node %s for instance %s%s", created.name, instance_id, kubelet)
