@@ -474,6 +474,11 @@ impl Context {
         records
     }
 
+    /// The node, other than `node`, whose record (written or staged) claims `instance`, if any.
+    pub(super) fn claimed_by_another(&self, node: &str, instance: &str) -> Option<String> {
+        claimant_other_than(&self.records_deciding(), node, instance)
+    }
+
     /// Shows `node`'s decided record to the next decisions until the guard is dropped (after its
     /// write, which then shows it, or after the write failed, which leaves it unwritten).
     pub(super) fn stage(&self, node: &str, phase: Phase, record: &Replacement) -> Staged<'_> {
@@ -656,6 +661,21 @@ fn fit_note(mut note: String) -> String {
     note
 }
 
+/// The node, other than `node`, whose record in `records` claims `instance` (as the decisions'
+/// `claimed` set counts them: any record naming it).
+fn claimant_other_than(
+    records: &HashMap<String, (Phase, Replacement)>,
+    node: &str,
+    instance: &str,
+) -> Option<String> {
+    records
+        .iter()
+        .find(|(other, (_, record))| {
+            other.as_str() != node && record.instance_id.as_deref() == Some(instance)
+        })
+        .map(|(other, _)| other.clone())
+}
+
 /// Decisions made and being written, by Node name (see [`Context::stage`]).
 #[derive(Default)]
 struct Staging(Mutex<HashMap<String, (Phase, Replacement)>>);
@@ -807,6 +827,33 @@ pub(super) async fn write_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_meets_another_records_claim_of_the_same_instance_whether_written_or_staged() {
+        let mut claim = Replacement::new("spot-a".into(), None, Timestamp::UNIX_EPOCH);
+        claim.instance_id = Some("i-new".into());
+        let staging = Staging::default();
+        let mut records = HashMap::from([("n1".to_owned(), (Phase::AwaitingReady, claim.clone()))]);
+        assert_eq!(
+            claimant_other_than(&records, "n2", "i-new").as_deref(),
+            Some("n1")
+        );
+        assert_eq!(
+            claimant_other_than(&records, "n1", "i-new"),
+            None,
+            "its own claim"
+        );
+        assert_eq!(claimant_other_than(&records, "n2", "i-other"), None);
+        records.remove("n1");
+        assert_eq!(claimant_other_than(&records, "n2", "i-new"), None);
+        // Staged and not yet written: it claims.
+        let _guard = staging.stage("n3", Phase::AwaitingReady, &claim);
+        staging.show_over(&mut records);
+        assert_eq!(
+            claimant_other_than(&records, "n2", "i-new").as_deref(),
+            Some("n3")
+        );
+    }
 
     #[test]
     fn a_staged_decision_shows_until_its_guard_drops_and_a_failed_write_takes_it_back() {

@@ -346,6 +346,19 @@ async fn apply(
             held.decision = None;
             staged
         });
+        // A replacement is claimed by one record only: checked again once this claim is staged,
+        // against every record written or staged. (Bursts of a hundred notices showed two records
+        // claiming one instance, cause not yet found; when two claims meet here both step back
+        // and claim again on their next look.)
+        if *phase == Phase::AwaitingReady
+            && let Some(instance) = record.instance_id.as_deref()
+            && let Some(other) = ctx.claimed_by_another(&node.name_any(), instance)
+        {
+            warn!(instance, other = %other, "two records claimed one replacement; claiming again");
+            return Err(Error::Refused(format!(
+                "instance {instance} is claimed by node {other}'s record too; this claim is made again"
+            )));
+        }
         write_record(node, ctx, *phase, record).await?;
         let intent_written = transition
             .acts
