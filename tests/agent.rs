@@ -50,6 +50,37 @@ fn agent_kubeconfig(bed: &Bed, node: &TestNode) -> PathBuf {
     role_kubeconfig(bed, Role::Agent { node: &node.name })
 }
 
+/// A ready agent on a new Node whose API connections go through a [`TcpProxy`] (to cut them, or
+/// count them), polling a metadata mock that shows no notice yet.
+struct ProxiedAgent {
+    node: TestNode,
+    proxy: TcpProxy,
+    mock: ImdsMock,
+    agent: AgentProcess,
+    /// Holds the kubeconfig through the proxy.
+    _dir: tempfile::TempDir,
+}
+
+impl ProxiedAgent {
+    async fn start(node_name: &str, extra: &[&str]) -> Self {
+        let bed = Bed::connect().await;
+        let node = TestNode::create(&bed, node_name).await;
+        let proxy = TcpProxy::start(apiserver_addr(&bed)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = kubeconfig_through(&agent_kubeconfig(&bed, &node), proxy.addr, dir.path());
+        let mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
+        let mut agent = start_agent(&node, &mock.endpoint(), &kubeconfig, extra);
+        agent.wait_ready().await;
+        ProxiedAgent {
+            node,
+            proxy,
+            mock,
+            agent,
+            _dir: dir,
+        }
+    }
+}
+
 fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -396,19 +427,17 @@ async fn the_agent_recovers_when_imds_stops_and_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_seen_while_the_api_server_is_unreachable_is_written_once_it_is_back() {
-    let bed = Bed::connect().await;
-    let node = TestNode::create(&bed, "agent-api-gone").await;
-    let proxy = TcpProxy::start(apiserver_addr(&bed)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kubeconfig_through(&agent_kubeconfig(&bed, &node), proxy.addr, dir.path());
-    let mut mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
-    let mut agent = start_agent(
-        &node,
-        &mock.endpoint(),
-        &kubeconfig,
+    let ProxiedAgent {
+        node,
+        proxy,
+        mut mock,
+        mut agent,
+        _dir,
+    } = ProxiedAgent::start(
+        "agent-api-gone",
         &["--poll-interval", "1s", "--backoff-max", "2s"],
-    );
-    agent.wait_ready().await;
+    )
+    .await;
 
     proxy.cut();
     mock.restart(&["spot", "-I", "-d", NEVER, "-r", NOTICE_TIME])
@@ -450,19 +479,13 @@ async fn a_notice_seen_while_the_api_server_is_unreachable_is_written_once_it_is
 /// no new TCP and TLS handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_agent_keeps_its_api_connection_warm_and_writes_the_notice_over_it() {
-    let bed = Bed::connect().await;
-    let node = TestNode::create(&bed, "agent-warm").await;
-    let proxy = TcpProxy::start(apiserver_addr(&bed)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = kubeconfig_through(&agent_kubeconfig(&bed, &node), proxy.addr, dir.path());
-    let mut mock = ImdsMock::start(&bed, &["spot", "-I", "-d", NEVER, "--rebalance-delay-sec", NEVER]).await;
-    let mut agent = start_agent(
-        &node,
-        &mock.endpoint(),
-        &kubeconfig,
-        &["--poll-interval", "1s", "--api-keepalive", "20s"],
-    );
-    agent.wait_ready().await;
+    let ProxiedAgent {
+        node,
+        proxy,
+        mut mock,
+        agent,
+        _dir,
+    } = ProxiedAgent::start("agent-warm", &["--poll-interval", "1s", "--api-keepalive", "20s"]).await;
     let after_start = proxy.connections();
 
     // Past the first keep-alive (20 s), which came after more than 15 s of silence.
