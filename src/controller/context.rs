@@ -476,7 +476,27 @@ impl Context {
 
     /// The node, other than `node`, whose record (written or staged) claims `instance`, if any.
     pub(super) fn claimed_by_another(&self, node: &str, instance: &str) -> Option<String> {
-        claimant_other_than(&self.records_deciding(), node, instance)
+        self.claims_of_others(node).remove(instance)
+    }
+
+    /// Every instance a record claims as its replacement, written or staged, with its node, except
+    /// `node`'s claims: every record counts, also one whose Node is not (or no longer, or not yet)
+    /// in the Node cache, unlike [`Self::records`]. A claim holds until its record says otherwise.
+    pub(super) fn claims_of_others(&self, node: &str) -> HashMap<String, String> {
+        let mut claims = HashMap::new();
+        self.records.visit(|object| {
+            let claimed = object
+                .status
+                .as_ref()
+                .and_then(|status| status.record.instance_id.as_ref());
+            if let Some(instance) = claimed
+                && object.spec.node_name != node
+            {
+                claims.insert(instance.clone(), object.spec.node_name.clone());
+            }
+        });
+        self.staged.add_claims(node, &mut claims);
+        claims
     }
 
     /// Shows `node`'s decided record to the next decisions until the guard is dropped (after its
@@ -661,21 +681,6 @@ fn fit_note(mut note: String) -> String {
     note
 }
 
-/// The node, other than `node`, whose record in `records` claims `instance` (as the decisions'
-/// `claimed` set counts them: any record naming it).
-fn claimant_other_than(
-    records: &HashMap<String, (Phase, Replacement)>,
-    node: &str,
-    instance: &str,
-) -> Option<String> {
-    records
-        .iter()
-        .find(|(other, (_, record))| {
-            other.as_str() != node && record.instance_id.as_deref() == Some(instance)
-        })
-        .map(|(other, _)| other.clone())
-}
-
 /// Decisions made and being written, by Node name (see [`Context::stage`]).
 #[derive(Default)]
 struct Staging(Mutex<HashMap<String, (Phase, Replacement)>>);
@@ -686,6 +691,17 @@ impl Staging {
         Staged {
             staging: self,
             node: node.to_owned(),
+        }
+    }
+
+    /// Adds the instance each staged decision claims, with its node, except `node`'s.
+    fn add_claims(&self, node: &str, claims: &mut HashMap<String, String>) {
+        for (other, (_, record)) in lock(&self.0).iter() {
+            if let Some(instance) = &record.instance_id
+                && other != node
+            {
+                claims.insert(instance.clone(), other.clone());
+            }
         }
     }
 
@@ -829,29 +845,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_claim_meets_another_records_claim_of_the_same_instance_whether_written_or_staged() {
+    fn a_staged_claim_counts_for_every_other_node_until_its_guard_drops() {
         let mut claim = Replacement::new("spot-a".into(), None, Timestamp::UNIX_EPOCH);
         claim.instance_id = Some("i-new".into());
+        let unclaimed = Replacement::new("spot-a".into(), None, Timestamp::UNIX_EPOCH);
         let staging = Staging::default();
-        let mut records = HashMap::from([("n1".to_owned(), (Phase::AwaitingReady, claim.clone()))]);
+        let guard = staging.stage("n3", Phase::AwaitingReady, &claim);
+        let _other = staging.stage("n4", Phase::ScalingSpot, &unclaimed);
+        let claims = |node| {
+            let mut claims = HashMap::from([("i-written".to_owned(), "n1".to_owned())]);
+            staging.add_claims(node, &mut claims);
+            claims
+        };
         assert_eq!(
-            claimant_other_than(&records, "n2", "i-new").as_deref(),
-            Some("n1")
+            claims("n2"),
+            HashMap::from([
+                ("i-written".to_owned(), "n1".to_owned()),
+                ("i-new".to_owned(), "n3".to_owned()),
+            ])
         );
-        assert_eq!(
-            claimant_other_than(&records, "n1", "i-new"),
-            None,
-            "its own claim"
-        );
-        assert_eq!(claimant_other_than(&records, "n2", "i-other"), None);
-        records.remove("n1");
-        assert_eq!(claimant_other_than(&records, "n2", "i-new"), None);
-        // Staged and not yet written: it claims.
-        let _guard = staging.stage("n3", Phase::AwaitingReady, &claim);
-        staging.show_over(&mut records);
-        assert_eq!(
-            claimant_other_than(&records, "n2", "i-new").as_deref(),
-            Some("n3")
+        assert!(!claims("n3").contains_key("i-new"), "its own claim");
+        drop(guard);
+        assert!(
+            !claims("n2").contains_key("i-new"),
+            "a write that failed claims nothing"
         );
     }
 

@@ -210,6 +210,10 @@ async fn set_desired(
             .inc();
         ctx.aws.set_desired(asg, target).await
     };
+    // Again once the call is answered: a describe that began after the first drop and ended
+    // before AWS applied the call would otherwise be kept, and the next scale-up would read the
+    // desired capacity from before this call and raise it again.
+    ctx.forget_views(asg);
     let result = if sent.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .scale_ups

@@ -251,11 +251,9 @@ async fn step<'a>(
             activities = ctx.activities(&read.asg).await?;
         }
     }
-    let claimed: HashSet<String> = records
-        .iter()
-        .filter(|(other, _)| **other != facts.name)
-        .filter_map(|(_, (_, r))| r.instance_id.clone())
-        .collect();
+    // Every record's claim, also of one whose Node the cache does not show (`records` leaves
+    // those out): bursts showed two records claiming one replacement when only those counted.
+    let claimed: HashSet<String> = ctx.claims_of_others(&facts.name).into_keys().collect();
     let nodes = nodes_of(ctx, &group);
     fact.group = Some(&group);
     fact.activities = &activities;
