@@ -61,7 +61,7 @@ pub struct Args {
     #[arg(long, env = "API_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
     pub api_keepalive: Duration,
 
-    /// Base URL of the instance metadata service.
+    /// Base URL of the instance metadata service: plain `http://`, as IMDS is (link-local HTTP).
     #[arg(
         long,
         env = "AWS_EC2_METADATA_SERVICE_ENDPOINT",
