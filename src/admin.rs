@@ -7,9 +7,14 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
 
@@ -17,11 +22,6 @@ use tokio_util::sync::CancellationToken;
 pub enum Error {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("serving on {addr}: {source}")]
-    Serve {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -93,17 +93,60 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Serves `router` on `addr` until `shutdown` is cancelled, then finishes in-flight requests.
+/// How long a client may take to send a request's headers: a connection that dribbles them (or
+/// sends nothing) is closed instead of held.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// After accepting failed (e.g. out of file descriptors), the wait before accepting again.
+const ACCEPT_RETRY: Duration = Duration::from_secs(1);
+
+/// Serves `router` on `addr` over HTTP/1.1 until `shutdown` is cancelled, then finishes in-flight
+/// requests. HTTP/1.1 only (hyper's HTTP/1 server connection, not axum's `serve`, which speaks
+/// HTTP/2 as well): kubelet probes and Prometheus use HTTP/1.1, and the HTTP/2 server would be code
+/// pages resident in the agent on every node.
 pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "admin server listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|source| Error::Serve { addr, source })
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%addr, %error, "admin server: accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
+        };
+        connections.spawn(serve_connection(stream, router.clone(), shutdown.clone()));
+        while connections.try_join_next().is_some() {}
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One client's connection, until it closes; asked to close after its current request once
+/// `shutdown` is cancelled.
+async fn serve_connection(stream: tokio::net::TcpStream, router: Router, shutdown: CancellationToken) {
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "admin server: a connection ended with an error");
+    }
 }
 
 /// The role names of `build_info`'s `role` label.

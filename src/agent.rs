@@ -9,6 +9,7 @@
 //! Ready (`/readyz`) once the instance id is known from IMDS and the Node's annotations were read
 //! from the API server; later trouble with either shows in the metrics and logs, not in readiness.
 pub mod annotations;
+pub mod code_pages;
 pub mod metrics;
 pub mod node;
 pub mod policy_check;
@@ -61,7 +62,7 @@ pub struct Args {
     #[arg(long, env = "API_KEEPALIVE", default_value = "60s", value_parser = parse_duration)]
     pub api_keepalive: Duration,
 
-    /// Base URL of the instance metadata service.
+    /// Base URL of the instance metadata service: plain `http://`, as IMDS is (link-local HTTP).
     #[arg(
         long,
         env = "AWS_EC2_METADATA_SERVICE_ENDPOINT",
@@ -73,6 +74,11 @@ pub struct Args {
     /// Kubeconfig file; without it, the in-cluster service account (or `~/.kube/config`).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+
+    /// Once ready, give the pages of the binary's code used only at start-up back to the kernel
+    /// (`madvise(MADV_PAGEOUT)`), so they stop counting in the agent's resident memory.
+    #[arg(long, env = "PAGE_OUT_START_UP_CODE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub page_out_start_up_code: bool,
 }
 
 /// Why the agent could not start.
@@ -111,6 +117,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         api_keepalive,
         imds_endpoint,
         kubeconfig,
+        page_out_start_up_code,
     } = args;
     let registry = admin::registry(admin::AGENT);
     let metrics = metrics::Metrics::register(&registry);
@@ -144,7 +151,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     let served = async {
         let served = admin::serve(
             admin.admin_addr,
-            admin::router(registry, readiness),
+            admin::router(registry, readiness.clone()),
             shutdown.clone(),
         )
         .await;
@@ -158,10 +165,16 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         writer.node.name().to_owned(),
         writer.run(seen_by_writer, work.clone()),
     );
-    let (served, (), proven) = tokio::join!(
+    let paged_out = async {
+        if page_out_start_up_code {
+            code_pages::page_out_once_ready(&readiness, poll_interval, &work).await;
+        }
+    };
+    let (served, (), proven, ()) = tokio::join!(
         served,
         poller.run(work.clone()).instrument(span.clone()),
-        policy_check::then_run(policy, client, &node, written, &work, &shutdown).instrument(span)
+        policy_check::then_run(policy, client, &node, written, &work, &shutdown).instrument(span.clone()),
+        paged_out.instrument(span)
     );
     proven.map_err(Error::from)?;
     served?;

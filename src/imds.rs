@@ -1,35 +1,51 @@
-//! The instance metadata service (IMDS) boundary: reads the documents the agent needs with
-//! `aws-config`'s IMDSv2 client (session tokens, timeouts) and turns every failure into an [`Error`]
-//! whose [`Error::kind`] labels the metrics.
+//! The instance metadata service (IMDS) boundary: reads the documents the agent needs over IMDSv2
+//! (a session token from `PUT /latest/api/token`, sent with every read) and turns every failure into
+//! an [`Error`] whose [`Error::kind`] labels the metrics.
 //!
-//! Retries: the client is built with a single attempt. The agent polls anyway, so its poll loop is
-//! the one retry loop (with exponential backoff and jitter); letting the SDK retry inside a poll as
-//! well would only stretch a poll and hide failures from the metrics. The SDK caches the session
-//! token but never drops it on a 401 (it retries with the same token), so a rejected token is
+//! The client is hyper's HTTP/1.1 client connection, one connection per read, with a connect
+//! timeout, a timeout on each request and one on the whole read (token and document). It replaced
+//! `aws-config`'s IMDS client in the agent: that client brings the SDK's orchestrator, its HTTP
+//! client and HTTP/2 into the binary that every node keeps resident, to send three kinds of
+//! plain-HTTP request to a link-local address.
+//!
+//! Retries: none here. The agent polls anyway, so its poll loop is the one retry loop (with
+//! exponential backoff and jitter); retrying inside a poll as well would only stretch a poll and hide
+//! failures from the metrics. The session token is cached until shortly before it expires; a 401 is
 //! reported as [`Error::TokenRejected`] and the caller renews the session.
 pub mod notice;
 
-use std::{error::Error as StdError, time::Duration};
-
-use aws_config::{
-    imds::{self, client::error::ImdsError},
-    provider_config::ProviderConfig,
+use std::{
+    error::Error as StdError,
+    time::{Duration, Instant},
 };
-use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
-use aws_smithy_runtime_api::client::http::SharedHttpClient;
-use aws_smithy_runtime_api::client::result::ConnectorError;
+
+use http::{Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
 
 pub use notice::{Action, InstanceAction, MalformedNotice, RebalanceRecommendation};
 
 pub const REBALANCE_PATH: &str = "/latest/meta-data/events/recommendations/rebalance";
 pub const INSTANCE_ACTION_PATH: &str = "/latest/meta-data/spot/instance-action";
 pub const INSTANCE_ID_PATH: &str = "/latest/meta-data/instance-id";
+const TOKEN_PATH: &str = "/latest/api/token";
+const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+
+/// How long a session token is asked to live: six hours, the most IMDS grants (as the AWS SDKs).
+const TOKEN_TTL: Duration = Duration::from_secs(6 * 60 * 60);
+/// A cached token is renewed this long before it expires, so no read uses one about to expire.
+const TOKEN_RENEW_BEFORE: Duration = Duration::from_secs(2 * 60);
 
 /// IMDS on EC2 is link-local and answers in milliseconds; a second is already very slow.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// One request: from sending it to the end of the response's body.
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// A whole read: the session token (when it needs renewing) and the document.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
+/// The largest body read from IMDS. The documents the agent reads are tens of bytes; an endpoint
+/// that streams more is not IMDS, and the agent must not hold what it sends.
+const BODY_LIMIT: usize = 64 * 1024;
 
 /// Why a read from IMDS failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +54,7 @@ pub enum Error {
     Token {
         path: &'static str,
         #[source]
-        source: ImdsError,
+        source: Failure,
     },
     #[error("IMDS {path}: the session token was rejected (HTTP 401)")]
     TokenRejected { path: &'static str },
@@ -48,19 +64,19 @@ pub enum Error {
     Timeout {
         path: &'static str,
         #[source]
-        source: ImdsError,
+        source: Failure,
     },
     #[error("IMDS {path}: unreachable: {}", chain(source))]
     Unreachable {
         path: &'static str,
         #[source]
-        source: ImdsError,
+        source: Failure,
     },
     #[error("IMDS {path}: {}", chain(source))]
     Unexpected {
         path: &'static str,
         #[source]
-        source: ImdsError,
+        source: Failure,
     },
     #[error("IMDS {path}: {source}")]
     Malformed {
@@ -68,6 +84,65 @@ pub enum Error {
         #[source]
         source: MalformedNotice,
     },
+}
+
+/// What went wrong below the HTTP status: the connection, the clock or the body.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("connecting to {authority}: {source}")]
+    Connect {
+        authority: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+    #[error("HTTP: {0}")]
+    Http(#[source] hyper::Error),
+    #[error("the body is larger than {BODY_LIMIT} bytes")]
+    BodyTooLarge,
+    #[error("the body is not UTF-8")]
+    NotUtf8,
+    #[error("the session token answered HTTP {0}")]
+    TokenStatus(u16),
+    #[error("the session token is not a valid header value")]
+    TokenNotAHeader,
+}
+
+impl Failure {
+    /// The connection could not be made or broke: nothing, or not IMDS, answers there.
+    fn is_connection(&self) -> bool {
+        match self {
+            Failure::Connect { .. } => true,
+            Failure::Http(error) => {
+                error.is_closed()
+                    || error.is_incomplete_message()
+                    || error.is_canceled()
+                    || has_io_source(error)
+            }
+            _ => false,
+        }
+    }
+
+    fn is_timeout(&self) -> bool {
+        match self {
+            Failure::TimedOut(_) => true,
+            Failure::Connect { source, .. } => source.kind() == std::io::ErrorKind::TimedOut,
+            Failure::Http(error) => error.is_timeout(),
+            _ => false,
+        }
+    }
+}
+
+fn has_io_source(error: &hyper::Error) -> bool {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 impl Error {
@@ -106,25 +181,32 @@ impl Error {
         matches!(self, Error::TokenRejected { .. })
     }
 
-    fn from_sdk(path: &'static str, error: ImdsError) -> Self {
-        match &error {
-            ImdsError::ErrorResponse(response) => match response.response().status().as_u16() {
-                401 => Error::TokenRejected { path },
-                status => Error::Status { path, status },
-            },
-            _ if is_timeout(&error) => Error::Timeout { path, source: error },
-            ImdsError::FailedToLoadToken(token) if token.is_dispatch_failure() => {
-                Error::Unreachable { path, source: error }
-            }
-            ImdsError::FailedToLoadToken(_) => Error::Token { path, source: error },
-            _ if is_connection_failure(&error) => Error::Unreachable { path, source: error },
-            _ => Error::Unexpected { path, source: error },
+    /// A failure while getting the session token. Nothing listening is `unreachable` and a
+    /// timeout is a `timeout`, whichever request met them; an answer that gives no token is `token`.
+    fn from_token(path: &'static str, source: Failure) -> Self {
+        if source.is_timeout() {
+            Error::Timeout { path, source }
+        } else if source.is_connection() {
+            Error::Unreachable { path, source }
+        } else {
+            Error::Token { path, source }
+        }
+    }
+
+    /// A failure while reading the document itself.
+    fn from_read(path: &'static str, source: Failure) -> Self {
+        if source.is_timeout() {
+            Error::Timeout { path, source }
+        } else if source.is_connection() {
+            Error::Unreachable { path, source }
+        } else {
+            Error::Unexpected { path, source }
         }
     }
 }
 
-/// The error and its sources, joined, e.g. "failed to load IMDS session token: dispatch failure: io
-/// error: Connection refused". The SDK's top-level messages alone say too little to act on.
+/// The error and its sources, joined, e.g. "connecting to 127.0.0.1:1: Connection refused". The
+/// top-level messages alone say too little to act on.
 fn chain(error: &dyn StdError) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -139,51 +221,60 @@ fn chain(error: &dyn StdError) -> String {
     text
 }
 
-/// Whether any of the error's sources satisfies `test`.
-fn any_source(error: &ImdsError, test: impl Fn(&(dyn StdError + 'static)) -> bool) -> bool {
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if test(cause) {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
-}
-
-fn is_timeout(error: &ImdsError) -> bool {
-    // A connect or read timeout is a `ConnectorError`, but the IMDS client unwraps it and keeps only
-    // its (private) source, "HTTP read timeout occurred after 1s"; the whole-operation timeout says
-    // "request has timed out". So the messages are what is left to go by.
-    let says_timeout = |cause: &(dyn StdError + 'static)| {
-        let text = cause.to_string();
-        text.contains("timeout") || text.contains("timed out")
-    };
-    any_source(error, |cause| {
-        cause
-            .downcast_ref::<ConnectorError>()
-            .is_some_and(ConnectorError::is_timeout)
-            || cause
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-            || says_timeout(cause)
-    })
-}
-
-fn is_connection_failure(error: &ImdsError) -> bool {
-    any_source(error, |cause| {
-        cause
-            .downcast_ref::<ConnectorError>()
-            .is_some_and(ConnectorError::is_io)
-            || cause.downcast_ref::<std::io::Error>().is_some()
-    })
+/// A session token and when to stop using it.
+#[derive(Debug, Clone)]
+struct Session {
+    token: http::HeaderValue,
+    renew_at: Instant,
 }
 
 /// Reads this instance's metadata over IMDSv2.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Imds {
-    endpoint: String,
-    client: imds::Client,
+    endpoint: Endpoint,
+    /// The cached session token. Held while a token is fetched, so the reads of one poll (which run
+    /// concurrently) share one token instead of each minting its own.
+    session: tokio::sync::Mutex<Option<Session>>,
+}
+
+/// Where IMDS listens: the address to connect to, the `Host` header, and a path prefix.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    host: String,
+    port: u16,
+    authority: String,
+    base_path: String,
+}
+
+impl Endpoint {
+    fn parse(endpoint: &str) -> Result<Self, String> {
+        if !endpoint.starts_with("http://") {
+            return Err(format!(
+                "{endpoint:?} is not an http:// URL (IMDS is plain HTTP on a link-local address)"
+            ));
+        }
+        let uri: Uri = endpoint
+            .parse()
+            .map_err(|error| format!("{endpoint:?} is not a valid URL: {error}"))?;
+        let authority = uri
+            .authority()
+            .filter(|authority| !authority.host().is_empty())
+            .ok_or_else(|| format!("{endpoint:?} has no host"))?;
+        if uri.query().is_some() {
+            return Err(format!("{endpoint:?} has a query; IMDS paths are appended to it"));
+        }
+        Ok(Endpoint {
+            // An IPv6 literal is bracketed in the URL, not in the address to connect to.
+            host: authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port: authority.port_u16().unwrap_or(80),
+            authority: authority.as_str().to_owned(),
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
 }
 
 impl Imds {
@@ -191,34 +282,31 @@ impl Imds {
     /// [`validate_endpoint`] for what is accepted.
     pub fn new(endpoint: &str) -> Result<Self, String> {
         Ok(Imds {
-            client: build_client(endpoint)?,
-            endpoint: endpoint.to_owned(),
+            endpoint: Endpoint::parse(endpoint)?,
+            session: tokio::sync::Mutex::new(None),
         })
     }
 
-    /// Drops the cached session token by building a fresh client; the next read gets a new token.
+    /// Drops the cached session token; the next read gets a new one.
     pub fn renew_session(&mut self) {
-        // The endpoint was accepted when this client was first built, so it still is.
-        if let Ok(client) = build_client(&self.endpoint) {
-            self.client = client;
-        }
+        *self.session.get_mut() = None;
     }
 
     /// The EC2 instance id, e.g. `i-1234567890abcdef0`.
     pub async fn instance_id(&self) -> Result<String, Error> {
         let path = INSTANCE_ID_PATH;
-        let body = self
-            .client
-            .get(path)
-            .await
-            .map_err(|e| Error::from_sdk(path, e))?;
-        notice::parse_instance_id(body.as_ref()).map_err(|source| Error::Malformed { path, source })
+        match self.read(path).await? {
+            Some(body) => {
+                notice::parse_instance_id(&body).map_err(|source| Error::Malformed { path, source })
+            }
+            None => Err(Error::Status { path, status: 404 }),
+        }
     }
 
     /// The rebalance recommendation, if EC2 has made one (404 means none).
     pub async fn rebalance_recommendation(&self) -> Result<Option<RebalanceRecommendation>, Error> {
         let path = REBALANCE_PATH;
-        let Some(body) = self.optional(path).await? else {
+        let Some(body) = self.read(path).await? else {
             return Ok(None);
         };
         notice::parse_rebalance_recommendation(&body)
@@ -229,7 +317,7 @@ impl Imds {
     /// The spot interruption notice, if EC2 has sent one (404 means none).
     pub async fn instance_action(&self) -> Result<Option<InstanceAction>, Error> {
         let path = INSTANCE_ACTION_PATH;
-        let Some(body) = self.optional(path).await? else {
+        let Some(body) = self.read(path).await? else {
             return Ok(None);
         };
         notice::parse_instance_action(&body)
@@ -237,56 +325,119 @@ impl Imds {
             .map_err(|source| Error::Malformed { path, source })
     }
 
-    /// A document that may not exist: 404 is `None`, not an error.
-    async fn optional(&self, path: &'static str) -> Result<Option<String>, Error> {
-        match self.client.get(path).await {
-            Ok(body) => Ok(Some(body.into())),
-            Err(ImdsError::ErrorResponse(response)) if response.response().status().as_u16() == 404 => {
-                Ok(None)
+    /// A document: its body, or `None` for 404 (a document that does not exist yet), within
+    /// [`OPERATION_TIMEOUT`] for the token and the document together.
+    async fn read(&self, path: &'static str) -> Result<Option<String>, Error> {
+        let read = async {
+            let token = self.token(path).await?;
+            let (status, body) = self
+                .send(Method::GET, path, (TOKEN_HEADER, token))
+                .await
+                .map_err(|failure| Error::from_read(path, failure))?;
+            match status {
+                StatusCode::OK => Ok(Some(body)),
+                StatusCode::NOT_FOUND => Ok(None),
+                StatusCode::UNAUTHORIZED => Err(Error::TokenRejected { path }),
+                status => Err(Error::Status {
+                    path,
+                    status: status.as_u16(),
+                }),
             }
-            Err(error) => Err(Error::from_sdk(path, error)),
+        };
+        tokio::time::timeout(OPERATION_TIMEOUT, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Timeout {
+                    path,
+                    source: Failure::TimedOut(OPERATION_TIMEOUT),
+                })
+            })
+    }
+
+    /// The cached session token, or a new one.
+    async fn token(&self, path: &'static str) -> Result<http::HeaderValue, Error> {
+        let mut session = self.session.lock().await;
+        if let Some(cached) = session.as_ref().filter(|cached| Instant::now() < cached.renew_at) {
+            return Ok(cached.token.clone());
         }
+        let ttl = http::HeaderValue::from(TOKEN_TTL.as_secs());
+        let (status, body) = self
+            .send(Method::PUT, TOKEN_PATH, (TOKEN_TTL_HEADER, ttl))
+            .await
+            .map_err(|failure| Error::from_token(path, failure))?;
+        if status != StatusCode::OK {
+            return Err(Error::from_token(path, Failure::TokenStatus(status.as_u16())));
+        }
+        let token = http::HeaderValue::from_str(body.trim())
+            .map_err(|_| Error::from_token(path, Failure::TokenNotAHeader))?;
+        *session = Some(Session {
+            token: token.clone(),
+            renew_at: Instant::now() + TOKEN_TTL - TOKEN_RENEW_BEFORE,
+        });
+        Ok(token)
+    }
+
+    /// One request on a new connection: the status and the body (at most [`BODY_LIMIT`] bytes of
+    /// UTF-8), within [`CONNECT_TIMEOUT`] to connect and [`READ_TIMEOUT`] for the exchange.
+    /// Dropping it (a timeout) closes the connection.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        (name, value): (&'static str, http::HeaderValue),
+    ) -> Result<(StatusCode, String), Failure> {
+        let endpoint = &self.endpoint;
+        let connect = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port));
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| Failure::TimedOut(CONNECT_TIMEOUT))?
+            .map_err(|source| Failure::Connect {
+                authority: endpoint.authority.clone(),
+                source,
+            })?;
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", endpoint.base_path))
+            .header(header::HOST, &endpoint.authority)
+            .header(name, value)
+            .body(Empty::<&'static [u8]>::new())
+            .expect("a request of valid parts always builds");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(Failure::Http)?;
+        let exchange = async {
+            let response = sender.send_request(request).await.map_err(Failure::Http)?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), BODY_LIMIT)
+                .collect()
+                .await
+                .map_err(|error| match error.downcast::<hyper::Error>() {
+                    Ok(error) => Failure::Http(*error),
+                    Err(_) => Failure::BodyTooLarge,
+                })?
+                .to_bytes();
+            let body = String::from_utf8(body.to_vec()).map_err(|_| Failure::NotUtf8)?;
+            Ok((status, body))
+        };
+        // The connection is driven here, not spawned: a read that times out drops it, so a server
+        // that never answers holds no socket after the read gave up.
+        let exchange = async {
+            tokio::pin!(connection);
+            tokio::select! {
+                result = exchange => result,
+                // The connection ends (or fails) before the answer: the exchange saw it too.
+                Err(error) = &mut connection => Err(Failure::Http(error)),
+            }
+        };
+        tokio::time::timeout(READ_TIMEOUT, exchange)
+            .await
+            .map_err(|_| Failure::TimedOut(READ_TIMEOUT))?
     }
 }
 
-/// Checks an IMDS endpoint the way the client will use it: an absolute `http` or `https` URL.
+/// Checks an IMDS endpoint the way the client will use it: an absolute `http` URL with a host.
 pub fn validate_endpoint(endpoint: &str) -> Result<String, String> {
-    build_client(endpoint).map(|_| endpoint.to_owned())
-}
-
-fn build_client(endpoint: &str) -> Result<imds::Client, String> {
-    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-        return Err(format!("{endpoint:?} is not an http:// or https:// URL"));
-    }
-    let mut builder = imds::Client::builder()
-        .endpoint(endpoint)
-        .map_err(|error| format!("{endpoint:?} is not a valid URL: {error}"))?;
-    if endpoint.starts_with("http://") {
-        builder = builder.configure(&ProviderConfig::default().with_http_client(plain_http_client()));
-    }
-    Ok(builder
-        .max_attempts(1)
-        .connect_timeout(CONNECT_TIMEOUT)
-        .read_timeout(READ_TIMEOUT)
-        .operation_attempt_timeout(OPERATION_TIMEOUT)
-        .operation_timeout(OPERATION_TIMEOUT)
-        .build())
-}
-
-/// The HTTP client for a plain `http://` IMDS (the real one is link-local HTTP): the SDK's rustls
-/// client with no root certificates, so the machine's CA store is never read. The default client
-/// loads it on the first request even for plain HTTP, and a node without one (a minimal host
-/// image, a distroless container without `ca-certificates`) then got a panic in the SDK (debug
-/// builds) instead of a poll. It also keeps ~150 parsed root certificates out of the agent's memory.
-fn plain_http_client() -> SharedHttpClient {
-    let no_roots = TlsContext::builder()
-        .with_trust_store(TrustStore::empty().with_native_roots(false))
-        .build()
-        .expect("a TLS context with an empty trust store always builds");
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
-        .tls_context(no_roots)
-        .build_https()
+    Endpoint::parse(endpoint).map(|_| endpoint.to_owned())
 }
 
 #[cfg(test)]
@@ -298,7 +449,15 @@ mod tests {
         assert!(validate_endpoint("http://169.254.169.254").is_ok());
         assert!(validate_endpoint("http://127.0.0.1:1338/").is_ok());
         assert!(validate_endpoint("http://[fd00:ec2::254]").is_ok());
-        for bad in ["169.254.169.254", "", "ftp://x", "http://exa mple"] {
+        let https = validate_endpoint("https://169.254.169.254").unwrap_err();
+        assert!(https.contains("plain HTTP"), "{https}");
+        for bad in [
+            "169.254.169.254",
+            "",
+            "ftp://x",
+            "http://exa mple",
+            "http://x/?a=b",
+        ] {
             assert!(validate_endpoint(bad).is_err(), "{bad:?}");
         }
     }
@@ -334,6 +493,75 @@ mod tests {
         let error = imds.rebalance_recommendation().await.unwrap_err();
         assert_eq!(error.kind(), "unreachable", "{error}");
         assert!(error.to_string().contains(REBALANCE_PATH), "{error}");
+    }
+
+    /// A loopback server answering every connection's request with the response `answer` gives
+    /// for its request line.
+    async fn serve(answer: fn(&str) -> String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buffer = [0; 1024];
+                while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&request);
+                let response = answer(request.lines().next().unwrap_or_default());
+                let _ = stream.write_all(response.as_bytes()).await;
+            }
+        });
+        endpoint
+    }
+
+    fn ok(body: &str) -> String {
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+    }
+
+    #[tokio::test]
+    async fn a_document_is_read_with_a_session_token() {
+        let endpoint = serve(|request_line| match request_line {
+            "PUT /latest/api/token HTTP/1.1" => ok("a-token"),
+            "GET /latest/meta-data/instance-id HTTP/1.1" => ok("i-0123456789abcdef0"),
+            _ => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_owned(),
+        })
+        .await;
+        let imds = Imds::new(&endpoint).unwrap();
+        assert_eq!(imds.instance_id().await.unwrap(), "i-0123456789abcdef0");
+        assert!(
+            imds.rebalance_recommendation().await.unwrap().is_none(),
+            "404 is no notice"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_beyond_the_limit_is_refused_with_a_clear_error() {
+        let endpoint = serve(|request_line| {
+            if request_line.starts_with("PUT ") {
+                ok("a-token")
+            } else {
+                ok(&"x".repeat(BODY_LIMIT + 1))
+            }
+        })
+        .await;
+        let imds = Imds::new(&endpoint).unwrap();
+        let error = imds.instance_action().await.unwrap_err();
+        assert_eq!(error.kind(), "unexpected", "{error}");
+        assert!(error.to_string().contains("larger than"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_token_that_is_refused_is_a_token_error() {
+        let endpoint = serve(|_| "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n".to_owned()).await;
+        let imds = Imds::new(&endpoint).unwrap();
+        let error = imds.rebalance_recommendation().await.unwrap_err();
+        assert_eq!(error.kind(), "token", "{error}");
+        assert!(error.to_string().contains("403"), "{error}");
     }
 
     #[tokio::test]

@@ -96,7 +96,7 @@ impl AgentProcess {
             .arg("--kubeconfig")
             .arg(config.kubeconfig)
             .args(config.extra)
-            // The AWS SDK's IMDS client reads this; the agent must use the endpoint it is given.
+            // The flag's environment variable: the agent must use the endpoint it is given.
             .env_remove("AWS_EC2_METADATA_SERVICE_ENDPOINT")
             .spawn();
         AgentProcess { process }
