@@ -170,6 +170,11 @@ pub struct ImdsMock {
 
 impl ImdsMock {
     /// Starts the mock with `args` (e.g. `["spot", "-I", "--rebalance-delay-sec", "3"]`).
+    ///
+    /// The port is free when chosen but may be taken before the mock binds it (another test's
+    /// process, or a connection's local port): then the mock exits at once while `wait_for_port`
+    /// may be answered by whoever took it, and the test would talk to a stranger that goes away. A
+    /// mock that exits within its first moments is started again on another port.
     pub async fn start(bed: &Bed, args: &[&str]) -> Self {
         let mut mock = ImdsMock {
             binary: bed.vars["BED_IMDS_MOCK"].clone(),
@@ -177,8 +182,20 @@ impl ImdsMock {
             child: None,
             dir: tempfile::tempdir().unwrap(),
         };
-        mock.restart(args).await;
-        mock
+        for _ in 0..5 {
+            mock.restart(args).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let exited = mock.child.as_mut().map(|child| child.try_wait().unwrap());
+            if !matches!(exited, Some(Some(_))) {
+                return mock;
+            }
+            mock.child = None;
+            mock.port = free_port();
+        }
+        panic!(
+            "amazon-ec2-metadata-mock exited at start five times (log in {:?})",
+            mock.dir.path()
+        );
     }
 
     pub fn endpoint(&self) -> String {
