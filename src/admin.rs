@@ -207,6 +207,54 @@ mod tests {
         (status, String::from_utf8(body.to_vec()).unwrap())
     }
 
+    /// A connection that sends nothing is closed at the header timeout (the clock is paused and
+    /// jumps ahead while everything waits), and the server stops when asked.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_at_the_header_timeout_and_the_server_stops_when_asked() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            addr,
+            router(registry(AGENT), Readiness::default()),
+            shutdown.clone(),
+        ));
+        let mut silent = loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => break stream,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let connected = tokio::time::Instant::now();
+        let mut buffer = [0; 64];
+        let read = tokio::time::timeout(3 * HEADER_READ_TIMEOUT, silent.read(&mut buffer))
+            .await
+            .expect("a silent connection is closed by the server, not held");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the server closes the connection: {read:?}"
+        );
+        assert!(
+            connected.elapsed() >= HEADER_READ_TIMEOUT,
+            "closed after {:?}",
+            connected.elapsed()
+        );
+
+        // A well-behaved client is still served, then the server stops when asked.
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn readyz_follows_readiness() {
         let readiness = Readiness::default();

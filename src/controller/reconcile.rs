@@ -345,9 +345,9 @@ async fn apply(
             staged
         });
         // A replacement is claimed by one record only: checked again once this claim is staged,
-        // against every record written or staged. (Bursts of a hundred notices showed two records
-        // claiming one instance, cause not yet found; when two claims meet here both step back
-        // and claim again on their next look.)
+        // against every record's claim, written or staged (the decision read the same set under
+        // the lock, so this fires only if something bypassed it); when two claims meet here both
+        // step back and claim again on their next look.
         if *phase == Phase::AwaitingReady
             && let Some(instance) = record.instance_id.as_deref()
             && let Some(other) = ctx.claimed_by_another(&node.name_any(), instance)
