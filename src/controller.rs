@@ -470,7 +470,11 @@ async fn lead_and_reconcile(
                 let _ = wake.unbounded_send(claimant);
             }
         })
-        .try_filter(move |node| futures::future::ready(opt_in.matches(node)));
+        .try_filter(move |node| futures::future::ready(opt_in.matches(node)))
+        .inspect_ok({
+            let ctx = ctx.clone();
+            move |node| ctx.watched(node)
+        });
     info!(selector = %ctx.settings.opt_in.selector(), "reconciling opted-in nodes");
 
     Controller::for_stream(opted_in_nodes, all_nodes)

@@ -50,6 +50,14 @@ const SCALE_IN_POLL: Duration = Duration::from_millis(250);
 const SCALE_IN_POLLS: u32 = 40;
 /// The longest a scale-up call waits for concurrent notices to write their intents.
 pub(super) const MAX_COALESCE_WAIT: Duration = Duration::from_secs(2);
+/// The longest a scale-up call waits while notices the Node watch delivered have not reached their
+/// first reconcile: in a burst of a hundred on a loaded cluster, the last notices are reconciled
+/// 10-20 s after the first (each first reconcile makes three writes), and each 2 s wait was a
+/// call. A notice counts this long after the watch delivered it, at most: one that never makes a
+/// record (a node that lies about its instance) holds calls back no longer than this.
+pub(super) const MAX_BURST_WAIT: Duration = Duration::from_secs(10);
+/// How long a notice that made no record is remembered as seen (see [`Context::watched`]).
+const FORGET_ARRIVAL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -151,6 +159,9 @@ pub struct Context {
     pub(super) warned_rebalancing: Mutex<HashSet<String>>,
     /// Reconciles that failed in a row, per node: a streak long enough is worth a Warning.
     failing: Mutex<HashMap<String, Streak>>,
+    /// Noticed nodes the watch delivered that have no record yet, and when the watch first showed
+    /// the notice (see [`MAX_BURST_WAIT`]).
+    arriving: Mutex<HashMap<String, Instant>>,
 }
 
 /// Reconciles of one node failing in a row with errors of one kind.
@@ -257,9 +268,14 @@ impl<T: Clone> View<T> {
         let began = Instant::now();
         let calls_before = calls.load(Ordering::SeqCst);
         let answer = describe().await?;
-        if calls.load(Ordering::SeqCst) == calls_before {
-            *lock(&self.last) = Some((began, answer.clone()));
+        let mut last = lock(&self.last);
+        // Kept unless a call overlapped it, and only over an older answer.
+        if calls.load(Ordering::SeqCst) == calls_before
+            && last.as_ref().is_none_or(|(then, _)| *then <= began)
+        {
+            *last = Some((began, answer.clone()));
         }
+        drop(last);
         Ok(answer)
     }
 
@@ -305,7 +321,32 @@ impl Context {
             staged: Staging::default(),
             warned_rebalancing: Mutex::default(),
             failing: Mutex::default(),
+            arriving: Mutex::default(),
         }
+    }
+
+    /// Called for each opted-in Node the watch delivers: a notice on a node whose instance has no
+    /// record yet is on its way to a scale-up (see [`MAX_BURST_WAIT`]).
+    pub fn watched(&self, node: &Node) {
+        let annotations = node::annotations(node);
+        let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME)
+            || annotations.contains_key(keys::INTERRUPTION_TIME);
+        if !noticed || node::instance_id(node).is_none_or(|id| self.records.get(id).is_some()) {
+            return;
+        }
+        // Each node counts once, from the first event that shows its notice: a notice that never
+        // makes a record (a node lying about its instance) holds calls back once, for
+        // MAX_BURST_WAIT, not at every event of the node.
+        let mut arriving = lock(&self.arriving);
+        arriving.retain(|_, seen| seen.elapsed() < FORGET_ARRIVAL);
+        arriving.entry(node.name_any()).or_insert_with(Instant::now);
+    }
+
+    /// Whether notices the watch delivered within [`MAX_BURST_WAIT`] have no record yet.
+    pub(super) fn notices_arriving(&self) -> bool {
+        lock(&self.arriving)
+            .values()
+            .any(|seen| seen.elapsed() < MAX_BURST_WAIT)
     }
 
     /// Counts a failed reconcile of `node`; returns the length of its streak (a new kind of error
@@ -579,11 +620,12 @@ impl Context {
             .await
     }
 
-    pub(super) async fn activities(&self, asg: &str) -> Result<Vec<Activity>> {
+    /// The ASG's recent scaling activities as described at most `max_age` ago.
+    pub(super) async fn activities_within(&self, asg: &str, max_age: Duration) -> Result<Vec<Activity>> {
         let state = self.asg(asg);
         state
             .activities
-            .get(AWS_CACHE_TTL, &state.calls, async || {
+            .get(max_age, &state.calls, async || {
                 self.metrics
                     .aws_calls
                     .with_label_values(&["DescribeScalingActivities"])
@@ -593,12 +635,12 @@ impl Context {
             .await
     }
 
-    /// The ASG that lists `instance` in a describe of this process made within [`AWS_CACHE_TTL`]:
-    /// during a burst of notices on one group, most find their instance there without a call.
-    pub(super) fn described_group_of(&self, instance: &str) -> Option<String> {
+    /// The ASG that lists `instance` in a describe of this process made within `max_age`: during a
+    /// burst of notices on one group, most find their instance there without a call.
+    pub(super) fn described_group_of(&self, instance: &str, max_age: Duration) -> Option<String> {
         let asgs: Vec<Arc<AsgState>> = lock(&self.asgs).values().cloned().collect();
         asgs.iter().find_map(|state| {
-            let group = state.group.peek(AWS_CACHE_TTL)?;
+            let group = state.group.peek(max_age)?;
             group
                 .instances
                 .iter()
@@ -823,6 +865,7 @@ pub(super) async fn write_record(
             .entering(phase, now)
         })
         .await?;
+    lock(&ctx.arriving).remove(&subject.node);
     if before != Some(phase) {
         ctx.notifier.send(&super::notify::Notification {
             node: subject.node.clone(),

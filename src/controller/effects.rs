@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use super::{
     context::{
-        AsgState, Context, Error, MAX_COALESCE_WAIT, PROTECTION_FIELD_MANAGER, Result, SCALE_DOWN_DISABLED,
-        lock, members,
+        AsgState, Context, Error, MAX_BURST_WAIT, MAX_COALESCE_WAIT, PROTECTION_FIELD_MANAGER, Result,
+        SCALE_DOWN_DISABLED, lock, members,
     },
     decide,
     machine::{Act, Report, Tick},
@@ -135,15 +135,25 @@ pub fn capacity_label(capacity_type: CapacityType) -> &'static str {
 
 /// Rule 2: before a call, let concurrent notices on the ASG write their intents (none still
 /// detecting or deciding, none written for a coalesce window), so one call covers them all; but
-/// never put a call off longer than [`MAX_COALESCE_WAIT`] after the first intent it covers. The
-/// wait is a requeue, not a sleep: a sleeping reconcile would hold a worker the next notices need.
+/// never put a call off longer than [`MAX_COALESCE_WAIT`] after the first intent it covers, or
+/// [`MAX_BURST_WAIT`] while notices the Node watch delivered are still waiting for their first
+/// reconcile. The wait is a requeue, not a sleep: a sleeping reconcile would hold a worker the next
+/// notices need.
 fn still_coalescing(ctx: &Context, state: &AsgState) -> Option<Duration> {
     let window = ctx.settings.coalesce_window;
-    let overdue = lock(&state.uncalled_since).is_some_and(|since| since.elapsed() >= MAX_COALESCE_WAIT);
+    let waited = lock(&state.uncalled_since).map(|since| since.elapsed());
     let busy = ctx.detecting.load(std::sync::atomic::Ordering::SeqCst) > 0
         || state.pending.load(std::sync::atomic::Ordering::SeqCst) > 0;
     let quiet = lock(&state.last_intent).is_none_or(|at| at.elapsed() >= window);
-    ((busy || !quiet) && !overdue).then_some(window.max(Duration::from_millis(10)))
+    hold_call(waited, busy, quiet, ctx.notices_arriving()).then_some(window.max(Duration::from_millis(10)))
+}
+
+/// Whether a call that `waited` since the first intent it covers is put off: while notices are on
+/// their way to an intent (`busy`), intents are still coming in (not `quiet`), or notices seen by
+/// the watch have not reached the reconciler (`arriving`), up to the longest wait for each.
+fn hold_call(waited: Option<Duration>, busy: bool, quiet: bool, arriving: bool) -> bool {
+    let waited = waited.unwrap_or_default();
+    ((busy || !quiet) && waited < MAX_COALESCE_WAIT) || (arriving && waited < MAX_BURST_WAIT)
 }
 
 /// How long a put-off call waits before its next look: `wait` for the one reconcile that looks
@@ -295,4 +305,25 @@ pub async fn note_failing_call(ctx: &Context, node: &Node, error: &Error) -> Res
     record.failing_since.get_or_insert(Timestamp::now());
     record.last_error = Some(error.metric_label().to_owned());
     super::context::write_record(node, ctx, status.phase, &record).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_waits_for_notices_on_their_way_but_never_longer_than_its_limit() {
+        let s = Duration::from_secs;
+        // Nothing on its way, the last intent a coalesce window ago: call now.
+        assert!(!hold_call(Some(s(0)), false, true, false));
+        assert!(!hold_call(None, false, true, false));
+        // Notices deciding or intents still coming: wait, up to MAX_COALESCE_WAIT.
+        assert!(hold_call(Some(s(1)), true, true, false));
+        assert!(hold_call(Some(s(1)), false, false, false));
+        assert!(!hold_call(Some(MAX_COALESCE_WAIT), true, false, false));
+        // Notices the watch delivered and no reconcile has reached yet: up to MAX_BURST_WAIT.
+        assert!(hold_call(Some(MAX_COALESCE_WAIT), false, true, true));
+        assert!(hold_call(Some(MAX_BURST_WAIT - s(1)), true, false, true));
+        assert!(!hold_call(Some(MAX_BURST_WAIT), true, false, true));
+    }
 }

@@ -192,6 +192,15 @@ pub enum Then {
 }
 
 impl Transition {
+    /// Nothing to write, do or report: only a later look. Such a step needs no decision lock.
+    pub fn is_only_a_wait(&self) -> bool {
+        self.write.is_none()
+            && self.acts.is_empty()
+            && self.done.is_none()
+            && self.reports.is_empty()
+            && matches!(self.then, Then::After(_))
+    }
+
     fn then(then: Then) -> Self {
         Transition {
             write: None,

@@ -677,6 +677,57 @@ fn awaiting(claimed_at: i64) -> Replacement {
 }
 
 #[test]
+fn only_a_step_that_changes_nothing_counts_as_a_wait_needing_no_decision_lock() {
+    // Waiting for the instance: the group is at its target and nothing new is InService.
+    let waiting = World::new(10, node(Some(1), None))
+        .record(
+            Phase::ScalingSpot,
+            2,
+            scaling(intent(3, 4, &["i-old", "i-2", "i-3"], 2)),
+        )
+        .group(group(
+            4,
+            10,
+            &[
+                ("i-old", "InService"),
+                ("i-2", "InService"),
+                ("i-3", "InService"),
+                ("i-4", "Pending"),
+            ],
+        ));
+    assert!(waiting.next().is_only_a_wait(), "{:?}", waiting.next());
+    // The same step once the launch is InService claims it: that is decided under the lock.
+    let mut claiming = waiting;
+    claiming.group = Some(group(
+        4,
+        10,
+        &[
+            ("i-old", "InService"),
+            ("i-2", "InService"),
+            ("i-3", "InService"),
+            ("i-4", "InService"),
+        ],
+    ));
+    assert!(!claiming.next().is_only_a_wait());
+    // ... unless another record claimed it already.
+    claiming.claimed.insert("i-4".into());
+    assert!(claiming.next().is_only_a_wait());
+    // Waiting for Ready, then Ready.
+    let not_ready = World::new(30, node(Some(1), None))
+        .record(Phase::AwaitingReady, 10, awaiting(10))
+        .group(group(4, 10, &[("i-old", "InService"), ("i-new", "InService")]))
+        .node_of("i-new", "new-node", false);
+    assert!(not_ready.next().is_only_a_wait(), "{:?}", not_ready.next());
+    let ready = not_ready.node_of("i-new", "new-node", true);
+    assert!(!ready.next().is_only_a_wait());
+    // A call to make is never a wait.
+    let crashed = World::new(10, node(Some(1), None))
+        .record(Phase::ScalingSpot, 2, scaling(intent(3, 4, &["i-old"], 2)))
+        .group(group(3, 10, &[("i-old", "InService")]));
+    assert!(!crashed.next().is_only_a_wait());
+}
+
+#[test]
 fn a_ready_replacement_is_named_in_the_record_then_protected_and_the_node_tainted() {
     let world = World::new(30, node(Some(1), None))
         .record(Phase::AwaitingReady, 10, awaiting(10))

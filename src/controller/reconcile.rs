@@ -23,7 +23,11 @@ use super::{
     node_input::NodeInput,
     record::Phase,
 };
-use crate::{aws::Group, contract::SpotReplacementStatus, keys, node};
+use crate::{
+    aws::{Activity, Group},
+    contract::{SpotReplacementStatus, record::Replacement},
+    keys, node,
+};
 
 /// Steps one reconcile takes at most before it asks to be requeued (a flow needs about eight; a
 /// bound keeps a rule that never settles from spinning).
@@ -217,51 +221,60 @@ async fn step<'a>(
     // The ASG is read before the decision lock, so a describe never holds the decisions of others
     // back; it is read again under the lock only when it no longer fits: this process called the
     // ASG since, or the step turned out to need a fresh view after all.
-    let wanted = |records: &HashMap<String, (Phase, crate::contract::record::Replacement)>| {
+    let wanted = |records: &HashMap<String, (Phase, Replacement)>| {
         // A scale-up joining one in flight takes its baseline from it: no fresh read needed.
         let joining = members(records)
             .iter()
             .any(|m| m.node != facts.name && m.scale.asg == read.asg && m.phase.is_scaling());
         match record.phase {
             _ if read.fresh && !joining => Duration::ZERO,
-            Phase::AwaitingReady => rules.poll,
+            // Waiting for an instance or for Ready: the ASG as read within the poll interval. A
+            // view never outlives a call of this process on the ASG, a claim is decided again
+            // under the lock, and a call reads the ASG fresh before it is made.
+            Phase::AwaitingReady | Phase::ScalingSpot | Phase::ScalingOnDemand => rules.poll,
             _ => super::context::AWS_CACHE_TTL,
         }
     };
     let calls = ctx.calls_on(&read.asg);
     let asked = Instant::now();
-    let max_age = wanted(&ctx.records_deciding());
+    let seen = ctx.records_deciding();
+    let max_age = wanted(&seen);
     let mut group = ctx.group_within(&read.asg, max_age).await?;
     let mut activities = if read.activities {
-        ctx.activities(&read.asg).await?
+        ctx.activities_within(&read.asg, max_age).await?
     } else {
         Vec::new()
     };
+    let mut nodes = nodes_of(ctx, &group);
+    fact.taken_out = &taken_out;
+    // A step that changes nothing on what it read (a scale-up still waiting for its instance, a
+    // replacement not Ready yet) waits without the decision lock: in a burst, a hundred waiting
+    // records queued for it one after the other, holding every reconcile worker while new notices
+    // waited for one. What they read was true a moment ago; anything that acts on it (a claim, a
+    // write, a call) is decided again under the lock.
+    if ctx.calls_on(&read.asg) == calls {
+        let claimed = ctx.claims_of_others(&facts.name).into_keys().collect();
+        let look = decide_on(&fact, &seen, &claimed, &group, &activities, &nodes);
+        if look.is_only_a_wait() {
+            return Ok((look, None));
+        }
+    }
+    drop(seen);
     let decision = state.decide.clone().lock_owned().await;
     let records = ctx.records_deciding();
-    let others: Vec<_> = members(&records)
-        .into_iter()
-        .filter(|m| m.node != facts.name)
-        .collect();
     let stale =
         ctx.calls_on(&read.asg) != calls || (wanted(&records) == Duration::ZERO && max_age != Duration::ZERO);
     if stale {
         group = ctx.group_within(&read.asg, asked.elapsed()).await?;
         if read.activities {
-            activities = ctx.activities(&read.asg).await?;
+            activities = ctx.activities_within(&read.asg, asked.elapsed()).await?;
         }
+        nodes = nodes_of(ctx, &group);
     }
     // Every record's claim, also of one whose Node the cache does not show (`records` leaves
     // those out): bursts showed two records claiming one replacement when only those counted.
-    let claimed: HashSet<String> = ctx.claims_of_others(&facts.name).into_keys().collect();
-    let nodes = nodes_of(ctx, &group);
-    fact.group = Some(&group);
-    fact.activities = &activities;
-    fact.members = &others;
-    fact.claimed = &claimed;
-    fact.taken_out = &taken_out;
-    fact.nodes = &nodes;
-    let transition = machine::next(&fact);
+    let claimed = ctx.claims_of_others(&facts.name).into_keys().collect();
+    let transition = decide_on(&fact, &records, &claimed, &group, &activities, &nodes);
     let held = Held {
         decision: Some(decision),
         _pending: pending,
@@ -271,6 +284,27 @@ async fn step<'a>(
     };
     let deferred = apply(ctx, node, &transition, held).await?;
     Ok((transition, deferred))
+}
+
+/// The step on `fact` with the other records (written or staged), their claims and the ASG as read.
+fn decide_on(
+    fact: &Facts<'_>,
+    records: &HashMap<String, (Phase, Replacement)>,
+    claimed: &HashSet<String>,
+    group: &Group,
+    activities: &[Activity],
+    nodes: &HashMap<String, (String, bool)>,
+) -> Transition {
+    let me = fact.node.name.as_str();
+    let others: Vec<_> = members(records).into_iter().filter(|m| m.node != me).collect();
+    machine::next(&Facts {
+        group: Some(group),
+        activities,
+        members: &others,
+        claimed,
+        nodes,
+        ..*fact
+    })
 }
 
 /// The Nodes of the group's instances: name and readiness, by instance id.
@@ -287,7 +321,10 @@ async fn placement(ctx: &Context, node: &Node, instance: Option<&str>) -> Result
     let Some(instance) = instance else {
         return Ok(Placement::NoInstance);
     };
-    let own_asg = match ctx.described_group_of(instance) {
+    // Only names and tags are read from these views: a describe within the poll interval will do
+    // (in a burst, a hundred first notices share one).
+    let max_age = ctx.settings.asg_poll_interval;
+    let own_asg = match ctx.described_group_of(instance, max_age) {
         Some(asg) => asg,
         None => {
             ctx.metrics
@@ -302,9 +339,9 @@ async fn placement(ctx: &Context, node: &Node, instance: Option<&str>) -> Result
             asg
         }
     };
-    let own = ctx.group(&own_asg, false).await?;
+    let own = ctx.group_within(&own_asg, max_age).await?;
     let spot = match &ctx.settings.spot_asg {
-        Some(spot) if *spot != own_asg => ctx.group(spot, false).await?,
+        Some(spot) if *spot != own_asg => ctx.group_within(spot, max_age).await?,
         _ => own.clone(),
     };
     if super::decide::asg_opted_in(&own) {
