@@ -132,8 +132,13 @@ pub async fn serve(addr: SocketAddr, router: Router, shutdown: CancellationToken
 /// One client's connection, until it closes; asked to close after its current request once
 /// `shutdown` is cancelled.
 async fn serve_connection(stream: tokio::net::TcpStream, router: Router, shutdown: CancellationToken) {
+    // One request per connection: the header timeout also closes a connection waiting idle for its
+    // next request, and a client reusing it at that moment lost its request ("connection closed
+    // before message completed"; seen in an e2e test reading /metrics 10 s after /readyz). Scrapes
+    // and probes are seconds apart, so a new connection each costs nothing that matters.
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .keep_alive(false)
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
     tokio::pin!(connection);
@@ -251,6 +256,28 @@ mod tests {
         let mut answer = String::new();
         client.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        // A client that would keep the connection for its next request gets its answer and the
+        // connection closed at once, not left idle until the header timeout closes it under a
+        // reused request.
+        let mut keeping = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let asked = tokio::time::Instant::now();
+        keeping
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        keeping.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+        assert!(
+            asked.elapsed() < HEADER_READ_TIMEOUT,
+            "closed after {:?}",
+            asked.elapsed()
+        );
         shutdown.cancel();
         server.await.unwrap().unwrap();
     }
