@@ -51,6 +51,32 @@ pub async fn wait_for_port(port: u16, what: &str) {
     .await;
 }
 
+/// Whether process `pid` holds the IPv4 socket listening on `port`: the inodes of the listening
+/// sockets on that port in /proc/net/tcp, matched against the process's open files.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!(":{port:04X}");
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let listening = fields.get(1)?.ends_with(&local) && *fields.get(3)? == "0A";
+            let inode = fields.get(9)?;
+            listening.then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| sockets.iter().any(|socket| target.as_os_str() == socket.as_str()))
+    })
+}
+
 // ----- the agent process -----------------------------------------------------------------------
 
 /// What an agent is started with; `extra` holds further flags (`--poll-interval 1s`, ...).
@@ -172,9 +198,11 @@ impl ImdsMock {
     /// Starts the mock with `args` (e.g. `["spot", "-I", "--rebalance-delay-sec", "3"]`).
     ///
     /// The port is free when chosen but may be taken before the mock binds it (another test's
-    /// process, or a connection's local port): then the mock exits at once while `wait_for_port`
-    /// may be answered by whoever took it, and the test would talk to a stranger that goes away. A
-    /// mock that exits within its first moments is started again on another port.
+    /// process, or a connection's local port): then the mock exits while `wait_for_port` may be
+    /// answered by whoever took it, and the test would talk to a stranger that goes away (seen
+    /// twice in `make test`, once after a check that only waited 300 ms for an exit). The mock is
+    /// used only once /proc shows its own process listening on the port; otherwise it is started
+    /// again on another port.
     pub async fn start(bed: &Bed, args: &[&str]) -> Self {
         let mut mock = ImdsMock {
             binary: bed.vars["BED_IMDS_MOCK"].clone(),
@@ -184,12 +212,10 @@ impl ImdsMock {
         };
         for _ in 0..5 {
             mock.restart(args).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let exited = mock.child.as_mut().map(|child| child.try_wait().unwrap());
-            if !matches!(exited, Some(Some(_))) {
+            if mock.holds_its_port().await {
                 return mock;
             }
-            mock.child = None;
+            mock.stop();
             mock.port = free_port();
         }
         panic!(
@@ -200,6 +226,25 @@ impl ImdsMock {
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the mock itself listens on its port (its own socket, read from /proc), within 10 s;
+    /// false as soon as it exits. A connection that succeeds proves only that someone listens.
+    async fn holds_its_port(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let Some(child) = self.child.as_mut() else {
+                return false;
+            };
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if listens_on(child.id(), self.port) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     pub fn stop(&mut self) {
