@@ -268,14 +268,9 @@ impl<T: Clone> View<T> {
         let began = Instant::now();
         let calls_before = calls.load(Ordering::SeqCst);
         let answer = describe().await?;
-        let mut last = lock(&self.last);
-        // Kept unless a call overlapped it, and only over an older answer.
-        if calls.load(Ordering::SeqCst) == calls_before
-            && last.as_ref().is_none_or(|(then, _)| *then <= began)
-        {
-            *last = Some((began, answer.clone()));
+        if calls.load(Ordering::SeqCst) == calls_before {
+            *lock(&self.last) = Some((began, answer.clone()));
         }
-        drop(last);
         Ok(answer)
     }
 
@@ -331,7 +326,7 @@ impl Context {
         let annotations = node::annotations(node);
         let noticed = annotations.contains_key(keys::REBALANCE_NOTICE_TIME)
             || annotations.contains_key(keys::INTERRUPTION_TIME);
-        if !noticed || node::instance_id(node).is_none_or(|id| self.records.get(id).is_some()) {
+        if !noticed || node::instance_id(node).is_none_or(|id| self.records.has(id)) {
             return;
         }
         // Each node counts once, from the first event that shows its notice: a notice that never

@@ -102,6 +102,21 @@ impl Records {
             .map(|object| (*object).clone())
     }
 
+    /// Whether `instance` has a record, without copying it (called for Node watch events).
+    pub fn has(&self, instance: &str) -> bool {
+        let Some(name) = record_name(instance) else {
+            return false;
+        };
+        if lock(&self.deleted).contains(&name) {
+            return false;
+        }
+        lock(&self.written).contains_key(&name)
+            || self
+                .cache
+                .get(&ObjectRef::new(&name).within(&self.namespace))
+                .is_some()
+    }
+
     /// Every record: the cache's, each replaced by what this process wrote since.
     pub fn all(&self) -> Vec<SpotReplacement> {
         let written = lock(&self.written);
