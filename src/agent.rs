@@ -9,7 +9,6 @@
 //! Ready (`/readyz`) once the instance id is known from IMDS and the Node's annotations were read
 //! from the API server; later trouble with either shows in the metrics and logs, not in readiness.
 pub mod annotations;
-pub mod code_pages;
 pub mod metrics;
 pub mod node;
 pub mod policy_check;
@@ -167,7 +166,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
     );
     let paged_out = async {
         if page_out_start_up_code {
-            code_pages::page_out_once_ready(&readiness, poll_interval, &work).await;
+            crate::code_pages::page_out_once_ready(&readiness, poll_interval, &work).await;
         }
     };
     let (served, (), proven, ()) = tokio::join!(

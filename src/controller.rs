@@ -23,6 +23,7 @@ pub mod context;
 pub mod decide;
 pub mod drain;
 pub mod effects;
+pub mod lanes;
 pub mod lifecycle;
 pub mod machine;
 pub mod metrics;
@@ -66,6 +67,13 @@ use context::{Context, Settings};
 
 /// How long a SIGTERM waits for in-flight work and the lease hand-back.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a standby waits for the lease before its start-up counts as over (see
+/// `--page-out-start-up-code`).
+const STANDBY_SETTLES_AFTER: Duration = Duration::from_secs(10);
+
+/// How long after the Node cache's first full list a leader's start-up counts as over.
+const LEADER_SETTLES_AFTER_SYNC: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -187,11 +195,19 @@ pub struct Args {
           value_parser = crate::node::label_key)]
     pub nodegroup_label: String,
 
-    /// Most nodes reconciled at once (each holds an API and maybe an AWS connection while it works);
-    /// more notices queue and still share a scale-up.
+    /// Most routine looks at once (a record waiting for its instance or for Ready, a drain round);
+    /// each holds an API and maybe an AWS connection while it works. Urgent steps (a notice's first,
+    /// an interruption, a replacement just Ready) have as many seats again, of their own. Both
+    /// lanes serve in order of arrival; more notices queue and still share a scale-up.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 16,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_reconciles: u16,
+
+    /// Once settled (leading with its caches filled, or standing by), give the pages of the binary's
+    /// code used only at start-up back to the kernel (`madvise(MADV_PAGEOUT)`), so they stop
+    /// counting in the controller's resident memory; code in use is read back on its next use.
+    #[arg(long, env = "PAGE_OUT_START_UP_CODE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub page_out_start_up_code: bool,
 
     /// Name of the Lease used for leader election.
     #[arg(long, env = "LEASE_NAME", default_value = "spot-rebalancer-controller")]
@@ -249,6 +265,7 @@ impl Args {
             dry_run: self.dry_run,
             ready_timeout: signed(self.replacement_ready_timeout),
             retry_cooldown: signed(self.failed_retry_after),
+            max_concurrent_reconciles: usize::from(self.max_concurrent_reconciles),
         }
     }
 }
@@ -270,8 +287,27 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         admin::router(registry, readiness.clone()),
         shutdown.clone(),
     ));
+    // Cancelled once start-up is over: leading with the caches filled, or standing by a while.
+    let settled = CancellationToken::new();
+    let paged_out = args.page_out_start_up_code.then(|| {
+        let (settled, shutdown) = (settled.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = settled.cancelled() => crate::code_pages::page_out_and_report(),
+                _ = shutdown.cancelled() => {}
+            }
+        })
+    });
     // A stop is graceful (in-flight reconciles finish, the lease is handed back) but bounded.
-    let work = lead_and_reconcile(args, settings, notifier, metrics, readiness, shutdown.clone());
+    let work = lead_and_reconcile(
+        args,
+        settings,
+        notifier,
+        metrics,
+        readiness,
+        shutdown.clone(),
+        settled,
+    );
     let deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -284,6 +320,9 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> crate::Result<()> {
         }
     };
     shutdown.cancel();
+    if let Some(paged_out) = paged_out {
+        let _ = paged_out.await;
+    }
     match admin_server.await {
         Ok(served) => served?,
         Err(join) => warn!(%join, "admin server task ended abnormally"),
@@ -298,6 +337,7 @@ async fn lead_and_reconcile(
     metrics: metrics::Metrics,
     readiness: admin::Readiness,
     shutdown: CancellationToken,
+    settled: CancellationToken,
 ) -> crate::Result<()> {
     let config = crate::kube_config::load(args.kubeconfig.as_deref())
         .await
@@ -312,6 +352,14 @@ async fn lead_and_reconcile(
     let (client, evictions) = kube_clients(config, &fence)?;
     readiness.set(true);
     info!(lease = %args.lease_name, %identity, "waiting for the leader lease");
+    // A standby's start-up is over once it has waited a while (a leader's, once its caches fill).
+    let standing_by = {
+        let settled = settled.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STANDBY_SETTLES_AFTER).await;
+            settled.cancel();
+        })
+    };
     loop {
         if *leader.borrow_and_update() {
             break;
@@ -326,6 +374,7 @@ async fn lead_and_reconcile(
         _ = shutdown.cancelled() => return release(leader, lease_task).await,
     }
     info!(lease = %args.lease_name, "leading");
+    standing_by.abort();
 
     // Stop reconciling on SIGTERM or when the lease is lost, whichever comes first. The task owns
     // the lease receiver and hands it back, so nothing keeps the lease task alive after a stop.
@@ -441,6 +490,19 @@ async fn lead_and_reconcile(
             }
         })
     };
+    // The lists that fill the caches are start-up work too: page the code out after them.
+    {
+        let (synced, stop) = (synced.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = synced.cancelled() => {
+                    tokio::time::sleep(LEADER_SETTLES_AFTER_SYNC).await;
+                    settled.cancel();
+                }
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
     let census = tokio::spawn(census::keep_counting(ctx.clone(), stop.clone()));
     // A dry run adds no capacity, so it has no seat to give back.
     let sweeper = tokio::spawn(reclaim::sweep_until(ctx.clone(), stop.clone(), synced.clone()));
@@ -467,6 +529,7 @@ async fn lead_and_reconcile(
                 && let Some(instance) = crate::node::instance_id(node)
                 && let Some(claimant) = waker_ctx.claimant_of(instance)
             {
+                waker_ctx.lanes.woken_for_ready(&claimant.name);
                 let _ = wake.unbounded_send(claimant);
             }
         })
@@ -478,7 +541,10 @@ async fn lead_and_reconcile(
     info!(selector = %ctx.settings.opt_in.selector(), "reconciling opted-in nodes");
 
     Controller::for_stream(opted_in_nodes, all_nodes)
-        .with_config(controller::Config::default().concurrency(args.max_concurrent_reconciles))
+        // No limit here: kube-runtime starts each reconcile as it comes due, and the reconcile
+        // waits for a seat in its lane (`lanes`), in order of arrival. The runtime's own limit,
+        // once full, starts waiting nodes in hash order, and new notices starved behind records.
+        .with_config(controller::Config::default().concurrency(0))
         .reconcile_on(woken)
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(reconcile::reconcile, reconcile::error_policy, ctx)

@@ -12,6 +12,7 @@ pub mod aws;
 pub mod backoff;
 pub mod ca_store;
 pub mod cli;
+pub mod code_pages;
 pub mod contract;
 pub mod controller;
 pub mod fence;

@@ -114,6 +114,8 @@ pub struct Settings {
     pub ready_timeout: SignedDuration,
     /// How long after a failure a new notice may try a `Failed` node again.
     pub retry_cooldown: SignedDuration,
+    /// Seats of the routine lane (see [`super::lanes`]).
+    pub max_concurrent_reconciles: usize,
 }
 
 impl Settings {
@@ -162,6 +164,8 @@ pub struct Context {
     /// Noticed nodes the watch delivered that have no record yet, and when the watch first showed
     /// the notice (see [`MAX_BURST_WAIT`]).
     arriving: Mutex<HashMap<String, Instant>>,
+    /// The seats reconciles wait for, urgent ones first (see [`super::lanes`]).
+    pub lanes: super::lanes::Lanes,
 }
 
 /// Reconciles of one node failing in a row with errors of one kind.
@@ -300,7 +304,12 @@ impl Context {
         records: Records,
         notifier: super::notify::Notifier,
     ) -> Self {
+        let lanes = super::lanes::Lanes::new(
+            settings.max_concurrent_reconciles,
+            metrics.reconciles_waiting.clone(),
+        );
         Context {
+            lanes,
             client,
             evictions,
             aws,
@@ -549,6 +558,11 @@ impl Context {
     }
 
     /// The whole record of `node`'s instance (named by its provider id), if it has one.
+    /// The phase of `node`'s record, without copying the record.
+    pub(super) fn phase_of(&self, node: &Node) -> Option<Phase> {
+        self.records.phase(node::instance_id(node)?)
+    }
+
     pub(super) fn status_of(&self, node: &Node) -> Option<SpotReplacementStatus> {
         self.records.get(node::instance_id(node)?)?.status
     }

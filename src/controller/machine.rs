@@ -201,6 +201,30 @@ impl Transition {
             && matches!(self.then, Then::After(_))
     }
 
+    /// Whether the step changes what the next decisions on the ASG read (see [`Context`]'s decision
+    /// lock): a claim, an intent or an undo written, a phase moving in or out of scaling, holding a
+    /// scale-up or being finished, or a call to make. A step that changes none of these (a claimed
+    /// replacement turned Ready: the record says so and the old node is tainted) is applied without
+    /// the lock, so a burst's Ready replacements do not queue for it one after the other.
+    ///
+    /// [`Context`]: super::context::Context
+    pub fn needs_decision_lock(&self, read: &Record<'_>) -> bool {
+        let was = read.replacement;
+        let decides = |(phase, record): &(Phase, Replacement)| {
+            record.instance_id != was.instance_id
+                || record.scale != was.scale
+                || record.abandoned != was.abandoned
+                || phase.is_scaling() != read.phase.is_scaling()
+                || phase.holds_a_scale_up() != read.phase.holds_a_scale_up()
+                || phase.is_finished() != read.phase.is_finished()
+        };
+        self.write.iter().chain(&self.done).any(decides)
+            || self
+                .acts
+                .iter()
+                .any(|act| matches!(act, Act::Ensure { .. } | Act::Undo { .. }))
+    }
+
     fn then(then: Then) -> Self {
         Transition {
             write: None,

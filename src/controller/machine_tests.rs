@@ -160,6 +160,16 @@ impl World {
         };
         next(&facts)
     }
+
+    /// Whether the next step must be decided under the ASG's decision lock.
+    fn next_needs_lock(&self) -> bool {
+        let (phase, since, replacement) = self.record.as_ref().expect("a record");
+        self.next().needs_decision_lock(&Record {
+            phase: *phase,
+            since: *since,
+            replacement,
+        })
+    }
 }
 
 /// A Detected record whose raise `baseline` → `raised_to` was given up for capacity, the lower back
@@ -725,6 +735,51 @@ fn only_a_step_that_changes_nothing_counts_as_a_wait_needing_no_decision_lock() 
         .record(Phase::ScalingSpot, 2, scaling(intent(3, 4, &["i-old"], 2)))
         .group(group(3, 10, &[("i-old", "InService")]));
     assert!(!crashed.next().is_only_a_wait());
+}
+
+#[test]
+fn only_a_ready_replacement_s_taint_is_applied_without_the_decision_lock() {
+    // Ready: the record names the Node and turns Tainted, the node is tainted; claim, intent, undos
+    // and the seat stay as they were, so no other decision on the ASG reads anything new.
+    let ready = World::new(30, node(Some(1), None))
+        .record(Phase::AwaitingReady, 10, awaiting(10))
+        .group(group(4, 10, &[("i-old", "InService"), ("i-new", "InService")]))
+        .node_of("i-new", "new-node", true);
+    assert!(!ready.next_needs_lock(), "{:?}", ready.next());
+    // The claimed instance left before it was Ready: the claim is given up (another may take it).
+    let lost = World::new(30, node(Some(1), None))
+        .record(Phase::AwaitingReady, 10, awaiting(10))
+        .group(group(4, 10, &[("i-old", "InService")]));
+    assert!(lost.next_needs_lock(), "{:?}", lost.next());
+    // Never Ready in time: the instance is terminated (an undo) and the seat given back.
+    let mut never = World::new(10_000, node(Some(1), None))
+        .record(Phase::AwaitingReady, 10, awaiting(10))
+        .group(group(4, 10, &[("i-old", "InService"), ("i-new", "InService")]))
+        .node_of("i-new", "new-node", false);
+    never.rules.ready_timeout = secs(60);
+    assert!(never.next_needs_lock(), "{:?}", never.next());
+    // A claim, and a call to make.
+    let claiming = World::new(10, node(Some(1), None))
+        .record(
+            Phase::ScalingSpot,
+            2,
+            scaling(intent(3, 4, &["i-old", "i-2", "i-3"], 2)),
+        )
+        .group(group(
+            4,
+            10,
+            &[
+                ("i-old", "InService"),
+                ("i-2", "InService"),
+                ("i-3", "InService"),
+                ("i-4", "InService"),
+            ],
+        ));
+    assert!(claiming.next_needs_lock(), "{:?}", claiming.next());
+    let crashed = World::new(10, node(Some(1), None))
+        .record(Phase::ScalingSpot, 2, scaling(intent(3, 4, &["i-old"], 2)))
+        .group(group(3, 10, &[("i-old", "InService")]));
+    assert!(crashed.next_needs_lock(), "{:?}", crashed.next());
 }
 
 #[test]

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub released: IntCounterVec,
     pub retried: IntCounter,
     pub min_size_refusals: IntCounterVec,
+    pub reconciles_waiting: IntGaugeVec,
 }
 
 impl Metrics {
@@ -160,6 +161,13 @@ impl Metrics {
                 ),
                 &["asg"],
             )?,
+            reconciles_waiting: IntGaugeVec::new(
+                Opts::new(
+                    "reconciles_waiting",
+                    "Reconciles waiting for a seat, by lane (urgent: first notices, interruptions, Ready replacements; routine: every other look)",
+                ),
+                &["lane"],
+            )?,
         };
         registry.register(Box::new(metrics.notices.clone()))?;
         registry.register(Box::new(metrics.scale_ups.clone()))?;
@@ -183,6 +191,7 @@ impl Metrics {
         registry.register(Box::new(metrics.released.clone()))?;
         registry.register(Box::new(metrics.retried.clone()))?;
         registry.register(Box::new(metrics.min_size_refusals.clone()))?;
+        registry.register(Box::new(metrics.reconciles_waiting.clone()))?;
         Ok(metrics)
     }
 }

@@ -19,6 +19,7 @@ use tracing::{instrument, warn};
 use super::{
     context::{Context, Counted, Error, Result, lock, members, old_instance, write_record},
     drain, effects,
+    lanes::{self, Arrival},
     machine::{self, Act, Facts, NodeFacts, Placement, Record, Then, Transition},
     node_input::NodeInput,
     record::Phase,
@@ -36,6 +37,15 @@ const MAX_STEPS: usize = 32;
 #[instrument(skip_all, fields(node = %node.name_any()))]
 pub async fn reconcile(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
     let input = NodeInput::read(node::annotations(&node), old_instance(&node));
+    let taint = &ctx.settings.taint;
+    let arrival = Arrival {
+        noticed: input.noticed(),
+        interrupted: input.interruption.is_some(),
+        tainted: node::has_taint(&node, &taint.key, &taint.effect),
+        lying: input.disagreeing_instance.is_some(),
+        phase: ctx.phase_of(&node),
+    };
+    let _seat = ctx.lanes.enter(&node.name_any(), lanes::lane_of(&arrival)).await;
     if let Some(claimed) = &input.disagreeing_instance {
         // The node names another instance than its provider id: it is lying (or misconfigured).
         // Nothing is scaled, tainted, evicted or terminated for it.
@@ -250,13 +260,19 @@ async fn step<'a>(
     // A step that changes nothing on what it read (a scale-up still waiting for its instance, a
     // replacement not Ready yet) waits without the decision lock: in a burst, a hundred waiting
     // records queued for it one after the other, holding every reconcile worker while new notices
-    // waited for one. What they read was true a moment ago; anything that acts on it (a claim, a
-    // write, a call) is decided again under the lock.
+    // waited for one. What they read was true a moment ago; anything that acts on it and changes
+    // what other decisions read (a claim, an intent, a call) is decided again under the lock.
     if ctx.calls_on(&read.asg) == calls {
         let claimed = ctx.claims_of_others(&facts.name).into_keys().collect();
         let look = decide_on(&fact, &seen, &claimed, &group, &activities, &nodes);
         if look.is_only_a_wait() {
             return Ok((look, None));
+        }
+        // Nothing another decision reads changes (a replacement turned Ready): no lock either.
+        if !look.needs_decision_lock(&record) {
+            drop(seen);
+            let deferred = apply(ctx, node, &look, Held::default()).await?;
+            return Ok((look, deferred));
         }
     }
     drop(seen);

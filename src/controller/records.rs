@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::contract::{
     SpotReplacement, SpotReplacementSpec, SpotReplacementStatus,
-    record::Seat,
+    record::{Phase, Seat},
     spot_replacement::{record_labels, record_name},
 };
 
@@ -115,6 +115,20 @@ impl Records {
                 .cache
                 .get(&ObjectRef::new(&name).within(&self.namespace))
                 .is_some()
+    }
+
+    /// The phase of `instance`'s record, if it has one with a status, without copying it.
+    pub fn phase(&self, instance: &str) -> Option<Phase> {
+        let name = record_name(instance)?;
+        if lock(&self.deleted).contains(&name) {
+            return None;
+        }
+        if let Some(written) = lock(&self.written).get(&name) {
+            return written.status.as_ref().map(|status| status.phase);
+        }
+        self.cache
+            .get(&ObjectRef::new(&name).within(&self.namespace))
+            .and_then(|object| object.status.as_ref().map(|status| status.phase))
     }
 
     /// Every record: the cache's, each replaced by what this process wrote since.

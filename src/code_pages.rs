@@ -1,10 +1,11 @@
-//! Gives the start-up code's pages back to the kernel once the agent runs. Most of the agent's
+//! Gives the start-up code's pages back to the kernel once a long-running role runs. Much of its
 //! resident memory is its binary's code and read-only data mapped at start-up (parsing the command
-//! line and the kubeconfig, building the TLS configuration, the first connections) and never
-//! touched again; the kernel also maps the pages around each one touched (fault-around), so a
-//! long-running agent keeps most of its binary resident. After start-up, the agent asks the kernel
-//! to reclaim the binary's read-only mappings (`madvise(MADV_PAGEOUT)`); what the poll loop, the
-//! writes and the admin server use is read back on its next use and stays.
+//! line and the kubeconfig, building the TLS configuration, the first connections and lists) and
+//! never touched again; the kernel also maps the pages around each one touched (fault-around), so a
+//! long-running process keeps most of its binary resident. After start-up, the role asks the kernel
+//! to reclaim the binary's read-only mappings (`madvise(MADV_PAGEOUT)`); what it goes on using is
+//! read back on its next use and stays. The agent does it once ready, the controller once its
+//! caches are filled.
 use std::{ffi::c_void, io, path::PathBuf, time::Duration};
 
 use tokio_util::sync::CancellationToken;
@@ -24,12 +25,17 @@ pub async fn page_out_once_ready(readiness: &Readiness, poll_interval: Duration,
         () = work.cancelled() => return,
         () = ready_then_one_poll => {}
     }
+    page_out_and_report();
+}
+
+/// Pages the binary out now, and logs what was given back (a failure only costs memory).
+pub fn page_out_and_report() {
     match page_out_binary() {
         Ok(bytes) => tracing::info!(
             mapped_kib = bytes / 1024,
             "gave the start-up code's pages back to the kernel"
         ),
-        // Not fatal: the agent works the same, with more resident memory.
+        // Not fatal: the process works the same, with more resident memory.
         Err(error) => tracing::warn!(%error, "could not page out the start-up code"),
     }
 }
