@@ -17,8 +17,9 @@
 //! taint (retirement is measured by `scripts/bench-lifecycle`), as they were before retiring became
 //! the default.
 //!
-//! The controller is the release build (`cargo bench` builds it with the release profile). With
-//! `BENCH_LOG_DIR` set, its log of each phase is written there.
+//! The controller is the release build (`cargo bench` builds it with the release profile), or the
+//! binary `BENCH_CONTROLLER_BINARY` names. With `BENCH_LOG_DIR` set, its log of each phase is
+//! written there.
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -39,6 +40,12 @@ use support::{
     controller::{NODEGROUP_LABEL, Scenario, name_of, phase, record, termination_taint},
     eventually, is_ready,
 };
+
+/// The controller measured: `BENCH_CONTROLLER_BINARY` (another build, e.g. the `image` profile the
+/// image ships, `cargo build --profile image --bin spot-rebalancer`), else the release build.
+fn binary() -> String {
+    std::env::var("BENCH_CONTROLLER_BINARY").unwrap_or_else(|_| support::process::BINARY.to_owned())
+}
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -136,10 +143,7 @@ async fn main() {
     let runs = env_or("BENCH_RUNS", 20);
     let cluster_nodes = env_or("BENCH_NODES", 5000);
     let burst = env_or("BENCH_BURST", 100);
-    println!(
-        "spot-rebalancer controller benchmark (binary: {})",
-        support::process::BINARY
-    );
+    println!("spot-rebalancer controller benchmark (binary: {})", binary());
     latency(runs).await;
     scale(cluster_nodes, burst).await;
 }
@@ -149,8 +153,10 @@ async fn latency(runs: usize) {
     let asg = scenario.spot_asg("spot", runs as i32, (2 * runs) as i32).await;
     let old_nodes = scenario.ready_nodes(&asg, runs).await;
     let seen = watch_group(&scenario, &asg);
-    let mut controller =
-        scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
+    let mut controller = scenario.start_controller_from(
+        &binary(),
+        &["--after-replacement", "keep", "--capacity-timeout", "5m"],
+    );
     controller.wait_leading().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -249,8 +255,10 @@ async fn scale(cluster_nodes: usize, burst: usize) {
     );
 
     let seen = watch_group(&scenario, &asg);
-    let mut controller =
-        scenario.start_controller(&["--after-replacement", "keep", "--capacity-timeout", "5m"]);
+    let mut controller = scenario.start_controller_from(
+        &binary(),
+        &["--after-replacement", "keep", "--capacity-timeout", "5m"],
+    );
     controller.wait_leading().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let watched_at_start = cluster_node_count(&nodes).await;

@@ -22,7 +22,7 @@ use kube::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::process::{RoleCommand, RoleProcess};
+use super::process::{BINARY, RoleCommand, RoleProcess};
 use super::{
     AsgSpec, Bed, NODE_LABEL_TAG_PREFIX, autoscaling_client, eventually, identity, instance_id, is_ready,
     unique,
@@ -82,7 +82,12 @@ impl ControllerProcess {
     /// AWS endpoint, `--log-format plain`, and `args` (the opt-in label, lease, ASG names and
     /// timeouts are the caller's).
     pub fn start(bed: &Bed, identity: &str, args: &[String]) -> Self {
-        let command = RoleCommand::new("controller").label(format!("controller {identity}"));
+        Self::start_from(BINARY, bed, identity, args)
+    }
+
+    /// As [`ControllerProcess::start`], running `binary` (another build of `spot-rebalancer`).
+    pub fn start_from(binary: &str, bed: &Bed, identity: &str, args: &[String]) -> Self {
+        let command = RoleCommand::of(binary, "controller").label(format!("controller {identity}"));
         let dir = command.dir();
         let process = command
             .args(["--identity", identity])
@@ -317,16 +322,26 @@ impl Scenario {
     /// Starts a controller for this scenario: its opt-in label, its lease, `--asg-poll-interval 1s`,
     /// plus `extra`. Each start gets a new identity (`<name>-1`, `<name>-2`, ...).
     pub fn start_controller(&self, extra: &[&str]) -> ControllerProcess {
+        self.start_controller_from(BINARY, extra)
+    }
+
+    /// As [`Scenario::start_controller`], running another build of the binary (the benchmark
+    /// measures the shipped profile with it).
+    pub fn start_controller_from(&self, binary: &str, extra: &[&str]) -> ControllerProcess {
         let number = {
             let mut started = self.started.lock().unwrap();
             *started += 1;
             *started
         };
-        self.start_controller_as(&format!("{}-{number}", self.name), extra)
+        self.start_build_as(binary, &format!("{}-{number}", self.name), extra)
     }
 
     /// As [`Scenario::start_controller`], with a given identity (a restart of the same pod).
     pub fn start_controller_as(&self, identity: &str, extra: &[&str]) -> ControllerProcess {
+        self.start_build_as(BINARY, identity, extra)
+    }
+
+    fn start_build_as(&self, binary: &str, identity: &str, extra: &[&str]) -> ControllerProcess {
         let mut args: Vec<String> = vec![
             "--opt-in-label".into(),
             self.opt_in_label(),
@@ -340,7 +355,7 @@ impl Scenario {
         ];
         args.extend(extra.iter().map(|arg| arg.to_string()));
         identity::install_records(&self.bed);
-        ControllerProcess::start(&self.bed, identity, &args)
+        ControllerProcess::start_from(binary, &self.bed, identity, &args)
     }
 
     /// The identity holding this scenario's Lease now (empty when nobody does).
