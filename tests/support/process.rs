@@ -17,13 +17,35 @@ use spot_rebalancer::cli::Cli;
 /// The binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_spot-rebalancer");
 
-/// A free loopback TCP port (free when asked; the process binds it soon after).
+/// A loopback TCP port for a process to listen on: below the kernel's ephemeral range, so no
+/// outgoing connection (the tests', the bed's, a role's) can be given it between this choice and the
+/// process's bind (a port from `bind(:0)` is an ephemeral one, and an agent's admin server once found
+/// its port taken that way); free when asked (bound and let go); never handed out twice by this test
+/// binary.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let (low, high) = (PRIVATE_PORTS_FROM, ephemeral_ports_from());
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..1_000 {
+        let port = fastrand::u16(low..high);
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// The lowest port free_port hands out (above the well-known and most registered services').
+const PRIVATE_PORTS_FROM: u16 = 20_000;
+
+/// The first port of the kernel's ephemeral range (`ip_local_port_range`; 32768 by default).
+fn ephemeral_ports_from() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .filter(|&from| from > PRIVATE_PORTS_FROM + 1_000)
+        .unwrap_or(32_768)
 }
 
 /// Every environment variable a flag of any role reads, from `Cli::command()`.
