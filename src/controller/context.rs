@@ -557,12 +557,12 @@ impl Context {
         Some((status.phase, status.record))
     }
 
-    /// The whole record of `node`'s instance (named by its provider id), if it has one.
     /// The phase of `node`'s record, without copying the record.
     pub(super) fn phase_of(&self, node: &Node) -> Option<Phase> {
         self.records.phase(node::instance_id(node)?)
     }
 
+    /// The whole record of `node`'s instance (named by its provider id), if it has one.
     pub(super) fn status_of(&self, node: &Node) -> Option<SpotReplacementStatus> {
         self.records.get(node::instance_id(node)?)?.status
     }

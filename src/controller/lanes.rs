@@ -98,16 +98,16 @@ impl Lanes {
     /// node woken for its Ready replacement (before or while it waits) takes an urgent seat
     /// instead. The seat is given back when the permit drops.
     pub async fn enter(&self, node: &str, lane: Lane) -> SemaphorePermit<'_> {
+        if lane == Lane::Urgent {
+            // Urgent anyway: a wake waiting for this node has nothing left to move.
+            super::context::lock(&self.promotions).remove(node);
+            return self.take(Lane::Urgent).await;
+        }
         let promotion = self.promotion_of(node);
-        let seat = match lane {
-            Lane::Urgent => self.take(Lane::Urgent).await,
-            Lane::Routine => {
-                tokio::select! {
-                    biased;
-                    () = promotion.notified() => self.take(Lane::Urgent).await,
-                    seat = self.take(Lane::Routine) => seat,
-                }
-            }
+        let seat = tokio::select! {
+            biased;
+            () = promotion.notified() => self.take(Lane::Urgent).await,
+            seat = self.take(Lane::Routine) => seat,
         };
         let mut promotions = super::context::lock(&self.promotions);
         if promotions.get(node).is_some_and(|p| Arc::ptr_eq(p, &promotion)) {

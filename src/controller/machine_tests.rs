@@ -552,10 +552,10 @@ fn no_instance_within_the_capacity_timeout_gives_up_and_plans_a_lower() {
     assert!(!record.abandoned[0].undone);
 }
 
-#[test]
-fn a_late_instance_is_taken_back_by_id_never_by_lowering() {
-    // The launch arrived after all: lowering would let the ASG pick a victim.
-    let world = World::new(70, node(Some(1), None))
+/// A scale-up 3 → 4 on a group of three (i-old, i-2, i-3) whose fourth instance is `fourth`
+/// (id, lifecycle state), at time `now`.
+fn scaled_to_four(now: i64, fourth: (&str, &str)) -> World {
+    World::new(now, node(Some(1), None))
         .record(
             Phase::ScalingSpot,
             2,
@@ -568,9 +568,15 @@ fn a_late_instance_is_taken_back_by_id_never_by_lowering() {
                 ("i-old", "InService"),
                 ("i-2", "InService"),
                 ("i-3", "InService"),
-                ("i-late", "Pending"),
+                fourth,
             ],
-        ));
+        ))
+}
+
+#[test]
+fn a_late_instance_is_taken_back_by_id_never_by_lowering() {
+    // The launch arrived after all: lowering would let the ASG pick a victim.
+    let world = scaled_to_four(70, ("i-late", "Pending"));
     let transition = world.next();
     assert_eq!(
         written(&transition).1.abandoned[0].undo,
@@ -689,35 +695,10 @@ fn awaiting(claimed_at: i64) -> Replacement {
 #[test]
 fn only_a_step_that_changes_nothing_counts_as_a_wait_needing_no_decision_lock() {
     // Waiting for the instance: the group is at its target and nothing new is InService.
-    let waiting = World::new(10, node(Some(1), None))
-        .record(
-            Phase::ScalingSpot,
-            2,
-            scaling(intent(3, 4, &["i-old", "i-2", "i-3"], 2)),
-        )
-        .group(group(
-            4,
-            10,
-            &[
-                ("i-old", "InService"),
-                ("i-2", "InService"),
-                ("i-3", "InService"),
-                ("i-4", "Pending"),
-            ],
-        ));
+    let waiting = scaled_to_four(10, ("i-4", "Pending"));
     assert!(waiting.next().is_only_a_wait(), "{:?}", waiting.next());
     // The same step once the launch is InService claims it: that is decided under the lock.
-    let mut claiming = waiting;
-    claiming.group = Some(group(
-        4,
-        10,
-        &[
-            ("i-old", "InService"),
-            ("i-2", "InService"),
-            ("i-3", "InService"),
-            ("i-4", "InService"),
-        ],
-    ));
+    let mut claiming = scaled_to_four(10, ("i-4", "InService"));
     assert!(!claiming.next().is_only_a_wait());
     // ... unless another record claimed it already.
     claiming.claimed.insert("i-4".into());
@@ -759,22 +740,7 @@ fn only_a_ready_replacement_s_taint_is_applied_without_the_decision_lock() {
     never.rules.ready_timeout = secs(60);
     assert!(never.next_needs_lock(), "{:?}", never.next());
     // A claim, and a call to make.
-    let claiming = World::new(10, node(Some(1), None))
-        .record(
-            Phase::ScalingSpot,
-            2,
-            scaling(intent(3, 4, &["i-old", "i-2", "i-3"], 2)),
-        )
-        .group(group(
-            4,
-            10,
-            &[
-                ("i-old", "InService"),
-                ("i-2", "InService"),
-                ("i-3", "InService"),
-                ("i-4", "InService"),
-            ],
-        ));
+    let claiming = scaled_to_four(10, ("i-4", "InService"));
     assert!(claiming.next_needs_lock(), "{:?}", claiming.next());
     let crashed = World::new(10, node(Some(1), None))
         .record(Phase::ScalingSpot, 2, scaling(intent(3, 4, &["i-old"], 2)))

@@ -90,45 +90,35 @@ impl Records {
 
     /// The newest record known for `instance`.
     pub fn get(&self, instance: &str) -> Option<SpotReplacement> {
-        let name = record_name(instance)?;
-        if lock(&self.deleted).contains(&name) {
-            return None;
-        }
-        if let Some(written) = lock(&self.written).get(&name) {
-            return Some(written.clone());
-        }
-        self.cache
-            .get(&ObjectRef::new(&name).within(&self.namespace))
-            .map(|object| (*object).clone())
+        self.read(instance, SpotReplacement::clone)
     }
 
     /// Whether `instance` has a record, without copying it (called for Node watch events).
     pub fn has(&self, instance: &str) -> bool {
-        let Some(name) = record_name(instance) else {
-            return false;
-        };
-        if lock(&self.deleted).contains(&name) {
-            return false;
-        }
-        lock(&self.written).contains_key(&name)
-            || self
-                .cache
-                .get(&ObjectRef::new(&name).within(&self.namespace))
-                .is_some()
+        self.read(instance, |_| ()).is_some()
     }
 
     /// The phase of `instance`'s record, if it has one with a status, without copying it.
     pub fn phase(&self, instance: &str) -> Option<Phase> {
+        self.read(instance, |record| {
+            record.status.as_ref().map(|status| status.phase)
+        })
+        .flatten()
+    }
+
+    /// `read` of the newest record known for `instance`: none if this process deleted it, else
+    /// what this process wrote last, else the cache's.
+    fn read<T>(&self, instance: &str, read: impl FnOnce(&SpotReplacement) -> T) -> Option<T> {
         let name = record_name(instance)?;
         if lock(&self.deleted).contains(&name) {
             return None;
         }
         if let Some(written) = lock(&self.written).get(&name) {
-            return written.status.as_ref().map(|status| status.phase);
+            return Some(read(written));
         }
         self.cache
             .get(&ObjectRef::new(&name).within(&self.namespace))
-            .and_then(|object| object.status.as_ref().map(|status| status.phase))
+            .map(|object| read(&object))
     }
 
     /// Every record: the cache's, each replaced by what this process wrote since.
